@@ -1,0 +1,323 @@
+"""The shared image encoder EncSAM-CLIP: SAM's ViT-Det backbone (SAM Sec. 3, App. A; Li et al. 2022).
+
+SAM-CLIP (Sec. 3, Fig. 2) keeps SAM's image encoder as the base model and distils CLIP into it,
+so this file is SAM's encoder, rebuilt module by module so the official checkpoints load as they are:
+
+    image [B,3,1024,1024] -> 16x16 patch embedding -> + absolute position embedding (64x64 grid)
+      -> 12 / 24 / 32 ViT blocks: windowed attention (14x14 windows, padded) everywhere except a
+         few global-attention blocks; every attention adds decomposed relative positions (MViTv2)
+      -> token grid [B,64,64,C]  ......................... feeds HeadCLIP (heads.py)
+      -> neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d -> [B,256,64,64]  ... feeds HeadSAM
+
+SAM-CLIP also feeds 224 and 448 px images (Sec. 4.1), so the encoder runs at any multiple of the
+patch size: the absolute position grid is resized bicubically (as ViT-Det's `get_abs_pos` does) and
+the global blocks' relative-position tables linearly (as SAM's `get_rel_pos` does).
+
+Entry points: `build_vit_det(preset_or_config)`, `load_sam_encoder(checkpoint)`; `enc(x)` returns
+the neck output and `enc.forward_features(x)` returns `(neck output, last block's token grid)`.
+
+Shape legend: B batch, H W token grid, C channels (embed_dim), nh heads, hd head dim, ws window
+size, nW windows per image, N = H*W tokens.
+"""
+
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import weights
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ViTDetConfig:
+    img_size: int = 1024              # native input side in pixels (SAM: 1024)
+    patch_size: int = 16              # patch side in pixels; token grid = img_size // patch_size
+    embed_dim: int = 768              # token width C
+    depth: int = 12                   # number of transformer blocks
+    num_heads: int = 12               # attention heads per block
+    mlp_ratio: float = 4.0            # MLP hidden width = mlp_ratio * C
+    out_chans: int = 256              # neck output channels (the mask decoder's width)
+    window_size: int = 14             # side of the attention windows of non-global blocks
+    global_attn_indexes: tuple = (2, 5, 8, 11)  # blocks that attend over the whole grid
+    layer_norm_eps: float = 1e-6      # SAM uses eps 1e-6 in the encoder's LayerNorms
+
+    @property
+    def grid(self):
+        return self.img_size // self.patch_size
+
+
+# Official SAM sizes (segment_anything/build_sam.py) and the tiny fixture configuration.
+PRESETS = {
+    "vit_b": ViTDetConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": ViTDetConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": ViTDetConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+    "tiny": ViTDetConfig(img_size=160, embed_dim=64, depth=4, num_heads=4, out_chans=32, window_size=4,
+                         global_attn_indexes=(1, 3)),
+}
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a [B,C,H,W] map (used by the neck and the SAM head)."""
+
+    def __init__(self, channels, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):                                   # x: (B, C, H, W)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class MLPBlock(nn.Module):
+    """Two linear layers with an activation between them (transformer feed-forward)."""
+
+    def __init__(self, dim, hidden_dim, act=nn.GELU):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden_dim)
+        self.lin2 = nn.Linear(hidden_dim, dim)
+        self.act = act()
+
+    def forward(self, x):
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, embed_dim, in_chans=3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):                                   # (B, 3, H*p, W*p)
+        return self.proj(x).permute(0, 2, 3, 1)             # (B, C, H, W) -> (B, H, W, C)
+
+
+def resize_rel_pos(rel_pos, length):
+    """Linearly resize a relative-position table [2S-1, hd] to [length, hd] (SAM's get_rel_pos)."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    t = rel_pos.t().unsqueeze(0)                                          # (1, hd, 2S-1)
+    return F.interpolate(t, size=length, mode="linear").squeeze(0).t()    # (length, hd)
+
+
+def get_rel_pos(q_size, k_size, rel_pos):
+    """Embeddings R[i, j] of the relative offset between query row i and key row j: [q, k, hd].
+    Offsets are rescaled when query and key sizes differ, exactly as MViTv2 / SAM do."""
+    rel_pos = resize_rel_pos(rel_pos, int(2 * max(q_size, k_size) - 1))
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.long()]                         # (q, k, hd)
+
+
+def decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, H, W):
+    """MViTv2's decomposed relative positions as an additive attention bias.
+
+    bias[(i, j), (k, l)] = q_(i,j) . Rh[i, k] + q_(i,j) . Rw[j, l] on the *unscaled* query, so the
+    bias is a sum of a height term and a width term instead of a full (H*W)^2 table.
+    q: (B*, H*W, hd) -> bias (B*, H*W, H*W)."""
+    Rh = get_rel_pos(H, H, rel_pos_h)                       # (H, H, hd)
+    Rw = get_rel_pos(W, W, rel_pos_w)                       # (W, W, hd)
+    r_q = q.reshape(q.shape[0], H, W, q.shape[-1])          # (B*, H*W, hd) -> (B*, H, W, hd)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)         # (B*, H, W, H)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)         # (B*, H, W, W)
+    bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]  # (B*, H, W, H, W)
+    return bias.reshape(q.shape[0], H * W, H * W)           # (B*, N, N)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a token grid with decomposed relative-position bias.
+
+    The bias goes into `scaled_dot_product_attention` as its additive mask, so the fused kernel
+    does the softmax; the default scale hd**-0.5 is SAM's."""
+
+    def __init__(self, dim, num_heads, rel_pos_size):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        # one table entry per relative offset -(S-1)..(S-1) along each axis (S = window or grid side)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, head_dim))
+
+    def forward(self, x):                                   # x: (B, H, W, C)
+        B, H, W, C = x.shape
+        nh = self.num_heads
+        qkv = self.qkv(x).reshape(B, H * W, 3, nh, C // nh)  # (B, N, 3, nh, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)       # 3 x (B, nh, N, hd)
+        bias = decomposed_rel_pos_bias(q.reshape(B * nh, H * W, -1), self.rel_pos_h, self.rel_pos_w, H, W)
+        bias = bias.reshape(B, nh, H * W, H * W)             # (B*nh, N, N) -> (B, nh, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, N, hd)
+        x = x.transpose(1, 2).reshape(B, H, W, C)            # (B, nh, N, hd) -> (B, H, W, C)
+        return self.proj(x)
+
+
+def window_partition(x, ws):
+    """(B, H, W, C) -> (B*nW, ws, ws, C), zero-padding H and W up to multiples of ws."""
+    B, H, W, C = x.shape
+    pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))                # (B, Hp, Wp, C)
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.reshape(B, Hp // ws, ws, Wp // ws, ws, C)         # (B, Hp/ws, ws, Wp/ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, C), (Hp, Wp)
+
+
+def window_unpartition(windows, ws, padded_hw, hw):
+    """(B*nW, ws, ws, C) -> (B, H, W, C), dropping the padding window_partition added."""
+    (Hp, Wp), (H, W) = padded_hw, hw
+    B = windows.shape[0] // ((Hp // ws) * (Wp // ws))
+    x = windows.reshape(B, Hp // ws, Wp // ws, ws, ws, -1)  # (B, Hp/ws, Wp/ws, ws, ws, C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)  # (B, Hp, Wp, C)
+    return x[:, :H, :W, :]
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; window_size 0 means global attention over the whole grid.
+    `rel_pos_size` is the side the relative-position tables are stored for (window or grid)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, window_size=0, rel_pos_size=14, eps=1e-6):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, window_size if window_size > 0 else rel_pos_size)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):                                   # x: (B, H, W, C)
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            H, W = x.shape[1], x.shape[2]
+            x, padded_hw = window_partition(x, self.window_size)   # (B*nW, ws, ws, C)
+            x = self.attn(x)
+            x = window_unpartition(x, self.window_size, padded_hw, (H, W))  # (B, H, W, C)
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------- the encoder
+
+class ImageEncoderViT(nn.Module):
+    """SAM's ViT-Det image encoder. `forward` -> neck output [B,out,H,W];
+    `forward_features` -> (neck output [B,out,H,W], last block's tokens [B,H,W,C])."""
+
+    def __init__(self, cfg: ViTDetConfig):
+        super().__init__()
+        self.cfg = cfg
+        g = cfg.grid
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, g, g, cfg.embed_dim))  # (1, H, W, C) at img_size
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio,
+                  window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
+                  rel_pos_size=g, eps=cfg.layer_norm_eps)
+            for i in range(cfg.depth))
+        self.neck = nn.Sequential(
+            nn.Conv2d(cfg.embed_dim, cfg.out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(cfg.out_chans),
+            nn.Conv2d(cfg.out_chans, cfg.out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(cfg.out_chans),
+        )
+
+    def abs_pos(self, H, W):
+        """The absolute position embedding for an H x W grid: (1, H, W, C); bicubic resize of the
+        native grid when the input is not img_size (ViT-Det's get_abs_pos)."""
+        pos = self.pos_embed
+        if pos.shape[1:3] == (H, W):
+            return pos
+        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1)                      # (1, C, H, W) -> (1, H, W, C)
+
+    def forward_tokens(self, x):
+        """(B, 3, H*p, W*p) -> the last block's token grid (B, H, W, C), without the neck.
+        What HeadCLIP needs at 224 / 448 px, where HeadSAM is not used."""
+        p = self.cfg.patch_size
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(f"image encoder input must be [B,3,H,W] with H and W multiples of {p}, "
+                             f"got {list(x.shape)}")
+        x = self.patch_embed(x)                             # (B, H, W, C)
+        x = x + self.abs_pos(x.shape[1], x.shape[2])
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward_features(self, x):
+        """One forward serving both heads: (neck output (B, out, H, W), tokens (B, H, W, C))."""
+        tokens = self.forward_tokens(x)
+        return self.neck(tokens.permute(0, 3, 1, 2)), tokens  # neck input (B, C, H, W)
+
+    def forward(self, x):
+        return self.forward_features(x)[0]
+
+
+def build_vit_det(cfg="vit_b"):
+    """Build a randomly initialised encoder from a preset name or a ViTDetConfig."""
+    cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+    enc = ImageEncoderViT(cfg)
+    nn.init.trunc_normal_(enc.pos_embed, std=0.02)
+    return enc
+
+
+# ----------------------------------------------------------------------------- official weights
+
+# Official key -> ours: our module names follow segment_anything's, so the table only strips the
+# prefix under which the encoder sits inside a full SAM checkpoint.
+SAM_ENCODER_REMAP = [("image_encoder.", "")]
+SAM_ENCODER_PREFIX = "image_encoder."
+
+
+def config_from_state_dict(sd, source="<state dict>"):
+    """Read a ViTDetConfig from the shapes of an encoder state dict (our key names)."""
+    needed = ["patch_embed.proj.weight", "pos_embed", "blocks.0.attn.rel_pos_h", "neck.0.weight"]
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise weights.CheckpointError(
+            f"{source}: not a SAM image-encoder checkpoint: missing {[SAM_ENCODER_PREFIX + k for k in missing]} "
+            f"(found keys like {list(sd)[:3]})")
+    C, _, p, _ = sd["patch_embed.proj.weight"].shape
+    grid = sd["pos_embed"].shape[1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    head_dim = sd["blocks.0.attn.rel_pos_h"].shape[1]
+    lengths = [sd[f"blocks.{i}.attn.rel_pos_h"].shape[0] if f"blocks.{i}.attn.rel_pos_h" in sd else None
+               for i in range(depth)]
+    global_idx = tuple(i for i, n in enumerate(lengths) if n == 2 * grid - 1)
+    window = [n for n in lengths if n is not None and n != 2 * grid - 1]
+    return ViTDetConfig(
+        img_size=grid * p, patch_size=p, embed_dim=C, depth=depth, num_heads=C // head_dim,
+        mlp_ratio=sd["blocks.0.mlp.lin1.weight"].shape[0] / C if "blocks.0.mlp.lin1.weight" in sd else 4.0,
+        out_chans=sd["neck.0.weight"].shape[0],
+        window_size=(window[0] + 1) // 2 if window else 0, global_attn_indexes=global_idx)
+
+
+def preset_name(cfg):
+    """The name of the preset equal to cfg, or None."""
+    return next((name for name, p in PRESETS.items() if asdict(p) == asdict(cfg)), None)
+
+
+def load_sam_encoder(checkpoint, verbose=True):
+    """Load SAM's image encoder from an official SAM file (e.g. sam_vit_b_01ec64.pth), or from its
+    state dict, in eval mode. The preset is recognised from the shapes and named."""
+    source = weights.source_name(checkpoint)
+    sd = weights.read_state_dict(checkpoint, "SAM checkpoint")
+    if not any(k.startswith(SAM_ENCODER_PREFIX) for k in sd):
+        raise weights.CheckpointError(
+            f"{source}: not a SAM checkpoint: no '{SAM_ENCODER_PREFIX}*' keys (found keys like {list(sd)[:3]})")
+    sd = weights.remap(sd, SAM_ENCODER_REMAP, keep_prefixes=[SAM_ENCODER_PREFIX])
+    cfg = config_from_state_dict(sd, source)
+    name = preset_name(cfg)
+    if verbose:
+        print(f"vit_det.load_sam_encoder: {source} is SAM {name}" if name else
+              f"vit_det.load_sam_encoder: {source} matches no preset; read from its shapes: {cfg}")
+    enc = ImageEncoderViT(cfg)
+    weights.load_checked(enc, sd, source, f"SAM image encoder ({name or 'custom'})")
+    return enc.eval()
