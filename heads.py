@@ -357,8 +357,8 @@ def head_config_from_state_dict(sd, source="<state dict>"):
             "mask_decoder.iou_prediction_head.layers.0.weight"]
     missing = [k for k in need if k not in sd]
     if missing:
-        raise weights.CheckpointError(f"{source}: not a SAM checkpoint with a prompt encoder and mask decoder: "
-                                      f"missing {missing[:3]} (found keys like {list(sd)[:3]})")
+        raise weights.CheckpointError(f"{source}: expected a SAM checkpoint with a prompt encoder and mask decoder, "
+                                      f"but it is {weights.guess_kind(sd)} (missing {missing[:2]})")
     C = sd["prompt_encoder.no_mask_embed.weight"].shape[1]
     grid, img = 64, 1024
     if "image_encoder.pos_embed" in sd and "image_encoder.patch_embed.proj.weight" in sd:

@@ -311,7 +311,8 @@ def load_sam_encoder(checkpoint, verbose=True):
     sd = weights.read_state_dict(checkpoint, "SAM checkpoint")
     if not any(k.startswith(SAM_ENCODER_PREFIX) for k in sd):
         raise weights.CheckpointError(
-            f"{source}: not a SAM checkpoint: no '{SAM_ENCODER_PREFIX}*' keys (found keys like {list(sd)[:3]})")
+            f"{source}: expected a SAM checkpoint with '{SAM_ENCODER_PREFIX}*' keys, "
+            f"but it is {weights.guess_kind(sd)}")
     sd = weights.remap(sd, SAM_ENCODER_REMAP, keep_prefixes=[SAM_ENCODER_PREFIX])
     cfg = config_from_state_dict(sd, source)
     name = preset_name(cfg)

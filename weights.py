@@ -111,15 +111,21 @@ def read_state_dict(checkpoint, what="checkpoint"):
 
 def remap(state_dict, swaps, keep_prefixes=None):
     """Translate official keys into ours. `swaps` is a list of `(official, ours)` substrings,
-    applied in order to every key; `keep_prefixes` (official prefixes) drops keys of other parts
-    (e.g. the mask decoder when only the image encoder is wanted)."""
+    applied in order to every key; an `official` that starts with "^" only matches at the start of
+    the key (CLIP's text "transformer." must not rewrite "visual.transformer."). `keep_prefixes`
+    (official prefixes) drops keys of other parts (e.g. the mask decoder when only the image
+    encoder is wanted)."""
     out = {}
     for key, value in state_dict.items():
         if keep_prefixes is not None and not key.startswith(tuple(keep_prefixes)):
             continue
         new = key
         for official, ours in swaps:
-            new = new.replace(official, ours)
+            if official.startswith("^"):
+                if new.startswith(official[1:]):
+                    new = ours + new[len(official) - 1:]
+            else:
+                new = new.replace(official, ours)
         out[new] = value
     return out
 
@@ -147,6 +153,18 @@ def load_checked(module: nn.Module, state_dict, source, expected_kind):
     check_keys(module, state_dict, source, expected_kind)
     module.load_state_dict(state_dict, strict=True)
     return module
+
+
+def guess_kind(sd):
+    """What a state dict looks like, for error messages: which model family its keys belong to."""
+    keys = list(sd)
+    if any(k.startswith("image_encoder.") for k in keys):
+        return "a SAM checkpoint"
+    if any(k.startswith("visual.") for k in keys) or "token_embedding.weight" in sd:
+        return "a CLIP checkpoint"
+    if any(k.startswith("head_clip.") for k in keys):
+        return "a SAM-CLIP merged checkpoint"
+    return f"an unknown checkpoint (keys like {keys[:3]})"
 
 
 def source_name(checkpoint):

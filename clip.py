@@ -1,0 +1,439 @@
+"""CLIP (Radford et al. 2021): the teacher image tower `EncCLIP` and the frozen text tower `TextEncCLIP`.
+
+SAM-CLIP distils CLIP's image embeddings into the SAM backbone (SAM-CLIP Sec. 3, Eq. 1: the target
+is `EncCLIP(x)`) and reuses CLIP's text tower, frozen, for zero-shot classification and
+segmentation. This file holds both towers in OpenCLIP's checkpoint layout (the same key names as
+OpenAI's CLIP), so the official `open_clip_pytorch_model.bin` / `open_clip_model.safetensors`
+files load with a five-line key remap.
+
+- Contrastive objective (CLIP Sec. 2.3): each tower ends in a linear projection into a shared
+  D-dim embedding space; cosine similarities scaled by a learned temperature, kept as its log
+  (`logit_scale`, initialised to log(1 / 0.07)), are the logits of a symmetric cross-entropy.
+- Architecture (CLIP Sec. 2.4): the image tower is a ViT with one extra LayerNorm (`ln_pre`) on the
+  patch + position embeddings; its feature is the class token after `ln_post`. The text tower is a
+  causally masked transformer over byte-level BPE tokens bracketed by start / end tokens; its
+  feature is the last layer's activation at the end token. Both use pre-LN residual blocks.
+- The tokenizer (last section) reproduces OpenCLIP's default one for ordinary text with the
+  standard library only.
+
+Shape legend: B batch, L text length (context, 77), C width of a tower, D joint embedding dim,
+N tokens (1 class token + gh*gw patches in the image tower), H W image size, gh gw patch grid,
+nh heads, hd head dim (= 64), V vocabulary size.
+"""
+
+import functools
+import gzip
+import html
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import weights
+
+# Image normalisation of every OpenAI / OpenCLIP model (RGB in [0, 1], then (x - mean) / std).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int                # D, the joint image-text embedding size (output of both towers)
+    image_size: int               # native input resolution of the image tower (square)
+    patch_size: int               # ViT patch size; the grid is image_size // patch_size per side
+    vision_width: int             # C of the image tower
+    vision_layers: int            # residual attention blocks in the image tower
+    text_width: int               # C of the text tower
+    text_layers: int              # residual attention blocks in the text tower
+    context_length: int = 77      # L, tokens per text including start / end tokens
+    vocab_size: int = 49408       # V, 256 bytes x 2 + 48894 BPE merges + 2 special tokens
+    mlp_ratio: float = 4.0        # MLP hidden width / C, both towers
+    quick_gelu: bool = False      # OpenAI's original weights: x * sigmoid(1.702 x); OpenCLIP ViT-B-16 / ViT-L-14: exact erf GELU
+    layer_norm_eps: float = 1e-5  # every LayerNorm of both towers
+
+    @property
+    def vision_heads(self):  # every OpenAI / OpenCLIP ViT uses 64-dim heads
+        return self.vision_width // 64
+
+    @property
+    def text_heads(self):
+        return self.text_width // 64
+
+    @property
+    def grid_size(self):
+        return self.image_size // self.patch_size
+
+
+PRESETS = {
+    # OpenCLIP ViT-B-16 (e.g. DataComp-1B): the paper's CLIP baseline in Tables 1-5
+    "openclip_vit_b_16": CLIPConfig(embed_dim=512, image_size=224, patch_size=16, vision_width=768,
+                                    vision_layers=12, text_width=512, text_layers=12),
+    # OpenCLIP ViT-L-14 DataComp-1B: the teacher EncCLIP / TextEncCLIP of SAM-CLIP (Sec. 4.1)
+    "openclip_vit_l_14": CLIPConfig(embed_dim=768, image_size=224, patch_size=14, vision_width=1024,
+                                    vision_layers=24, text_width=768, text_layers=12),
+    # the tiny fixture model of tests/fixtures/clip_tiny.pt
+    "tiny": CLIPConfig(embed_dim=32, image_size=64, patch_size=16, vision_width=128,
+                       vision_layers=2, text_width=64, text_layers=2),
+}
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the parameter names of `nn.MultiheadAttention` (one fused
+    [3C, C] input projection, rows ordered q, k, v) so the official keys load unchanged."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        B, N, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
+        q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # -> 3 x (B, nh, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, N, hd)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, nh, N, hd) -> (B, N, C)
+        return self.out_proj(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, width, hidden, quick_gelu):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
+        self.quick_gelu = quick_gelu
+
+    def forward(self, x):
+        x = self.c_fc(x)
+        x = x * torch.sigmoid(1.702 * x) if self.quick_gelu else F.gelu(x)
+        return self.c_proj(x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads, mlp_ratio, quick_gelu, eps):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu)
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, config):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, config.mlp_ratio, config.quick_gelu, config.layer_norm_eps)
+            for _ in range(layers))
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x
+
+
+# ----------------------------------------------------------------------------- the two towers
+
+class VisionTower(nn.Module):
+    """ViT image tower, `EncCLIP`. Input: images normalised with CLIP_MEAN / CLIP_STD."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        C, p = config.vision_width, config.patch_size
+        self.conv1 = nn.Conv2d(3, C, kernel_size=p, stride=p, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(C))
+        self.positional_embedding = nn.Parameter(torch.empty(config.grid_size ** 2 + 1, C))
+        self.ln_pre = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.transformer = Transformer(C, config.vision_layers, config.vision_heads, config)
+        self.ln_post = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.proj = nn.Parameter(torch.empty(C, config.embed_dim))
+
+    def position_embedding_for(self, gh, gw):
+        """The (1 + gh*gw, C) position table for a gh x gw patch grid. At the native grid this is
+        the learned table; at any other (the teacher run at 336 or 448 px, Sec. 4.2) the patch part
+        is resized bicubically as a 2-D image and the class-token row kept, as OpenCLIP's
+        `resize_pos_embed` does when it loads a checkpoint for a new resolution."""
+        pos = self.positional_embedding
+        g0 = math.isqrt(pos.shape[0] - 1)
+        if (gh, gw) == (g0, g0):
+            return pos
+        grid = pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)  # (g0*g0, C) -> (1, C, g0, g0)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False, antialias=True)
+        grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)  # (1, C, gh, gw) -> (gh*gw, C)
+        return torch.cat([pos[:1], grid], dim=0)
+
+    def forward(self, x, return_patch_tokens=False):
+        """(B, 3, H, W) -> (B, D): ln_post(class token) @ proj. With `return_patch_tokens` also the
+        patch tokens through the same ln_post and proj, (B, gh*gw, D); CLIP never trained these
+        to align with text, so they are a cheap by-product, not a dense CLIP feature."""
+        x = self.conv1(x)  # (B, 3, H, W) -> (B, C, gh, gw)
+        B, C, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, gh*gw, C)
+        cls = self.class_embedding.to(x.dtype).expand(B, 1, C)  # (C,) -> (B, 1, C)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding_for(gh, gw)  # (B, N, C)
+        x = self.transformer(self.ln_pre(x))
+        x = self.ln_post(x) @ self.proj  # per-token LN, so equal to pooling first: (B, N, C) -> (B, N, D)
+        return (x[:, 0], x[:, 1:]) if return_patch_tokens else x[:, 0]
+
+
+class TextTower(nn.Module):
+    """Causal text transformer, `TextEncCLIP`. Input: (B, L) int64 tokens from `tokenize`."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        C = config.text_width
+        self.token_embedding = nn.Embedding(config.vocab_size, C)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, C))
+        self.transformer = Transformer(C, config.text_layers, config.text_heads, config)
+        self.ln_final = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.text_projection = nn.Parameter(torch.empty(C, config.embed_dim))
+
+    def forward(self, tokens):
+        """(B, L) -> (B, D): the features at the end token, which has the largest id of each row.
+        A row shorter than context_length gives the same result (the mask is causal)."""
+        B, L = tokens.shape
+        x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, C)
+        x = self.ln_final(self.transformer(x, causal=True))
+        x = x[torch.arange(B, device=x.device), tokens.argmax(dim=-1)]  # (B, L, C) -> (B, C)
+        return x @ self.text_projection  # (B, C) -> (B, D)
+
+
+class CLIP(nn.Module):
+    """Both towers and the temperature. `encode_*` return unnormalised features, equal to
+    OpenCLIP's; `forward` returns them L2-normalised, so `logit_scale.exp() * img @ txt.T` are
+    the logits of CLIP Sec. 2.3."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTower(config)
+        self.text = TextTower(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # Sec. 2.5: tau = 0.07 at init
+
+    def encode_image(self, image):  # (B, 3, H, W) -> (B, D)
+        return self.visual(image)
+
+    def encode_text(self, tokens):  # (B, L) -> (B, D)
+        return self.text(tokens)
+
+    def forward(self, image, tokens):
+        return (F.normalize(self.encode_image(image), dim=-1),
+                F.normalize(self.encode_text(tokens), dim=-1))
+
+
+# ----------------------------------------------------------------------------- builder
+
+def build_clip(config="openclip_vit_l_14") -> CLIP:
+    """A randomly initialised CLIP from a CLIPConfig or a PRESETS name. Init as in OpenAI's code:
+    embeddings normal, projections scaled by width**-0.5, residual outputs also by depth."""
+    config = PRESETS[config] if isinstance(config, str) else config
+    model = CLIP(config)
+    v, t = model.visual, model.text
+    nn.init.normal_(t.token_embedding.weight, std=0.02)
+    nn.init.normal_(t.positional_embedding, std=0.01)
+    nn.init.normal_(v.class_embedding, std=config.vision_width ** -0.5)
+    nn.init.normal_(v.positional_embedding, std=config.vision_width ** -0.5)
+    nn.init.normal_(v.proj, std=config.vision_width ** -0.5)
+    nn.init.normal_(t.text_projection, std=config.text_width ** -0.5)
+    for tower, C, layers in ((v, config.vision_width, config.vision_layers), (t, config.text_width, config.text_layers)):
+        for block in tower.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=C ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=C ** -0.5 * (2 * layers) ** -0.5)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * C) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=C ** -0.5 * (2 * layers) ** -0.5)
+    return model
+
+
+# ----------------------------------------------------------------------------- official checkpoints
+
+# Official (OpenCLIP / OpenAI) -> ours. The image tower's keys are identical; the text tower's sit
+# at the top level of the official dict and move under `text.`. A leading "^" anchors a swap at
+# the start of the key, so "transformer." does not also rewrite "visual.transformer.".
+CLIP_REMAP = [
+    ("^token_embedding.", "text.token_embedding."),
+    ("^positional_embedding", "text.positional_embedding"),
+    ("^transformer.", "text.transformer."),
+    ("^ln_final.", "text.ln_final."),
+    ("^text_projection", "text.text_projection"),
+]
+# Integer entries of OpenAI's JIT state dicts that are no weights; dropped before the key check.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+_SHAPE_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+               "visual.transformer.resblocks.0.mlp.c_fc.weight",
+               "token_embedding.weight", "positional_embedding", "text_projection")
+
+
+def _count_blocks(state_dict, prefix):
+    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+
+def _summary(c):
+    return (f"embed {c.embed_dim}, image {c.image_size} / patch {c.patch_size}, vision {c.vision_width} x "
+            f"{c.vision_layers}, text {c.text_width} x {c.text_layers}, context {c.context_length}, "
+            f"vocab {c.vocab_size}, mlp_ratio {c.mlp_ratio}")
+
+
+def clip_config_from_state_dict(state_dict, source="<state dict>", quick_gelu=False):
+    """Read a CLIPConfig from the shapes of an official-layout state dict; return (config, the
+    name of the matching preset or None). The activation cannot be read from shapes: pass
+    quick_gelu=True for OpenAI's original weights."""
+    missing = [k for k in _SHAPE_KEYS if k not in state_dict]
+    if missing:
+        raise weights.CheckpointError(f"{source}: not a CLIP ViT checkpoint in OpenCLIP layout: missing "
+                                      f"{missing[:3]}; its first keys are {list(state_dict)[:3]}")
+    conv, vpos = state_dict["visual.conv1.weight"], state_dict["visual.positional_embedding"]
+    grid = math.isqrt(vpos.shape[0] - 1)
+    if grid * grid != vpos.shape[0] - 1:
+        raise weights.CheckpointError(f"{source}: visual.positional_embedding has {vpos.shape[0]} rows, "
+                                      "not 1 + a square patch grid")
+    config = CLIPConfig(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_size=grid * conv.shape[-1],
+        patch_size=conv.shape[-1],
+        vision_width=conv.shape[0],
+        vision_layers=_count_blocks(state_dict, "visual.transformer.resblocks."),
+        text_width=state_dict["token_embedding.weight"].shape[1],
+        text_layers=_count_blocks(state_dict, "transformer.resblocks."),
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        mlp_ratio=state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / conv.shape[0],
+        quick_gelu=quick_gelu,
+    )
+    preset = next((name for name, p in PRESETS.items() if replace(p, quick_gelu=quick_gelu) == config), None)
+    return config, preset
+
+
+def load_clip(checkpoint, quick_gelu=False) -> CLIP:
+    """An official OpenCLIP / OpenAI ViT checkpoint (path to .bin/.pt/.pth/.safetensors, or a state
+    dict) -> CLIP in eval mode, float32. Keys and shapes are checked exactly before loading."""
+    source = weights.source_name(checkpoint)
+    state_dict = weights.read_state_dict(checkpoint, what="CLIP checkpoint")
+    state_dict = {k: v for k, v in state_dict.items() if k not in _OPENAI_EXTRA_KEYS}
+    config, preset = clip_config_from_state_dict(state_dict, source, quick_gelu)
+    print(f"clip.load_clip: {source} is {preset}" if preset else
+          f"clip.load_clip: {source} matches no preset: {_summary(config)}")
+    with torch.device("meta"):  # skip the random init: every tensor is overwritten below
+        model = build_clip(config)
+    model = model.to_empty(device="cpu")
+    weights.load_checked(model, weights.remap(state_dict, CLIP_REMAP), source, "CLIP")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
+START, END = "<|startoftext|>", "<|endoftext|>"
+_SPACE = re.compile(r"[^\S\x1c-\x1f]+")  # the `regex` package's \s+, which OpenCLIP's cleaning uses
+
+
+def _byte_alphabet():
+    """The BPE works on strings of printable stand-ins for UTF-8 bytes: the 188 bytes that print
+    as themselves keep their character, the other 68 (controls, space, ...) take code points 256,
+    257, ... in byte order. Returned as (byte, char) pairs in vocabulary order: printable first."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [(b, chr(b)) for b in printable] + [(b, chr(256 + i)) for i, b in enumerate(others)]
+
+
+def _pretokenizer():
+    r"""CLIP splits text with the `regex` package's pattern
+        's|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+      (IGNORECASE)
+    (letter runs, single digits, runs of other non-space characters). The stdlib `re` has no
+    \p{..}: letters are written [^\W\d_] minus the numeric characters that are not decimal digits
+    (categories No, Nl: '²', '½', 'Ⅻ', which Python counts as \w but `regex` as \p{N}); numbers
+    are \d plus those. `re`'s \s also takes the separators \x1c-\x1f, `regex`'s does not, so they
+    join the "other" class here. Checked against `regex` on every code point: the splits agree
+    except for characters newer than Python's Unicode database and U+0345 (a combining mark that
+    `regex` takes as a letter under IGNORECASE through its case fold, iota)."""
+    numeric = "".join(c for c in map(chr, range(0x110000)) if c.isnumeric() and not c.isdecimal() and not c.isalpha())
+    numeric = re.escape(numeric)
+    return re.compile(rf"{re.escape(START)}|{re.escape(END)}|'s|'t|'re|'ve|'m|'ll|'d|"
+                      rf"[^\W\d_{numeric}]+|[\d{numeric}]|(?:[^\s\w]|[_\x1c-\x1f])+", re.IGNORECASE)
+
+
+class Tokenizer:
+    """CLIP's byte-level BPE (Sennrich et al. 2016 on UTF-8 bytes, vocabulary 49408)."""
+
+    def __init__(self, bpe_path=BPE_PATH):
+        with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # line 0 is a version header
+        alphabet = _byte_alphabet()
+        vocab = [c for _, c in alphabet] + [c + "</w>" for _, c in alphabet]
+        vocab += ["".join(m) for m in merges] + [START, END]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.ranks = {pair: i for i, pair in enumerate(merges)}  # lower rank = merged earlier
+        self.byte_char = dict(alphabet)
+        self.start, self.end = self.encoder[START], self.encoder[END]
+        self.pattern = _pretokenizer()
+        self.cache = {START: [START], END: [END]}
+
+    def bpe(self, word):
+        """One pre-token (in byte stand-ins) -> its BPE symbols; '</w>' marks the word end."""
+        if word in self.cache:
+            return self.cache[word]
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence of the pair, left to right
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self.cache[word] = symbols
+        return symbols
+
+    @staticmethod
+    def clean(text):
+        """OpenCLIP's default cleaning minus ftfy (which repairs mojibake; a no-op on clean text):
+        unescape HTML twice, collapse whitespace runs, strip, lower-case."""
+        text = html.unescape(html.unescape(text)).strip()
+        return _SPACE.sub(" ", text).strip().lower()
+
+    def encode(self, text):
+        ids = []
+        for piece in self.pattern.findall(self.clean(text)):
+            word = "".join(self.byte_char[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[s] for s in self.bpe(word))  # START / END are cached as themselves
+        return ids
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer():
+    """The shared Tokenizer, built on first use (importing this file stays cheap)."""
+    return Tokenizer()
+
+
+def tokenize(texts, context_length=77):
+    """str or list of str -> (N, context_length) int64: start token, BPE tokens, end token, zeros.
+    A text that does not fit is cut and its last slot set to the end token, as OpenCLIP does."""
+    tok = get_tokenizer()
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [tok.start] + tok.encode(text) + [tok.end]
+        if len(ids) > context_length:
+            ids = ids[:context_length]
+            ids[-1] = tok.end
+        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out

@@ -1,0 +1,79 @@
+# python -m pytest tests/test_heads.py -q
+"""HeadSAM against the official prompt encoder + mask decoder; HeadCLIP's structure (App. A)."""
+import pytest
+import torch
+
+import heads
+import vit_det
+import weights
+from conftest import meta_state_dict
+
+
+@pytest.fixture(scope="module")
+def head(sam_fixture):
+    return heads.load_sam_head(sam_fixture["state_dict"])
+
+
+def test_every_official_head_case(head, sam_fixture):
+    emb = sam_fixture["inputs"]["image_embeddings"]
+    cases = zip(sam_fixture["inputs"]["head_cases"], sam_fixture["outputs"]["head_cases"])
+    for case, ref in cases:
+        with torch.no_grad():
+            masks, iou = head(emb, points=case["points"], boxes=case["boxes"], masks=case["masks"],
+                              multimask_output=case["multimask_output"])
+        assert masks.shape == ref["low_res_masks"].shape, case["name"]
+        assert torch.allclose(masks, ref["low_res_masks"], atol=1e-4, rtol=1e-4), case["name"]
+        assert torch.allclose(iou, ref["iou_predictions"], atol=1e-4, rtol=1e-4), case["name"]
+
+
+def test_inputs_untouched_and_shared_embedding(head, sam_fixture):
+    case = next(c for c in sam_fixture["inputs"]["head_cases"] if c["name"].startswith("batch2"))
+    emb = sam_fixture["inputs"]["image_embeddings"]
+    coords, labels = case["points"]
+    before = [t.clone() for t in (emb, coords, labels, case["boxes"])]
+    with torch.no_grad():
+        shared, _ = head(emb, points=(coords, labels), boxes=case["boxes"])
+        per_set, _ = head(emb.expand(2, -1, -1, -1), points=(coords, labels), boxes=case["boxes"])
+    assert all(torch.equal(a, b) for a, b in zip(before, (emb, coords, labels, case["boxes"])))
+    assert torch.allclose(shared, per_set, atol=1e-6)
+    with pytest.raises(ValueError, match="image embeddings"):
+        head(emb.expand(3, -1, -1, -1), points=(coords, labels), boxes=case["boxes"])
+
+
+def test_full_size_head_layout():
+    sd = meta_state_dict("sam_vit_b_keys.tsv")
+    cfg = heads.head_config_from_state_dict(sd)
+    assert cfg == heads.SAM_HEAD_PRESETS["sam"]
+    with torch.device("meta"):
+        head = heads.build_head_sam("sam")
+    ours = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    official = weights.remap(sd, heads.SAM_HEAD_REMAP, keep_prefixes=heads.SAM_HEAD_PREFIXES)
+    assert ours == {k: tuple(v.shape) for k, v in official.items()}
+
+
+def test_head_clip_pooling_and_dense_features(sam_fixture):
+    torch.manual_seed(0)
+    enc = vit_det.load_sam_encoder(sam_fixture["state_dict"], verbose=False)
+    cfg = heads.HeadCLIPConfig(width=64, num_heads=4, rel_pos_size=10, mlp_hidden=48, out_dim=24)
+    hc = heads.HeadCLIP(cfg).eval()
+    hc.init_from_block(enc.blocks[-1])
+    assert all(torch.equal(a, b) for a, b in zip(hc.blocks[2].state_dict().values(),
+                                                 enc.blocks[-1].state_dict().values()))
+    tokens = torch.randn(2, 7, 7, 64)                       # a 112 px image's grid
+    with torch.no_grad():
+        pooled, dense = hc(tokens)
+        x = tokens
+        for blk in [enc.blocks[-1]] * 3:                    # the copies equal SAM's last block
+            x = blk(x)
+        ref_pooled = hc.mlp(hc.norm(x.reshape(2, 49, 64).max(dim=1).values))
+        ref_dense = hc.mlp(hc.norm(x))
+    assert pooled.shape == (2, 24) and dense.shape == (2, 7, 7, 24)
+    assert torch.allclose(pooled, ref_pooled, atol=1e-5) and torch.allclose(dense, ref_dense, atol=1e-5)
+
+
+def test_head_clip_adds_about_a_quarter_of_vit_b():
+    with torch.device("meta"):
+        enc = vit_det.build_vit_det("vit_b")
+        hc = heads.HeadCLIP(heads.HeadCLIPConfig())
+    ratio = sum(p.numel() for p in hc.parameters()) / sum(p.numel() for p in enc.parameters())
+    assert 0.2 < ratio < 0.3, ratio                         # "about 25%" (App. A)
