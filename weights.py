@@ -157,6 +157,9 @@ def load_checked(module: nn.Module, state_dict, source, expected_kind):
 
 def guess_kind(sd):
     """What a state dict looks like, for error messages: which model family its keys belong to."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
     keys = list(sd)
     if any(k.startswith("image_encoder.") for k in keys):
         return "a SAM checkpoint"

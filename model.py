@@ -1,0 +1,169 @@
+"""The merged model, SAM-CLIP (Wang et al. 2023, Sec. 3, Fig. 2), and its checkpoints.
+
+    SAMCLIP = EncSAM-CLIP (vit_det.ImageEncoderViT, initialised from SAM)
+            + HeadSAM  (heads.HeadSAM: SAM's prompt encoder, frozen, and mask decoder)
+            + HeadCLIP (heads.HeadCLIP: 3 blocks copied from SAM's last block, max pool, LN, MLP)
+            + TextEncCLIP (clip.TextTower, frozen, from the CLIP teacher) and CLIP's logit_scale
+
+One backbone forward serves both heads (Sec. 4.4): `encoder.forward_features(x)` returns the neck
+output for HeadSAM and the last block's token grid for HeadCLIP.
+
+- `SAMCLIP.from_teachers(sam_checkpoint, clip_checkpoint)`: the starting point of training, built
+  from the official files (encoder and HeadSAM from SAM, text tower from CLIP, HeadCLIP fresh with
+  its blocks copied from SAM's last encoder block, App. A).
+- `model.save(path)` / `SAMCLIP.load(path)`: one file `{"kind": "samclip", "config", "model"}`
+  holding everything the demo and the evaluation need; read with `weights_only=True`.
+
+Shape legend: B batch, H W token grid, C backbone width, D CLIP embedding size, L text length.
+"""
+
+import os
+from dataclasses import dataclass, asdict
+
+import torch
+from torch import nn
+
+import clip
+import heads
+import vit_det
+import weights
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class SAMCLIPConfig:
+    encoder: vit_det.ViTDetConfig     # the shared backbone (SAM's image encoder)
+    head_sam: heads.SAMHeadConfig     # SAM's prompt encoder + mask decoder
+    head_clip: heads.HeadCLIPConfig   # the new CLIP head
+    clip: clip.CLIPConfig             # the CLIP teacher; its text tower is kept, frozen
+
+    @staticmethod
+    def from_dict(d):
+        enc = dict(d["encoder"], global_attn_indexes=tuple(d["encoder"]["global_attn_indexes"]))
+        return SAMCLIPConfig(vit_det.ViTDetConfig(**enc), heads.SAMHeadConfig(**d["head_sam"]),
+                             heads.HeadCLIPConfig(**d["head_clip"]), clip.CLIPConfig(**d["clip"]))
+
+
+def head_clip_config(enc: vit_det.ViTDetConfig, clip_cfg: clip.CLIPConfig, mlp_hidden=None):
+    """HeadCLIP sized to copy the encoder's last block and to output the teacher's embedding."""
+    return heads.HeadCLIPConfig(width=enc.embed_dim, num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio,
+                                rel_pos_size=enc.grid, mlp_hidden=mlp_hidden or enc.embed_dim,
+                                out_dim=clip_cfg.embed_dim, eps=enc.layer_norm_eps)
+
+
+def make_config(encoder="vit_b", head_sam="sam", teacher="openclip_vit_l_14"):
+    enc, cl = vit_det.PRESETS[encoder], clip.PRESETS[teacher]
+    return SAMCLIPConfig(enc, heads.SAM_HEAD_PRESETS[head_sam], head_clip_config(enc, cl), cl)
+
+
+PRESETS = {
+    "vit_b": lambda: make_config("vit_b", "sam", "openclip_vit_l_14"),   # the paper's model
+    "tiny": lambda: make_config("tiny", "tiny", "tiny"),                  # CPU tests and the built-in demo
+}
+
+
+# ----------------------------------------------------------------------------- the model
+
+class SAMCLIP(nn.Module):
+    def __init__(self, cfg: SAMCLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = vit_det.ImageEncoderViT(cfg.encoder)
+        self.head_sam = heads.HeadSAM(cfg.head_sam)
+        self.head_clip = heads.HeadCLIP(cfg.head_clip)
+        self.text = clip.TextTower(cfg.clip)
+        self.register_buffer("logit_scale", torch.tensor(4.6052))  # CLIP's learned log temperature
+        self.text.requires_grad_(False)               # TextEncCLIP stays frozen (Sec. 3)
+        self.head_sam.prompt_encoder.requires_grad_(False)  # so does SAM's prompt encoder
+
+    # -- CLIP side ---------------------------------------------------------------------------
+    def clip_features(self, images):
+        """(B, 3, H, W) SAM-normalised -> pooled (B, D) and dense (B, H/16, W/16, D) HeadCLIP features."""
+        return self.head_clip(self.encoder.forward_tokens(images))
+
+    def encode_image(self, images):
+        """The image embedding of Eq. 1 (unnormalised): Pool(HeadCLIP(Enc(x))), (B, D)."""
+        return self.clip_features(images)[0]
+
+    def encode_text(self, tokens):
+        """(B, L) tokens from clip.tokenize -> (B, D), unnormalised, through the frozen text tower."""
+        return self.text(tokens)
+
+    # -- both heads from one forward (Sec. 4.4) ----------------------------------------------
+    def forward(self, images, points=None, boxes=None, masks=None, multimask_output=False):
+        """images (B, 3, S, S) SAM-normalised and padded at the encoder's native size S.
+        Returns a dict: `clip_pooled` (B, D), `clip_dense` (B, H, W, D), `image_embeddings`
+        (B, C', H, W), and when a prompt is given `masks` (B, M, 4H, 4W) logits and `iou` (B, M)."""
+        emb, tokens = self.encoder.forward_features(images)
+        pooled, dense = self.head_clip(tokens)
+        out = {"clip_pooled": pooled, "clip_dense": dense, "image_embeddings": emb}
+        if points is not None or boxes is not None or masks is not None:
+            out["masks"], out["iou"] = self.head_sam(emb, points=points, boxes=boxes, masks=masks,
+                                                     multimask_output=multimask_output)
+        return out
+
+    # -- construction and checkpoints --------------------------------------------------------
+    @classmethod
+    def from_teachers(cls, sam_checkpoint, clip_checkpoint, verbose=True):
+        """The starting point of training: encoder + HeadSAM from SAM, text tower and logit scale
+        from CLIP, HeadCLIP fresh with each block a copy of SAM's last encoder block (App. A)."""
+        sam_sd = weights.read_state_dict(sam_checkpoint, "SAM checkpoint")  # read the file once
+        src = weights.source_name(sam_checkpoint)
+        enc = vit_det.load_sam_encoder(sam_sd, verbose=verbose)
+        head = heads.load_sam_head(sam_sd, verbose=verbose)
+        if verbose:
+            print(f"model.SAMCLIP.from_teachers: SAM from {src}")
+        return cls.from_modules(enc, head, clip.load_clip(clip_checkpoint))
+
+    @classmethod
+    def from_modules(cls, enc, head, teacher):
+        """As from_teachers, from already loaded modules (train.py keeps them as frozen teachers)."""
+        cfg = SAMCLIPConfig(enc.cfg, head.cfg, head_clip_config(enc.cfg, teacher.config), teacher.config)
+        model = cls(cfg)
+        model.encoder.load_state_dict(enc.state_dict())
+        model.head_sam.load_state_dict(head.state_dict())
+        model.text.load_state_dict(teacher.text.state_dict())
+        model.logit_scale.data.copy_(teacher.logit_scale.data)
+        init_head_clip(model.head_clip)
+        model.head_clip.init_from_block(model.encoder.blocks[-1])
+        return model
+
+    def save(self, path, **extra):
+        """Write {"kind": "samclip", "config", "model", **extra} atomically to `path`."""
+        weights.atomic_save({"kind": "samclip", "config": asdict(self.cfg), "model": self.state_dict(), **extra}, path)
+
+    @classmethod
+    def load(cls, path):
+        """A merged checkpoint written by `save`, in eval mode. A SAM or CLIP file gets a clear error."""
+        if not os.path.isfile(path):
+            raise weights.CheckpointError(f"{path}: SAM-CLIP checkpoint file not found")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise weights.CheckpointError(f"{path}: cannot be read as a safe torch checkpoint "
+                                          f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != "samclip":
+            kind = weights.guess_kind(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise weights.CheckpointError(f"{path}: expected a merged SAM-CLIP checkpoint (written by "
+                                          f"SAMCLIP.save or train.py), but it is {kind}")
+        model = cls(SAMCLIPConfig.from_dict(ckpt["config"]))
+        weights.load_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
+                             path, "SAM-CLIP")
+        return model.eval()
+
+
+def init_head_clip(head: heads.HeadCLIP):
+    """Fresh LayerNorm + MLP of HeadCLIP: truncated-normal weights, zero biases."""
+    for m in head.mlp:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+
+def build_samclip(preset="tiny", seed=0):
+    """A randomly initialised SAMCLIP of a preset (what `--preset tiny` trains without any weights)."""
+    torch.manual_seed(seed)
+    cfg = PRESETS[preset]()
+    return SAMCLIP.from_modules(vit_det.build_vit_det(cfg.encoder), heads.build_head_sam(cfg.head_sam),
+                                clip.build_clip(cfg.clip))

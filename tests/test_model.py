@@ -1,0 +1,86 @@
+# python -m pytest tests/test_model.py -q
+"""The assembled SAMCLIP: built from the official-format teachers, one forward for both heads,
+merged checkpoints that round-trip and refuse other kinds of file."""
+import os
+
+import pytest
+import torch
+
+import clip
+import heads
+import model as samclip_model
+import vit_det
+import weights
+from conftest import FIXTURES
+
+SAM, CLIP = os.path.join(FIXTURES, "sam_tiny.pt"), os.path.join(FIXTURES, "clip_tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def merged():
+    torch.manual_seed(0)
+    return samclip_model.SAMCLIP.from_teachers(SAM, CLIP, verbose=False).eval()
+
+
+def test_from_teachers_takes_each_part_from_its_teacher(merged, sam_fixture, clip_fixture):
+    enc = vit_det.load_sam_encoder(SAM, verbose=False)
+    head = heads.load_sam_head(SAM, verbose=False)
+    teacher = clip.load_clip(CLIP)
+    for ours, theirs in ((merged.encoder, enc), (merged.head_sam, head), (merged.text, teacher.text)):
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    last = enc.blocks[-1].state_dict()
+    for blk in merged.head_clip.blocks:                     # App. A: copies of SAM's last block
+        assert all(torch.equal(blk.state_dict()[k], last[k]) for k in last)
+    tokens = clip_fixture["inputs"]["tokens"]
+    with torch.no_grad():
+        assert torch.allclose(merged.encode_text(tokens), clip_fixture["outputs"]["text_features"], atol=1e-4, rtol=1e-4)
+    # frozen parts are frozen; the backbone and both trainable heads are not
+    assert not any(p.requires_grad for p in merged.text.parameters())
+    assert not any(p.requires_grad for p in merged.head_sam.prompt_encoder.parameters())
+    assert all(p.requires_grad for p in merged.encoder.parameters())
+    assert all(p.requires_grad for p in merged.head_sam.mask_decoder.parameters())
+
+
+def test_one_forward_serves_both_heads(merged, sam_fixture):
+    x = sam_fixture["inputs"]["image"]
+    boxes = torch.tensor([[10.0, 20.0, 90.0, 120.0], [0.0, 0.0, 60.0, 60.0]])
+    with torch.no_grad():
+        out = merged(x, boxes=boxes)
+        emb = merged.encoder(x)
+        masks, iou = merged.head_sam(emb, boxes=boxes, multimask_output=False)
+        pooled, dense = merged.clip_features(x)
+    assert torch.allclose(out["image_embeddings"], sam_fixture["outputs"]["image_embeddings"], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(out["masks"], masks) and torch.allclose(out["iou"], iou)
+    assert torch.allclose(out["clip_pooled"], pooled) and torch.allclose(out["clip_dense"], dense)
+    assert out["clip_pooled"].shape == (2, 32) and out["clip_dense"].shape == (2, 10, 10, 32)
+    with torch.no_grad():
+        low = merged.clip_features(torch.randn(1, 3, 64, 64))  # the CLIP side at a lower resolution
+    assert low[1].shape == (1, 4, 4, 32)
+
+
+def test_save_load_roundtrip(merged, tmp_path):
+    path = tmp_path / "samclip.pt"
+    merged.save(path)
+    back = samclip_model.SAMCLIP.load(str(path))
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        a, b = merged(x, boxes=torch.tensor([[5.0, 5.0, 50.0, 70.0]])), back(x, boxes=torch.tensor([[5.0, 5.0, 50.0, 70.0]]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert back.cfg == merged.cfg
+
+
+def test_load_refuses_other_files(tmp_path):
+    with pytest.raises(weights.CheckpointError, match="sam_tiny.pt: expected a merged SAM-CLIP checkpoint.*SAM checkpoint"):
+        samclip_model.SAMCLIP.load(SAM)
+    with pytest.raises(weights.CheckpointError, match="missing.pt: SAM-CLIP checkpoint file not found"):
+        samclip_model.SAMCLIP.load(str(tmp_path / "missing.pt"))
+
+
+def test_full_size_preset_shapes():
+    """The paper's configuration, built without memory: ViT-B backbone, ViT-L/14 text tower."""
+    cfg = samclip_model.PRESETS["vit_b"]()
+    with torch.device("meta"):
+        m = samclip_model.SAMCLIP(cfg)
+    assert cfg.head_clip.out_dim == 768 and cfg.head_clip.width == 768 and cfg.encoder.grid == 64
+    n = lambda mod: sum(p.numel() for p in mod.parameters())
+    assert 85e6 < n(m.encoder) < 95e6                        # SAM ViT-B image encoder, ~89.7M
