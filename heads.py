@@ -254,8 +254,9 @@ class MaskDecoder(nn.Module):
         self.output_hypernetworks_mlps = nn.ModuleList(MLP(C, C, C // 8, 3) for _ in range(self.num_mask_tokens))
         self.iou_prediction_head = MLP(C, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth)
 
-    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-                multimask_output):
+    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
+        """Every output token's mask and IoU: (B, 1+3, 4h, 4w), (B, 1+3); HeadSAM picks the single
+        or the multimask outputs (SAM's `multimask_output`), L_SAM distils all of them."""
         B = sparse_prompt_embeddings.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])             # (1+M', C)
         tokens = torch.cat([out_tokens.expand(B, -1, -1), sparse_prompt_embeddings], dim=1)  # (B, T, C)
@@ -269,9 +270,7 @@ class MaskDecoder(nn.Module):
         hyper = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
                             dim=1)                           # (B, M', C/8)
         masks = (hyper @ up.flatten(2)).reshape(B, -1, up.shape[2], up.shape[3])  # (B, M', 4h, 4w)
-        iou_pred = self.iou_prediction_head(iou_token_out)  # (B, M')
-        sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+        return masks, self.iou_prediction_head(iou_token_out)  # (B, M', 4h, 4w), (B, M')
 
 
 class HeadSAM(nn.Module):
@@ -288,11 +287,17 @@ class HeadSAM(nn.Module):
         """points = (coords [B,N,2] pixels in the input frame, labels [B,N]: 1 fg, 0 bg, -1 padding);
         boxes [B,4] x0,y0,x1,y1; masks [B,1,4h,4w] logits.
         -> low-res mask logits [B,M,4h,4w], predicted IoU [B,M]; M = 3 if multimask_output else 1."""
+        masks, iou = self.all_outputs(image_embeddings, points, boxes, masks)
+        sl = slice(1, None) if multimask_output else slice(0, 1)  # token 0 is the single-mask output
+        return masks[:, sl], iou[:, sl]
+
+    def all_outputs(self, image_embeddings, points=None, boxes=None, masks=None):
+        """Same inputs; every output token: (B, 1+3, 4h, 4w) logits, (B, 1+3) IoU predictions."""
         sparse, dense = self.prompt_encoder(points, boxes, masks)
         if image_embeddings.shape[0] not in (1, sparse.shape[0]):
             raise ValueError(f"HeadSAM: {image_embeddings.shape[0]} image embeddings for {sparse.shape[0]} "
                              "prompt sets; give 1 (shared) or one per prompt set")
-        return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
+        return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
 
 
 def postprocess_masks(low_res, input_size, original_size, img_size=1024):
