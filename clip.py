@@ -1,20 +1,16 @@
 """CLIP (Radford et al. 2021): the teacher image tower `EncCLIP` and the frozen text tower `TextEncCLIP`.
 
 SAM-CLIP distils CLIP's image embeddings into the SAM backbone (SAM-CLIP Sec. 3, Eq. 1: the target
-is `EncCLIP(x)`) and reuses CLIP's text tower, frozen, for zero-shot classification and
-segmentation. This file holds both towers in OpenCLIP's checkpoint layout (the same key names as
-OpenAI's CLIP), so the official `open_clip_pytorch_model.bin` / `open_clip_model.safetensors`
-files load with a five-line key remap.
+is `EncCLIP(x)`) and reuses CLIP's text tower, frozen, for zero-shot recognition. Both towers use
+OpenCLIP's checkpoint layout (OpenAI's key names), so official files load with a five-line remap.
 
 - Contrastive objective (CLIP Sec. 2.3): each tower ends in a linear projection into a shared
-  D-dim embedding space; cosine similarities scaled by a learned temperature, kept as its log
-  (`logit_scale`, initialised to log(1 / 0.07)), are the logits of a symmetric cross-entropy.
-- Architecture (CLIP Sec. 2.4): the image tower is a ViT with one extra LayerNorm (`ln_pre`) on the
-  patch + position embeddings; its feature is the class token after `ln_post`. The text tower is a
-  causally masked transformer over byte-level BPE tokens bracketed by start / end tokens; its
-  feature is the last layer's activation at the end token. Both use pre-LN residual blocks.
-- The tokenizer (last section) reproduces OpenCLIP's default one for ordinary text with the
-  standard library only.
+  D-dim space; cosine similarities times a learned temperature, kept as its log (`logit_scale`),
+  are the logits of a symmetric cross-entropy.
+- Architecture (CLIP Sec. 2.4): a ViT image tower with an extra LayerNorm (`ln_pre`) before the
+  transformer, pooled at the class token after `ln_post`; a causally masked text transformer over
+  byte-level BPE tokens, pooled at the end token. Both are stacks of pre-LN residual blocks.
+- The tokenizer (last section) reproduces OpenCLIP's default one with the standard library only.
 
 Shape legend: B batch, L text length (context, 77), C width of a tower, D joint embedding dim,
 N tokens (1 class token + gh*gw patches in the image tower), H W image size, gh gw patch grid,
@@ -27,6 +23,7 @@ import html
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, replace
 
 import torch
@@ -54,7 +51,8 @@ class CLIPConfig:
     context_length: int = 77      # L, tokens per text including start / end tokens
     vocab_size: int = 49408       # V, 256 bytes x 2 + 48894 BPE merges + 2 special tokens
     mlp_ratio: float = 4.0        # MLP hidden width / C, both towers
-    quick_gelu: bool = False      # OpenAI's original weights: x * sigmoid(1.702 x); OpenCLIP ViT-B-16 / ViT-L-14: exact erf GELU
+    quick_gelu: bool = False      # True: x * sigmoid(1.702 x), OpenAI's original weights; False: exact
+                                  # (erf) GELU, OpenCLIP ViT-B-16 / ViT-L-14
     layer_norm_eps: float = 1e-5  # every LayerNorm of both towers
 
     @property
@@ -92,7 +90,7 @@ class Attention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_weight = nn.Parameter(torch.randn(3 * width, width) * width ** -0.5)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
@@ -155,12 +153,12 @@ class VisionTower(nn.Module):
         super().__init__()
         C, p = config.vision_width, config.patch_size
         self.conv1 = nn.Conv2d(3, C, kernel_size=p, stride=p, bias=False)
-        self.class_embedding = nn.Parameter(torch.empty(C))
-        self.positional_embedding = nn.Parameter(torch.empty(config.grid_size ** 2 + 1, C))
+        self.class_embedding = nn.Parameter(torch.randn(C) * C ** -0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(config.grid_size ** 2 + 1, C) * C ** -0.5)
         self.ln_pre = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.transformer = Transformer(C, config.vision_layers, config.vision_heads, config)
         self.ln_post = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.proj = nn.Parameter(torch.empty(C, config.embed_dim))
+        self.proj = nn.Parameter(torch.randn(C, config.embed_dim) * C ** -0.5)
 
     def position_embedding_for(self, gh, gw):
         """The (1 + gh*gw, C) position table for a gh x gw patch grid. At the native grid this is
@@ -197,10 +195,11 @@ class TextTower(nn.Module):
         super().__init__()
         C = config.text_width
         self.token_embedding = nn.Embedding(config.vocab_size, C)
-        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, C))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.positional_embedding = nn.Parameter(torch.randn(config.context_length, C) * 0.01)
         self.transformer = Transformer(C, config.text_layers, config.text_heads, config)
         self.ln_final = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.text_projection = nn.Parameter(torch.empty(C, config.embed_dim))
+        self.text_projection = nn.Parameter(torch.randn(C, config.embed_dim) * C ** -0.5)
 
     def forward(self, tokens):
         """(B, L) -> (B, D): the features at the end token, which has the largest id of each row.
@@ -237,21 +236,15 @@ class CLIP(nn.Module):
 
 # ----------------------------------------------------------------------------- builder
 
-def build_clip(config="openclip_vit_l_14") -> CLIP:
-    """A randomly initialised CLIP from a CLIPConfig or a PRESETS name. Init as in OpenAI's code:
-    embeddings normal, projections scaled by width**-0.5, residual outputs also by depth."""
+def build_clip(config) -> CLIP:
+    """A randomly initialised CLIP from a CLIPConfig or a PRESETS name. The modules initialise
+    themselves as OpenAI's code does (embeddings and projections normal, scaled by width**-0.5);
+    here the residual branches' output layers are also scaled by depth, (2 * layers)**-0.5."""
     config = PRESETS[config] if isinstance(config, str) else config
     model = CLIP(config)
-    v, t = model.visual, model.text
-    nn.init.normal_(t.token_embedding.weight, std=0.02)
-    nn.init.normal_(t.positional_embedding, std=0.01)
-    nn.init.normal_(v.class_embedding, std=config.vision_width ** -0.5)
-    nn.init.normal_(v.positional_embedding, std=config.vision_width ** -0.5)
-    nn.init.normal_(v.proj, std=config.vision_width ** -0.5)
-    nn.init.normal_(t.text_projection, std=config.text_width ** -0.5)
-    for tower, C, layers in ((v, config.vision_width, config.vision_layers), (t, config.text_width, config.text_layers)):
+    for tower, C, layers in ((model.visual, config.vision_width, config.vision_layers),
+                             (model.text, config.text_width, config.text_layers)):
         for block in tower.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=C ** -0.5)
             nn.init.normal_(block.attn.out_proj.weight, std=C ** -0.5 * (2 * layers) ** -0.5)
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * C) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=C ** -0.5 * (2 * layers) ** -0.5)
@@ -262,7 +255,8 @@ def build_clip(config="openclip_vit_l_14") -> CLIP:
 
 # Official (OpenCLIP / OpenAI) -> ours. The image tower's keys are identical; the text tower's sit
 # at the top level of the official dict and move under `text.`. A leading "^" anchors a swap at
-# the start of the key, so "transformer." does not also rewrite "visual.transformer.".
+# the start of the key (plain text, not a regular expression), so "transformer." does not also
+# rewrite "visual.transformer.".
 CLIP_REMAP = [
     ("^token_embedding.", "text.token_embedding."),
     ("^positional_embedding", "text.positional_embedding"),
@@ -272,19 +266,14 @@ CLIP_REMAP = [
 ]
 # Integer entries of OpenAI's JIT state dicts that are no weights; dropped before the key check.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-_SHAPE_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",
-               "visual.transformer.resblocks.0.mlp.c_fc.weight",
-               "token_embedding.weight", "positional_embedding", "text_projection")
+# The tensors the config is read from, with their number of dimensions.
+_SHAPE_KEYS = {"visual.conv1.weight": 4, "visual.positional_embedding": 2, "visual.proj": 2,
+               "visual.transformer.resblocks.0.mlp.c_fc.weight": 2, "token_embedding.weight": 2,
+               "positional_embedding": 2, "text_projection": 2}
 
 
 def _count_blocks(state_dict, prefix):
     return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
-
-
-def _summary(c):
-    return (f"embed {c.embed_dim}, image {c.image_size} / patch {c.patch_size}, vision {c.vision_width} x "
-            f"{c.vision_layers}, text {c.text_width} x {c.text_layers}, context {c.context_length}, "
-            f"vocab {c.vocab_size}, mlp_ratio {c.mlp_ratio}")
 
 
 def clip_config_from_state_dict(state_dict, source="<state dict>", quick_gelu=False):
@@ -295,6 +284,9 @@ def clip_config_from_state_dict(state_dict, source="<state dict>", quick_gelu=Fa
     if missing:
         raise weights.CheckpointError(f"{source}: not a CLIP ViT checkpoint in OpenCLIP layout: missing "
                                       f"{missing[:3]}; its first keys are {list(state_dict)[:3]}")
+    wrong = [f"{k} {tuple(state_dict[k].shape)}" for k, ndim in _SHAPE_KEYS.items() if state_dict[k].ndim != ndim]
+    if wrong:
+        raise weights.CheckpointError(f"{source}: not a CLIP ViT checkpoint: unexpected shapes {wrong[:3]}")
     conv, vpos = state_dict["visual.conv1.weight"], state_dict["visual.positional_embedding"]
     grid = math.isqrt(vpos.shape[0] - 1)
     if grid * grid != vpos.shape[0] - 1:
@@ -324,11 +316,13 @@ def load_clip(checkpoint, quick_gelu=False) -> CLIP:
     state_dict = weights.read_state_dict(checkpoint, what="CLIP checkpoint")
     state_dict = {k: v for k, v in state_dict.items() if k not in _OPENAI_EXTRA_KEYS}
     config, preset = clip_config_from_state_dict(state_dict, source, quick_gelu)
-    print(f"clip.load_clip: {source} is {preset}" if preset else
-          f"clip.load_clip: {source} matches no preset: {_summary(config)}")
-    with torch.device("meta"):  # skip the random init: every tensor is overwritten below
-        model = build_clip(config)
-    model = model.to_empty(device="cpu")
+    print(f"clip.load_clip: {source} is {preset}" if preset else f"clip.load_clip: {source} matches no preset: "
+          f"embed {config.embed_dim}, image {config.image_size} / patch {config.patch_size}, vision "
+          f"{config.vision_width} x {config.vision_layers}, text {config.text_width} x {config.text_layers}, "
+          f"context {config.context_length}, vocab {config.vocab_size}, mlp_ratio {config.mlp_ratio}")
+    with torch.device("meta"):  # no memory, no random init (5 s for ViT-L on CPU): all is overwritten
+        model = CLIP(config)
+    model = model.to_empty(device="cpu")  # uninitialised float32 storage, filled by load_checked
     weights.load_checked(model, weights.remap(state_dict, CLIP_REMAP), source, "CLIP")
     return model.eval()
 
@@ -336,7 +330,7 @@ def load_clip(checkpoint, quick_gelu=False) -> CLIP:
 # ----------------------------------------------------------------------------- tokenizer
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
-START, END = "<|startoftext|>", "<|endoftext|>"
+START, END = "<start_of_text>", "<end_of_text>"  # OpenCLIP's spelling; OpenAI's is <|startoftext|>, same ids
 _SPACE = re.compile(r"[^\S\x1c-\x1f]+")  # the `regex` package's \s+, which OpenCLIP's cleaning uses
 
 
@@ -405,9 +399,11 @@ class Tokenizer:
 
     @staticmethod
     def clean(text):
-        """OpenCLIP's default cleaning minus ftfy (which repairs mojibake; a no-op on clean text):
-        unescape HTML twice, collapse whitespace runs, strip, lower-case."""
-        text = html.unescape(html.unescape(text)).strip()
+        """OpenCLIP's default cleaning: ftfy.fix_text, unescape HTML twice, collapse whitespace runs,
+        strip, lower-case. Of ftfy only its final NFC normalisation is done here; its repairs of
+        damaged text (mojibake, curly quotes, ligatures, full-width forms, control characters)
+        are not, so such text may tokenize differently from OpenCLIP."""
+        text = html.unescape(html.unescape(unicodedata.normalize("NFC", text))).strip()
         return _SPACE.sub(" ", text).strip().lower()
 
     def encode(self, text):
