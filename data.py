@@ -4,9 +4,24 @@ Sections, in the order a sample meets them:
   1. Images: open any file PIL reads (EXIF rotation applied; grayscale, palette, RGBA, 16-bit
      converted to 8-bit RGB) and the two normalisations of the two teachers: SAM's (resize the
      longest side to 1024, mean/std on the 0-255 scale, pad bottom-right) and CLIP's.
+  2. D_CLIP (Sec. 3, Eq. 1): unlabeled images from a folder or a list file; one random crop per
+     sample, seen by the student at the step's resolution and by the CLIP teacher at 224 px.
+  3. D_SAM (Sec. 3, Eq. 2): SA-1B images and their masks (COCO run-length encoding, decoded here
+     without pycocotools); every chosen mask becomes a point or box prompt, as in SAM's training.
+  4. Batch samplers (Sec. 4.1): the variable-resolution sampler of CVNets/MobileViT (Mehta et al.)
+     for D_CLIP and a fixed-size one for D_SAM, both split across ranks and resumable mid-epoch.
+  5. A tiny synthetic D_CLIP + SA-1B set on disk, for the CPU demo run and tests.
 
-Shape legend: H W image height and width, S square side, K masks per image, B batch.
+A sample that cannot be read never raises: it comes back as zeros of the right shapes with
+ok=False, so every rank keeps the same batch size, and the training loop masks it out of the loss.
+
+Shape legend: H W image height and width, S square side, K prompts (masks) per image, P points
+per prompt, B batch.
 """
+
+import json
+import math
+import os
 
 import numpy as np
 import torch
@@ -87,3 +102,351 @@ def square_resize(img, size, normalize=normalize_sam):
     """Resize the whole image to (size, size) (bicubic; the aspect is not kept, as in the paper's
     448 x 448 zero-shot segmentation protocol) and normalise: (3, size, size)."""
     return normalize(to_tensor(img.resize((size, size), Image.BICUBIC)))
+
+
+def _seed(*parts):
+    """One 63-bit seed from a tuple of non-negative ints, e.g. (seed, epoch, index): the same on
+    every machine and run (unlike Python's hash of a str), and well mixed, so neighbouring
+    indices or epochs do not get correlated random streams."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+# ----------------------------------------------------------------------------- 2. D_CLIP (Eq. 1)
+
+def list_images(source):
+    """`source`: a folder (searched recursively for IMAGE_EXTENSIONS, any case) or a text file with
+    one image path per line (relative paths are taken from the list file's folder; blank lines and
+    lines starting with # are skipped). -> sorted paths for a folder, the file's order for a list."""
+    if os.path.isdir(source):
+        paths = sorted(os.path.join(d, f) for d, _, files in os.walk(source) for f in files
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+    elif os.path.isfile(source):
+        base = os.path.dirname(os.path.abspath(source))
+        with open(source) as f:
+            paths = [os.path.join(base, p) for p in (line.strip() for line in f) if p and not p.startswith("#")]
+    else:
+        raise ValueError(f"image source {source!r} does not exist: expected a folder of images or a text file "
+                         "of image paths")
+    if not paths:
+        raise ValueError(f"image source {source!r} holds no images: expected {'/'.join(IMAGE_EXTENSIONS)} files "
+                         "in the folder (recursively) or one path per line in the list file")
+    return paths
+
+
+def random_resized_crop_box(h, w, g, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The crop box (left, top, right, bottom) of torchvision's RandomResizedCrop: area a uniform
+    fraction `scale` of the image, log-uniform aspect in `ratio`; 10 tries, then a centre crop."""
+    for _ in range(10):
+        area = h * w * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).item())
+        cw, ch = int(round((area * aspect) ** 0.5)), int(round((area / aspect) ** 0.5))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = torch.randint(0, h - ch + 1, (1,), generator=g).item()
+            left = torch.randint(0, w - cw + 1, (1,), generator=g).item()
+            return left, top, left + cw, top + ch
+    cw, ch = (w, min(h, round(w / ratio[0]))) if w / h < ratio[0] else (min(w, round(h * ratio[1])), h)
+    return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
+
+
+class CLIPImages(torch.utils.data.Dataset):
+    """D_CLIP for L_CLIP (Eq. 1): the student and the frozen CLIP teacher must see the SAME view of
+    an image, so one crop is drawn and resized twice: to the step's resolution with SAM's
+    normalisation for the student, to `teacher_size` (CLIP ViT-L/14's native 224) with CLIP's.
+
+    Items are `(index, resolution, epoch)` tuples, as VariableResolutionSampler yields them (a plain
+    index means (index, teacher_size, 0)). The crop comes from a generator seeded with
+    (seed, epoch, index): the same sample gives the same crop in any worker and after a resume.
+    -> {"student" (3, r, r), "teacher" (3, T, T), "index", "ok", "path"}; ok=False and zeros for an
+    unreadable image. Skipped samples are not counted here: the loop counts (~batch["ok"]).sum()."""
+
+    def __init__(self, source, teacher_size=224, seed=0, scale=(0.5, 1.0)):
+        self.paths = list_images(source)
+        self.teacher_size, self.seed, self.scale = teacher_size, seed, scale
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        index, resolution, epoch = item if isinstance(item, tuple) else (item, self.teacher_size, 0)
+        path, T = self.paths[index], self.teacher_size
+        try:
+            img = load_image(path)
+        except ImageError:
+            return {"student": torch.zeros(3, resolution, resolution), "teacher": torch.zeros(3, T, T),
+                    "index": index, "ok": False, "path": path}
+        g = torch.Generator().manual_seed(_seed(self.seed, epoch, index))
+        box = random_resized_crop_box(img.height, img.width, g, self.scale)
+        student = img.resize((resolution, resolution), Image.BICUBIC, box=box)   # crop + resize in one
+        teacher = img.resize((T, T), Image.BICUBIC, box=box)
+        return {"student": normalize_sam(to_tensor(student)), "teacher": normalize_clip(to_tensor(teacher)),
+                "index": index, "ok": True, "path": path}
+
+
+def collate(samples):
+    """CLIPImages samples (one resolution per batch) -> {"student" (B, 3, r, r), "teacher"
+    (B, 3, T, T), "index" (B,) int64, "ok" (B,) bool, "bad_paths" [paths of the ok=False ones]}."""
+    return {"student": torch.stack([s["student"] for s in samples]),
+            "teacher": torch.stack([s["teacher"] for s in samples]),
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+            "ok": torch.tensor([s["ok"] for s in samples], dtype=torch.bool),
+            "bad_paths": [s["path"] for s in samples if not s["ok"]]}
+
+
+# ----------------------------------------------------------------------------- 3. D_SAM (Eq. 2)
+
+def rle_decode(rle, shape=None):
+    """COCO run-length encoding -> bool mask (h, w). `rle["counts"]` is either a list of ints or
+    COCO's compressed string (SA-1B's form); `shape` stands in for a missing `rle["size"]`.
+    Counts are run lengths over the mask read column by column (Fortran order), zeros first.
+    The string form is pycocotools' rleFrString: each char minus 48 carries 5 bits of a number,
+    least significant first, with 0x20 meaning "more chars follow"; bit 0x10 of the last char is
+    the sign; from the fourth count on, a number is stored as the difference to counts[i - 2]."""
+    h, w = rle.get("size") or shape
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        s = counts.encode() if isinstance(counts, str) else counts
+        counts, p = [], 0
+        while p < len(s):
+            x, k, more = 0, 0, True
+            while more:
+                c = s[p] - 48
+                x |= (c & 0x1F) << (5 * k)
+                more, p, k = bool(c & 0x20), p + 1, k + 1
+                if not more and c & 0x10:
+                    x |= -1 << (5 * k)                    # sign-extend a negative number
+            counts.append(x + counts[-2] if len(counts) > 2 else x)
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() != h * w or (counts < 0).any():
+        raise ValueError(f"RLE counts sum to {counts.sum()}, expected h*w = {h}*{w} = {h * w}")
+    flat = np.repeat(np.arange(len(counts)) % 2 == 1, counts)    # runs alternate 0, 1, 0, ...
+    return np.ascontiguousarray(flat.reshape(w, h).T)             # column-major: (w, h) -> (h, w)
+
+
+def rle_encode(mask):
+    """bool mask (h, w) -> {"size": [h, w], "counts": str}, pycocotools' rleToString form."""
+    h, w = mask.shape
+    flat = np.asarray(mask, dtype=bool).T.reshape(-1)              # (h, w) -> (w*h,) column-major
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        runs = [0] + runs                                          # counts always start with zeros
+    chars = []
+    for i, x in enumerate(runs):
+        x = x - runs[i - 2] if i > 2 else x
+        more = True
+        while more:
+            c, x = x & 0x1F, x >> 5                                # Python's >> is arithmetic, as in C
+            more = x != -1 if c & 0x10 else x != 0
+            chars.append(chr((c | 0x20 if more else c) + 48))
+    return {"size": [h, w], "counts": "".join(chars)}
+
+
+def find_sa1b(root):
+    """Sorted (image, json) pairs `sa_*.jpg` + `sa_*.json` under `root`, recursively."""
+    pairs = sorted((os.path.join(d, f), os.path.join(d, f[:-4] + ".json")) for d, _, files in os.walk(root)
+                   for f in files if f.startswith("sa_") and f.lower().endswith(".jpg") and f[:-4] + ".json" in files)
+    if not pairs:
+        raise ValueError(f"SA-1B root {root!r} holds no data: expected sa_*.jpg images, each beside a "
+                         "matching sa_*.json annotation file (sub-folders allowed)")
+    return pairs
+
+
+MAX_BOX_JITTER = 20.0   # px in SAM's 1024 frame (SAM paper Sec. A, "to a maximum of 20 pixels")
+
+
+class SA1B(torch.utils.data.Dataset):
+    """D_SAM for L_SAM (Eq. 2): an SA-1B image in SAM's 1024 px frame and K of its masks turned
+    into prompts g, as in SAM's training (SAM Sec. A): with probability `point_prob` 1..P foreground
+    points drawn uniformly from the mask, else the mask's box, each coordinate moved by
+    N(0, (box_jitter * side)^2) noise capped at 20 px. The masks themselves are not returned: the
+    targets of Eq. 2 are the frozen SAM's logits z for the same prompts.
+
+    Items are `(index, epoch)` tuples as FixedBatchSampler yields them (a plain index means epoch 0);
+    all random choices come from a generator seeded with (seed, epoch, index).
+    Coordinates are (x, y) in the resized frame and follow SAM's PromptEncoder, which adds 0.5
+    (pixel index -> centre): a point is the pixel centre minus 0.5, a box is the mask's pixel
+    extent [x0, x1) scaled (SA-1B's XYWH -> x0, y0, x0 + w, y0 + h).
+
+    Points and boxes are different token counts in SAM's prompt encoder (a point-only prompt gets
+    one extra padding token; a box is two corner tokens), so they cannot share one call: has_box
+    tells the training loop which rows go to the box call and which to the points call. Point
+    prompts are padded to P with label -1, SAM's own padding token; teacher and student see the
+    same tokens, which is all distillation needs.
+    -> {"image" (3, S, S), "input_size" (2,) h' w', "original_size" (2,) h w, "point_coords" (K, P, 2),
+        "point_labels" (K, P) int64 (1 fg, -1 pad), "boxes" (K, 4) x0 y0 x1 y1, "has_box" (K,),
+        "valid" (K,), "num_prompts", "index", "ok", "path"}; rows past num_prompts are padding."""
+
+    def __init__(self, root, img_size=1024, masks_per_image=32, box_jitter=0.1, point_prob=0.5, max_points=3, seed=0):
+        self.pairs = find_sa1b(root)
+        self.img_size, self.K, self.P = img_size, masks_per_image, max_points
+        self.box_jitter, self.point_prob, self.seed = box_jitter, point_prob, seed
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        S, K, P = self.img_size, self.K, self.P
+        out = {"image": torch.zeros(3, S, S), "input_size": torch.tensor([S, S]), "original_size": torch.tensor([S, S]),
+               "point_coords": torch.zeros(K, P, 2), "point_labels": torch.full((K, P), -1, dtype=torch.int64),
+               "boxes": torch.zeros(K, 4), "has_box": torch.zeros(K, dtype=torch.bool),
+               "valid": torch.zeros(K, dtype=torch.bool), "num_prompts": 0, "index": index, "ok": False,
+               "path": self.pairs[index][0]}
+        try:
+            img = load_image(self.pairs[index][0])
+            with open(self.pairs[index][1]) as f:
+                anns = json.load(f)["annotations"]
+            g = torch.Generator().manual_seed(_seed(self.seed, epoch, index))
+            order = torch.randperm(len(anns), generator=g).tolist()
+            x, (h2, w2) = sam_preprocess(img, S)
+            sx, sy = w2 / img.width, h2 / img.height        # SAM's ResizeLongestSide.apply_coords
+            k = 0
+            for j in order:
+                if k == K:
+                    break
+                mask = rle_decode(anns[j]["segmentation"])
+                if mask.shape != (img.height, img.width):
+                    raise ValueError(f"mask size {mask.shape} differs from image size {(img.height, img.width)}")
+                fg = np.flatnonzero(mask)                    # (area,) flat indices into (h, w)
+                if len(fg) == 0:
+                    continue                                 # an empty mask makes no prompt
+                if torch.rand(1, generator=g).item() < self.point_prob:
+                    n = torch.randint(1, P + 1, (1,), generator=g).item()
+                    ys, xs = np.divmod(fg[torch.randint(0, len(fg), (n,), generator=g).numpy()], img.width)
+                    pts = np.stack([(xs + 0.5) * sx - 0.5, (ys + 0.5) * sy - 0.5], 1)   # (n, 2) x, y
+                    out["point_coords"][k, :n] = torch.from_numpy(pts).float()
+                    out["point_labels"][k, :n] = 1
+                else:
+                    cols, rows = np.flatnonzero(mask.any(0)), np.flatnonzero(mask.any(1))
+                    box = torch.tensor([cols[0] * sx, rows[0] * sy, (cols[-1] + 1) * sx, (rows[-1] + 1) * sy])
+                    side = (box[2:] - box[:2]).repeat(2)                 # (w, h, w, h) of the box
+                    cap = MAX_BOX_JITTER * S / 1024
+                    noise = (torch.randn(4, generator=g) * self.box_jitter * side).clamp(-cap, cap)
+                    box = torch.minimum((box + noise).clamp(min=0), torch.tensor([w2, h2, w2, h2]).float())
+                    out["boxes"][k] = torch.cat([torch.minimum(box[:2], box[2:]), torch.maximum(box[:2], box[2:])])
+                    out["has_box"][k] = True
+                out["valid"][k] = True
+                k += 1
+        except (ImageError, OSError, ValueError, KeyError, TypeError, IndexError):  # corrupt image or JSON
+            out["point_coords"].zero_(), out["point_labels"].fill_(-1), out["boxes"].zero_()
+            out["has_box"].zero_(), out["valid"].zero_()
+            return out
+        out.update(image=x, input_size=torch.tensor([h2, w2]), original_size=torch.tensor([img.height, img.width]),
+                   num_prompts=k, ok=True)
+        return out
+
+
+def collate_sam(samples):
+    """SA1B samples -> the same keys batched: "image" (B, 3, S, S), "input_size" and "original_size"
+    (B, 2), "point_coords" (B, K, P, 2), "point_labels" (B, K, P), "boxes" (B, K, 4), "has_box" and
+    "valid" (B, K), "num_prompts" "index" (B,) int64, "ok" (B,) bool, and "bad_paths"."""
+    batch = {key: torch.stack([s[key] for s in samples]) for key in
+             ("image", "input_size", "original_size", "point_coords", "point_labels", "boxes", "has_box", "valid")}
+    batch.update({key: torch.tensor([s[key] for s in samples]) for key in ("num_prompts", "index", "ok")})
+    batch["bad_paths"] = [s["path"] for s in samples if not s["ok"]]
+    return batch
+
+
+# ----------------------------------------------------------------------------- 4. batch samplers
+
+class VariableResolutionSampler:
+    """CVNets' variable batch sampler (Mehta et al., MobileViT), used for D_CLIP in SAM-CLIP
+    Sec. 4.1: each step picks one resolution r from `resolutions` and a batch size that keeps the
+    pixels per batch about constant, round(base_batch_size * (base_resolution / r)^2) per rank.
+
+    Every rank builds the same plan for an epoch: a permutation of all indices from a generator
+    seeded with (seed, epoch), and the steps' resolutions from a second generator seeded likewise.
+    Each step takes the next batch_size(r) * num_replicas indices (the global batch) and gives rank
+    i the slice [i::num_replicas], so ranks agree on r and batch size and never share a sample. The
+    epoch ends at the first step whose global batch no longer fits (drop_last), or, without
+    drop_last, that step is filled up from the start of the permutation.
+    Yields lists of (index, resolution, epoch), the items CLIPImages takes; use as `batch_sampler=`.
+    Resume: set_epoch(epoch, start_step) skips the steps already taken in that epoch."""
+
+    def __init__(self, num_samples, base_batch_size, resolutions=(224, 448), base_resolution=None,
+                 num_replicas=1, rank=0, seed=0, drop_last=True):
+        self.num_samples, self.base_batch_size, self.resolutions = num_samples, base_batch_size, tuple(resolutions)
+        self.base_resolution = base_resolution or min(self.resolutions)
+        self.num_replicas, self.rank, self.seed, self.drop_last = num_replicas, rank, seed, drop_last
+        self.epoch, self.start_step = 0, 0
+
+    def batch_size(self, resolution):
+        return max(1, round(self.base_batch_size * (self.base_resolution / resolution) ** 2))
+
+    def set_epoch(self, epoch, start_step=0):
+        """Call before each epoch; a resumed run passes the number of steps already taken in it."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def plan(self, epoch):
+        """[(resolution, global batch size)] for every step of `epoch`. Identical on all ranks, and
+        cheap (no permutation), so __len__ and resuming cost nothing."""
+        g = torch.Generator().manual_seed(_seed(self.seed, epoch, 1))   # the steps' resolutions
+        steps, pos = [], 0
+        while pos < self.num_samples:
+            r = self.resolutions[torch.randint(len(self.resolutions), (1,), generator=g).item()]
+            n = self.batch_size(r) * self.num_replicas
+            if pos + n > self.num_samples and self.drop_last:
+                break
+            steps.append((r, n))
+            pos += n
+        return steps
+
+    def batches(self, epoch, start_step=0):
+        """This rank's batches of `epoch` from step `start_step` on, one list at a time."""
+        steps = self.plan(epoch)
+        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(_seed(self.seed, epoch, 0)))
+        total = sum(n for _, n in steps)
+        if total > self.num_samples:     # no drop_last: the last global batch wraps to the permutation's start
+            perm = perm.repeat(-(-total // self.num_samples))
+        pos = sum(n for _, n in steps[:start_step])
+        for r, n in steps[start_step:]:
+            yield [(i, r, epoch) for i in perm[pos:pos + n][self.rank::self.num_replicas].tolist()]
+            pos += n
+
+    def __iter__(self):
+        return self.batches(self.epoch, self.start_step)
+
+    def __len__(self):
+        return max(0, len(self.plan(self.epoch)) - self.start_step)
+
+
+class FixedBatchSampler(VariableResolutionSampler):
+    """D_SAM's batches (Sec. 4.1: 1024 px only, so one batch size): the sampler above with a single
+    resolution, `batch_size` per rank. Yields lists of (index, epoch), the items SA1B takes."""
+
+    def __init__(self, num_samples, batch_size, num_replicas=1, rank=0, seed=0, drop_last=True):
+        super().__init__(num_samples, batch_size, (1,), None, num_replicas, rank, seed, drop_last)
+
+    def batches(self, epoch, start_step=0):
+        for batch in super().batches(epoch, start_step):
+            yield [(i, e) for i, _, e in batch]
+
+
+# ----------------------------------------------------------------------------- 5. a synthetic set
+
+def make_synthetic_data(folder, seed=0, num_clip=48, num_sam=8, size=(160, 120)):
+    """Write a tiny D_CLIP folder and SA-1B folder of random ellipses and boxes on noise (for
+    `train.py --preset tiny` and tests: no downloads). Existing files are kept. -> (clip, sam)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[:h, :w]
+    clip_dir, sam_dir = os.path.join(folder, "clip"), os.path.join(folder, "sa1b")
+    os.makedirs(clip_dir, exist_ok=True), os.makedirs(sam_dir, exist_ok=True)
+    for i in range(num_clip + num_sam):
+        img, masks = rng.integers(0, 64, (h, w, 3)).astype(np.uint8), []
+        for _ in range(rng.integers(4, 8)):   # >= 4 masks: the tiny preset's masks_per_image
+            cx, cy, rx, ry = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(8, w / 3), rng.uniform(8, h / 3)
+            m = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1 if rng.random() < 0.5 else \
+                (abs(xx - cx) < rx) & (abs(yy - cy) < ry)
+            img[m], masks = rng.integers(64, 256, 3), masks + [m]
+        path = os.path.join(clip_dir, f"img_{i:04d}.jpg") if i < num_clip else os.path.join(sam_dir, f"sa_{i}.jpg")
+        if not os.path.exists(path):
+            Image.fromarray(img).save(path, quality=95)
+        if i >= num_clip and not os.path.exists(path[:-4] + ".json"):
+            anns = [{"id": j, "segmentation": rle_encode(m), "area": int(m.sum()), "bbox": [
+                int(xx[m].min()), int(yy[m].min()), int(np.ptp(xx[m]) + 1), int(np.ptp(yy[m]) + 1)]}
+                for j, m in enumerate(masks) if m.any()]
+            with open(path[:-4] + ".json", "w") as f:
+                json.dump({"image": {"image_id": i, "width": w, "height": h, "file_name": os.path.basename(path)},
+                           "annotations": anns}, f)
+    return clip_dir, sam_dir

@@ -1,0 +1,344 @@
+# python -m pytest tests/test_data.py -q
+"""data.py: COCO RLE against hand-encoded masks, SA-1B prompts in the resized frame, D_CLIP crops
+shared by student and teacher, the samplers' rank and resume invariants, corrupt files."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip
+from data import (SA1B, SAM_PIXEL_MEAN, SAM_PIXEL_STD, CLIPImages, FixedBatchSampler, VariableResolutionSampler,
+                  collate, collate_sam, list_images, rle_decode, rle_encode)
+
+
+# ----------------------------------------------------------------------------- RLE
+
+def test_rle_decode_uncompressed_by_hand():
+    # Column by column: col0 = 0,0,1  col1 = 1,1,1  col2 = 1,0,0  col3 = 0,0,0
+    # -> 0 0 | 1 1 1 1 1 | 0 0 0 0 0 -> counts [2, 5, 5]
+    expected = np.array([[0, 1, 1, 0],
+                         [0, 1, 0, 0],
+                         [1, 1, 0, 0]], dtype=bool)
+    np.testing.assert_array_equal(rle_decode({"size": [3, 4], "counts": [2, 5, 5]}), expected)
+    # a mask starting with a foreground pixel opens with a zero-length background run
+    np.testing.assert_array_equal(rle_decode({"counts": [0, 1, 3]}, shape=(2, 2)), [[1, 0], [0, 0]])
+
+
+def test_rle_is_column_major():
+    # two ones first: column-major fills the first COLUMN, row-major would fill the first row
+    np.testing.assert_array_equal(rle_decode({"size": [2, 3], "counts": [0, 2, 4]}), [[1, 0, 0], [1, 0, 0]])
+
+
+def test_rle_decode_compressed_by_hand():
+    # counts [4, 10, 20, 2] on a 6x6 mask, each number written as 5-bit chunks (+48), low chunk first;
+    # 0x20 on a char means "more follow", 0x10 on the last char is the sign; counts[3] is stored as
+    # counts[3] - counts[1]:
+    #   4  -> 4            -> chr(52) '4'
+    #   10 -> 10           -> chr(58) ':'
+    #   20 -> 20 has 0x10 set, so it needs a second chunk: (20 | 0x20) = 52 -> 'd', then 0 -> '0'
+    #   2 - 10 = -8 -> -8 & 31 = 24 (0x10 set: negative), -8 >> 5 = -1, done -> chr(72) 'H'
+    # Column-major: col0 = 0 0 0 0 1 1, col1 = ones, col2 = 1 1 0 0 0 0, col3 col4 = zeros, col5 = 0 0 0 0 1 1
+    expected = np.array([[0, 1, 1, 0, 0, 0],
+                         [0, 1, 1, 0, 0, 0],
+                         [0, 1, 0, 0, 0, 0],
+                         [0, 1, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0, 1],
+                         [1, 1, 0, 0, 0, 1]], dtype=bool)
+    np.testing.assert_array_equal(rle_decode({"size": [6, 6], "counts": "4:d0H"}), expected)
+    # 100 = 0b11_00100 -> low chunk 4 with "more" -> chr(4 + 32 + 48) 'T', then 3 -> '3'; 20 -> 'd0' as above.
+    # counts [100, 20] on 10x12: ten zero columns, then two columns of ones
+    m = rle_decode({"size": [10, 12], "counts": b"T3d0"})
+    assert m.shape == (10, 12) and not m[:, :10].any() and m[:, 10:].all()
+
+
+def test_rle_encode_matches_hand_strings_and_round_trips():
+    assert rle_encode(rle_decode({"size": [6, 6], "counts": "4:d0H"}))["counts"] == "4:d0H"
+    assert rle_encode(rle_decode({"size": [10, 12], "counts": "T3d0"}))["counts"] == "T3d0"
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((5, 7), bool), np.ones((5, 7), bool), rng.random((1, 9)) > 0.5]
+    masks += [rng.random((h, w)) > p for h, w, p in [(13, 17, 0.5), (40, 30, 0.9), (64, 64, 0.05)]]
+    masks += [np.kron(rng.random((8, 8)) > 0.5, np.ones((20, 20), bool))]   # long runs -> multi-char numbers
+    for m in masks:
+        rle = rle_encode(m)
+        assert rle["size"] == list(m.shape) and isinstance(rle["counts"], str)
+        np.testing.assert_array_equal(rle_decode(rle), m)
+
+
+def test_rle_decode_rejects_wrong_total():
+    with pytest.raises(ValueError, match="h\\*w"):
+        rle_decode({"size": [3, 4], "counts": [2, 5]})
+
+
+# ----------------------------------------------------------------------------- SA-1B
+
+# three disjoint masks on a 200 (w) x 100 (h) image: two rectangles and a disc
+def _sa1b_masks(h=100, w=200):
+    yy, xx = np.mgrid[:h, :w]
+    return [(yy >= 10) & (yy < 50) & (xx >= 20) & (xx < 60),
+            (yy >= 60) & (yy < 95) & (xx >= 10) & (xx < 150),
+            (yy - 30) ** 2 + (xx - 140) ** 2 < 20 ** 2]
+
+
+def _write_sa1b(folder, name, h=100, w=200):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, name + ".jpg"))
+    anns = []
+    for i, m in enumerate(_sa1b_masks(h, w)):
+        ys, xs = np.nonzero(m)
+        anns.append({"id": i, "segmentation": rle_encode(m), "area": int(m.sum()),
+                     "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)],   # XYWH
+                     "predicted_iou": 0.9, "point_coords": [[float(xs[0]), float(ys[0])]], "stability_score": 0.95,
+                     "crop_box": [0, 0, w, h]})
+    with open(os.path.join(folder, name + ".json"), "w") as f:
+        json.dump({"image": {"image_id": 1, "width": w, "height": h, "file_name": name + ".jpg"}, "annotations": anns}, f)
+
+
+@pytest.fixture
+def sa1b_root(tmp_path):
+    _write_sa1b(tmp_path / "sa1b", "sa_1")
+    _write_sa1b(tmp_path / "sa1b" / "part2", "sa_2")
+    (tmp_path / "sa1b" / "sa_3.jpg").write_bytes(b"no json beside me")   # not a pair: ignored
+    return str(tmp_path / "sa1b")
+
+
+def test_sa1b_layout_and_shapes(sa1b_root, tmp_path):
+    ds = SA1B(sa1b_root, img_size=160, masks_per_image=5, max_points=3)
+    assert [os.path.relpath(j, sa1b_root) for j, _ in ds.pairs] == [os.path.join("part2", "sa_2.jpg"), "sa_1.jpg"]
+    assert all(j[:-4] + ".json" == a for j, a in ds.pairs)
+    s = ds[(0, 0)]
+    assert s["ok"] and s["image"].shape == (3, 160, 160) and s["num_prompts"] == 3
+    assert s["input_size"].tolist() == [80, 160] and s["original_size"].tolist() == [100, 200]
+    assert s["image"][:, 80:].abs().sum() == 0                        # padded bottom
+    assert s["point_coords"].shape == (5, 3, 2) and s["point_labels"].shape == (5, 3)
+    assert s["point_labels"].dtype == torch.int64 and s["boxes"].shape == (5, 4)
+    assert s["valid"].tolist() == [True] * 3 + [False] * 2
+    assert not s["has_box"][3:].any() and (s["point_labels"][3:] == -1).all()
+    assert SA1B(sa1b_root, img_size=160, masks_per_image=2)[0]["num_prompts"] == 2   # K < masks: K of them
+    b = collate_sam([ds[(0, 0)], ds[(1, 0)]])
+    assert b["image"].shape == (2, 3, 160, 160) and b["point_coords"].shape == (2, 5, 3, 2)
+    assert b["point_labels"].shape == (2, 5, 3) and b["boxes"].shape == (2, 5, 4) and b["has_box"].shape == (2, 5)
+    assert b["valid"].shape == (2, 5) and b["num_prompts"].tolist() == [3, 3] and b["ok"].all()
+    assert b["input_size"].shape == (2, 2) and b["bad_paths"] == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty.*sa_\\*.jpg"):
+        SA1B(str(empty))
+
+
+def test_sa1b_points_lie_in_their_mask(sa1b_root):
+    masks = _sa1b_masks()
+    sx, sy = 160 / 200, 80 / 100
+    ds = SA1B(sa1b_root, img_size=160, point_prob=1.0, max_points=3, seed=1)
+    counts = set()
+    for epoch in range(10):
+        s = ds[(0, epoch)]
+        assert not s["has_box"].any()
+        for k in range(s["num_prompts"]):
+            lab = s["point_labels"][k]
+            n = int((lab == 1).sum())
+            counts.add(n)
+            assert 1 <= n <= 3 and (lab[:n] == 1).all() and (lab[n:] == -1).all()
+            # the prompt encoder adds 0.5; that position maps back to an original pixel of the mask
+            xy = s["point_coords"][k, :n].numpy()
+            cols, rows = np.floor((xy[:, 0] + 0.5) / sx).astype(int), np.floor((xy[:, 1] + 0.5) / sy).astype(int)
+            owner = [i for i, m in enumerate(masks) if m[rows[0], cols[0]]]
+            assert len(owner) == 1 and masks[owner[0]][rows, cols].all()   # all points in one mask
+    assert counts == {1, 2, 3}
+
+
+def test_sa1b_boxes_scale_and_jitter(sa1b_root):
+    masks = _sa1b_masks()
+    exact = {tuple(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float))
+             for xs, ys in ((np.nonzero(m)[1], np.nonzero(m)[0]) for m in masks)}
+    # no jitter: the mask's extent, scaled into the 1024 x 512 frame of a 200 x 100 image
+    s = SA1B(sa1b_root, img_size=1024, point_prob=0.0, box_jitter=0.0)[0]
+    assert s["input_size"].tolist() == [512, 1024] and s["has_box"][:3].all()
+    got = {tuple((s["boxes"][k].numpy() / 5.12).round(4)) for k in range(3)}
+    assert got == exact and (s["point_labels"][:3] == -1).all()
+    # heavy jitter: inside the image part of the frame, within the 20 px cap (scaled to 160 px) of the truth
+    ds = SA1B(sa1b_root, img_size=160, point_prob=0.0, box_jitter=0.5)
+    cap = 20 * 160 / 1024
+    truth = [np.array(b) * 0.8 for b in exact]
+    moved = False
+    for epoch in range(10):
+        s = ds[(0, epoch)]
+        for box in s["boxes"][:3].numpy():
+            assert 0 <= box[0] <= box[2] <= 160 and 0 <= box[1] <= box[3] <= 80
+            assert min(np.abs(box - t).max() for t in truth) <= cap + 1e-4
+            moved |= min(np.abs(box - t).max() for t in truth) > 0.5
+    assert moved
+
+
+def test_sa1b_deterministic_and_mixed(sa1b_root):
+    ds = SA1B(sa1b_root, img_size=160)
+    a, b, c = ds[(0, 3)], ds[(0, 3)], ds[(0, 4)]
+    for key in ("point_coords", "point_labels", "boxes", "has_box"):
+        assert torch.equal(a[key], b[key])
+    assert not all(torch.equal(a[key], c[key]) for key in ("point_coords", "boxes"))
+    kinds = torch.cat([ds[(i % 2, e)]["has_box"][:3] for e in range(8) for i in range(2)])
+    assert kinds.any() and not kinds.all()                            # point_prob 0.5: both kinds
+
+
+def test_sa1b_corrupt_image_or_json(sa1b_root):
+    with open(os.path.join(sa1b_root, "sa_1.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 not really a jpeg")
+    with open(os.path.join(sa1b_root, "part2", "sa_2.json"), "w") as f:
+        f.write('{"annotations": [{"segmentation": ')
+    ds = SA1B(sa1b_root, img_size=160, masks_per_image=4)
+    for i in range(2):
+        s = ds[(i, 0)]
+        assert not s["ok"] and s["num_prompts"] == 0 and not s["valid"].any()
+        assert s["image"].shape == (3, 160, 160) and s["point_coords"].shape == (4, 3, 2)
+    assert len(collate_sam([ds[0], ds[1]])["bad_paths"]) == 2
+
+
+# ----------------------------------------------------------------------------- D_CLIP
+
+def _unnorm_sam(x):
+    return x * torch.tensor(SAM_PIXEL_STD).view(3, 1, 1) + torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+
+
+def _unnorm_clip(x):
+    return (x * torch.tensor(clip.CLIP_STD).view(3, 1, 1) + torch.tensor(clip.CLIP_MEAN).view(3, 1, 1)) * 255
+
+
+def test_student_and_teacher_share_the_crop(tmp_path):
+    img = np.zeros((90, 120, 3), np.uint8)
+    img[:, :60, 0] = 255                                              # left half red, right half blue
+    img[:, 60:, 2] = 255
+    Image.fromarray(img).save(tmp_path / "rb.png")
+    ds = CLIPImages(str(tmp_path), teacher_size=24, scale=(0.1, 0.5))
+    fractions = []
+    for epoch in range(12):
+        s = ds[(0, 48, epoch)]
+        st, te = _unnorm_sam(s["student"]), _unnorm_clip(s["teacher"])
+        red_st = (st[0] > st[2]).float().mean().item()
+        red_te = (te[0] > te[2]).float().mean().item()
+        assert abs(red_st - red_te) < 0.07, (epoch, red_st, red_te)
+        fractions.append(red_st)
+    assert max(fractions) - min(fractions) > 0.3                     # the crops do differ
+
+
+def test_clip_images_sources_and_shapes(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for p in ["a/x.PNG", "a/b/y.jpg", "a/b/z.webp", "a/w.jpeg"]:
+        Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / p)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    paths = list_images(str(tmp_path / "a"))
+    assert [os.path.relpath(p, tmp_path) for p in paths] == \
+        [os.path.join("a", p) for p in ["b/y.jpg", "b/z.webp", "w.jpeg", "x.PNG"]]
+    (tmp_path / "list.txt").write_text("a/w.jpeg\n\na/b/y.jpg\n")
+    ds = CLIPImages(str(tmp_path / "list.txt"), teacher_size=32)
+    assert ds.paths == [str(tmp_path / "a" / "w.jpeg"), str(tmp_path / "a" / "b" / "y.jpg")]
+    for r in (32, 64):
+        s = ds[(1, r, 0)]
+        assert s["ok"] and s["student"].shape == (3, r, r) and s["teacher"].shape == (3, 32, 32)
+    assert torch.equal(ds[(0, 32, 5)]["student"], ds[(0, 32, 5)]["student"])   # seeded crop
+    for bad in [str(tmp_path / "missing"), str(tmp_path / "a" / "b" / "y.jpg.lst")]:
+        with pytest.raises(ValueError, match="missing|y.jpg.lst"):
+            list_images(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        CLIPImages(str(tmp_path / "empty"))
+
+
+def test_corrupt_clip_image_keeps_batches_full(tmp_path):
+    for i in range(6):
+        Image.new("RGB", (50, 40), (i * 40, 0, 0)).save(tmp_path / f"img{i}.jpg")
+    (tmp_path / "img3.jpg").write_bytes(b"garbage bytes, not a jpeg")
+    ds = CLIPImages(str(tmp_path), teacher_size=16)
+    s = ds[(3, 32, 0)]
+    assert not s["ok"] and s["path"].endswith("img3.jpg")
+    assert s["student"].shape == (3, 32, 32) and s["teacher"].shape == (3, 16, 16) and s["student"].abs().sum() == 0
+    sampler = VariableResolutionSampler(len(ds), base_batch_size=2, resolutions=(16, 32), drop_last=False)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    seen, bad = 0, []
+    for batch in loader:
+        r = batch["student"].shape[-1]
+        assert batch["student"].shape[0] == sampler.batch_size(r) == batch["ok"].shape[0]
+        assert batch["teacher"].shape[1:] == (3, 16, 16) and batch["ok"].dtype == torch.bool
+        seen += len(batch["index"])
+        bad += batch["bad_paths"]
+        assert int((~batch["ok"]).sum()) == len(batch["bad_paths"])
+    assert seen >= 6 and len(set(bad)) == 1 and bad[0].endswith("img3.jpg")
+
+
+# ----------------------------------------------------------------------------- samplers
+
+def test_pixels_per_batch_constant():
+    s = VariableResolutionSampler(10_000, base_batch_size=64, resolutions=(224, 320, 448))
+    assert s.base_resolution == 224 and s.batch_size(224) == 64 and s.batch_size(448) == 16
+    for r in (224, 320, 448):
+        exact = 64 * 224 ** 2 / r ** 2
+        assert abs(s.batch_size(r) - exact) <= 0.5                    # pixels per batch within rounding
+    assert VariableResolutionSampler(10, 3, resolutions=(224, 2048)).batch_size(2048) == 1
+
+
+def test_sampler_ranks_agree_and_never_share():
+    kw = dict(num_samples=1000, base_batch_size=8, resolutions=(224, 448), num_replicas=2, seed=7)
+    r0, r1 = VariableResolutionSampler(rank=0, **kw), VariableResolutionSampler(rank=1, **kw)
+    for epoch in (0, 1):
+        r0.set_epoch(epoch), r1.set_epoch(epoch)
+        b0, b1 = list(r0), list(r1)
+        plan = r0.plan(epoch)
+        assert len(b0) == len(b1) == len(r0) == len(plan) and {r for r, _ in plan} == {224, 448}
+        seen = []
+        for (res, n), x, y in zip(plan, b0, b1):
+            assert {t[1] for t in x} == {t[1] for t in y} == {res} and {t[2] for t in x + y} == {epoch}
+            assert len(x) == len(y) == r0.batch_size(res) and len(x) + len(y) == n
+            seen += [t[0] for t in x + y]
+        assert len(seen) == len(set(seen))                            # no sample twice, on any rank
+        assert 1000 - len(seen) < 8 * 2                               # only a tail short of a global batch dropped
+    # coverage: the two ranks' batches together are exactly the global batches of a one-rank run
+    # with twice the per-rank batch (same seed, so same resolutions and permutation)
+    one = VariableResolutionSampler(num_samples=1000, base_batch_size=16, resolutions=(224, 448), seed=7)
+    one.set_epoch(1)
+    assert [sorted(t[0] for t in x + y) for x, y in zip(b0, b1)] == [sorted(t[0] for t in z) for z in one]
+
+
+def test_sampler_determinism_and_resume():
+    kw = dict(num_samples=500, base_batch_size=4, resolutions=(224, 448), num_replicas=2, rank=1)
+    a, b = VariableResolutionSampler(seed=3, **kw), VariableResolutionSampler(seed=3, **kw)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)                                         # epochs differ
+    assert list(VariableResolutionSampler(seed=4, **kw)) != list(b)   # seeds differ
+    full = list(a.batches(1))
+    a.set_epoch(1, start_step=5)
+    assert list(a) == full[5:] and len(a) == len(full) - 5
+    f = FixedBatchSampler(50, 4, num_replicas=2, rank=0, seed=1)
+    f.set_epoch(2)
+    full = list(f)
+    assert len(full) == len(f) == 50 // 8 and all(len(x) == 4 and x[0][1] == 2 for x in full)
+    f.set_epoch(2, start_step=4)
+    assert list(f) == full[4:] and len(f) == 2
+
+
+def test_fixed_sampler_ranks_and_no_drop_last():
+    kw = dict(num_samples=21, batch_size=3, num_replicas=2, seed=0, drop_last=False)
+    b0, b1 = list(FixedBatchSampler(rank=0, **kw)), list(FixedBatchSampler(rank=1, **kw))
+    assert len(b0) == len(b1) == 4 and all(len(x) == len(y) == 3 for x, y in zip(b0, b1))
+    idx = [i for x in b0 + b1 for i, _ in x]
+    assert set(idx) == set(range(21)) and len(idx) == 24              # the last batch wraps around
+    v = VariableResolutionSampler(100, 4, resolutions=(224, 448), num_replicas=3, rank=2, drop_last=False)
+    v0 = VariableResolutionSampler(100, 4, resolutions=(224, 448), num_replicas=3, rank=0, drop_last=False)
+    assert {i for x in list(v) + list(v0) for i, _, _ in x} <= set(range(100))
+    assert [len(x) for x in v] == [len(x) for x in v0]
+
+
+def test_synthetic_set_loads_end_to_end(tmp_path):
+    from data import make_synthetic_data
+    clip_dir, sam_dir = make_synthetic_data(str(tmp_path), seed=0, num_clip=6, num_sam=4)
+    assert len(CLIPImages(clip_dir)) == 6
+    ds = SA1B(sam_dir, img_size=64, masks_per_image=3)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=FixedBatchSampler(len(ds), 2), collate_fn=collate_sam)
+    batches = list(loader)
+    assert len(batches) == 2 and all(b["ok"].all() and b["image"].shape == (2, 3, 64, 64) for b in batches)
+    assert all((b["num_prompts"] >= 1).all() and b["valid"].sum() == b["num_prompts"].sum() for b in batches)
+    before = {p: os.path.getmtime(p) for p in CLIPImages(clip_dir).paths}
+    make_synthetic_data(str(tmp_path), seed=0, num_clip=6, num_sam=4)        # existing files are kept
+    assert before == {p: os.path.getmtime(p) for p in CLIPImages(clip_dir).paths}
