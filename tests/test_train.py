@@ -1,0 +1,146 @@
+# python -m pytest tests/test_train.py -q
+"""train.py on the tiny preset: what trains and what stays frozen, the schedule, exact resume,
+SIGTERM, a 2-process torchrun run against a 1-process run, and skipped corrupt images."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import train
+from conftest import ROOT
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "tiny", *args],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return data.make_synthetic_data(str(tmp_path_factory.mktemp("data")))
+
+
+def test_lr_schedule_hand_values():
+    assert train.lr_factor(0, 100, 4) == 0.25 and train.lr_factor(3, 100, 4) == 1.0
+    assert train.lr_factor(4, 100, 4) == 1.0                        # cosine starts at its top
+    assert abs(train.lr_factor(52, 100, 4) - 0.5) < 1e-12           # halfway through the decay
+    assert train.lr_factor(100, 100, 4) == 0.0
+
+
+@pytest.mark.parametrize("stage", ["probe", "distill", "adapt"])
+def test_what_trains_and_what_stays_frozen(stage, tiny_data):
+    torch.manual_seed(0)
+    args = train.parse_args(["--preset", "tiny"])
+    sam_enc, sam_head, teacher = train.build_teachers(args)
+    model = train.SAMCLIP.from_modules(sam_enc, sam_head, teacher)
+    with torch.no_grad():                                           # move the student off the teacher
+        for p in model.head_sam.mask_decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    train.set_trainable(model, stage)
+    cb = data.collate([data.CLIPImages(tiny_data[0], teacher_size=64)[(i, 48, 0)] for i in range(2)])
+    ds = data.SA1B(tiny_data[1], img_size=160, masks_per_image=4)
+    sb = data.collate_sam([ds[(0, 0)], ds[(1, 0)]])
+    with torch.no_grad():
+        t_masks, t_iou, _ = train.sam_prompts_forward(sam_head, sam_enc(sb["image"]), sb)
+        target = teacher.visual(cb["teacher"])
+    use_sam = stage == "distill"
+    out = train.MultiTaskStep(model, 10.0)(cb["student"], target, cb["ok"], sb if use_sam else None,
+                                           (t_masks, t_iou) if use_sam else None)
+    out["loss"].backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in model.named_parameters() if n.split(".")[0] in ("encoder", "head_clip")
+                or n.startswith("head_sam.mask_decoder")} if use_sam else \
+        {n for n, _ in model.named_parameters() if n.startswith("head_clip")}
+    assert trainable == expected
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    for t in (sam_enc, sam_head, teacher):                          # teachers: frozen, eval, no grad
+        assert not t.training and all(p.grad is None and not p.requires_grad for p in t.parameters())
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_data):
+    common = ["--stage", "distill", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--save-every", "2"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = run([*common, "--out", a, "--max-steps", "4"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run([*common, "--out", b, "--max-steps", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = run([*common, "--out", b, "--max-steps", "4"])          # refuses to overwrite silently
+    assert again.returncode != 0 and "--resume" in again.stderr
+    r = run([*common, "--out", b, "--max-steps", "4", "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):
+        for k in ("loss", "loss_clip", "loss_sam", "lr", "resolution"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-9), (x["step"], k)
+    wa = torch.load(os.path.join(a, "samclip.pt"), weights_only=True)["model"]
+    wb = torch.load(os.path.join(b, "samclip.pt"), weights_only=True)["model"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_sigterm_saves_and_resume_finishes(tmp_path, tiny_data):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "tiny", "--stage", "probe", "--out", out,
+           "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--save-every", "1000", "--max-steps", "400"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(path) and os.path.getsize(path) > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    ckpt = torch.load(os.path.join(out, "ckpt_probe.pt"), weights_only=True)
+    assert ckpt["step"] >= 1 and not ckpt["done"] and "interrupted" in err + _
+    r = run(["--stage", "probe", "--out", out, "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+             "--max-steps", str(ckpt["step"] + 2), "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert metrics(out)[-1]["step"] == ckpt["step"] + 2
+
+
+def test_two_processes_match_one(tmp_path, tiny_data):
+    """torchrun, gloo, 2 ranks with half the batch each == 1 process with the whole global batch."""
+    common = ["--preset", "tiny", "--stage", "distill", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+              "--max-steps", "3"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r1 = run([*common[2:], "--out", one])
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                         "29531", os.path.join(ROOT, "train.py"), *common, "--out", two],
+                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m1, m2 = metrics(one), metrics(two)
+    assert len(m1) == len(m2) == 3
+    for x, y in zip(m1, m2):
+        assert x["resolution"] == y["resolution"]
+        for k in ("loss", "loss_clip", "loss_sam", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_data):
+    import shutil
+    clip_dir = str(tmp_path / "clip")
+    shutil.copytree(tiny_data[0], clip_dir)
+    with open(os.path.join(clip_dir, "broken.jpg"), "wb") as f:
+        f.write(b"not a jpeg at all")
+    r = run(["--stage", "probe", "--out", str(tmp_path / "run"), "--clip-data", clip_dir, "--sam-data", tiny_data[1],
+             "--epochs", "1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped 1 unreadable image(s)" in r.stdout and "broken.jpg" in r.stdout
