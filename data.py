@@ -424,7 +424,7 @@ class FixedBatchSampler(VariableResolutionSampler):
 
 # ----------------------------------------------------------------------------- 5. a synthetic set
 
-def make_synthetic_data(folder, seed=0, num_clip=48, num_sam=8, size=(160, 120)):
+def make_synthetic_data(folder, seed=0, num_clip=24, num_sam=6, size=(160, 120)):
     """Write a tiny D_CLIP folder and SA-1B folder of random ellipses and boxes on noise (for
     `train.py --preset tiny` and tests: no downloads). Existing files are kept. -> (clip, sam)."""
     rng = np.random.default_rng(seed)

@@ -139,3 +139,24 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_data, capsys):
          "--epochs", "1"])
     printed = capsys.readouterr().out
     assert "skipped 1 unreadable image(s)" in printed and "broken.jpg" in printed
+
+
+def test_teacher_cache_is_filled_then_reused(tmp_path, tiny_data):
+    import numpy as np
+    cache = str(tmp_path / "cache")
+    common = ["--stage", "probe", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--max-steps", "3",
+              "--cache-teacher", cache]
+    run([*common, "--out", str(tmp_path / "a")])                    # computes and stores the teacher rows
+    filled = np.load(os.path.join(cache, "teacher_filled.npy"))
+    assert 0 < filled.sum() < len(filled)
+    run([*common, "--out", str(tmp_path / "b")])                    # reads them back: same targets, same losses
+    a, b = metrics(str(tmp_path / "a")), metrics(str(tmp_path / "b"))
+    assert [m["loss_clip"] for m in a] == pytest.approx([m["loss_clip"] for m in b], rel=1e-6)
+    emb = np.load(os.path.join(cache, "teacher_emb.npy"), mmap_mode="r+")
+    emb[:] = -emb[:]                                                # a cache that is read changes the targets
+    emb.flush()
+    run([*common, "--out", str(tmp_path / "n")])
+    # step 1 sees the same batch: 1 - cos(s, -t) = 2 - (1 - cos(s, t)) for every sample
+    assert metrics(str(tmp_path / "n"))[0]["loss_clip"] == pytest.approx(2 - a[0]["loss_clip"], rel=1e-5)
+    with pytest.raises(SystemExit, match="another teacher"):
+        run([*common, "--out", str(tmp_path / "c"), "--seed", "1"])
