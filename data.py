@@ -159,9 +159,10 @@ class CLIPImages(torch.utils.data.Dataset):
     -> {"student" (3, r, r), "teacher" (3, T, T), "index", "ok", "path"}; ok=False and zeros for an
     unreadable image. Skipped samples are not counted here: the loop counts (~batch["ok"]).sum()."""
 
-    def __init__(self, source, teacher_size=224, seed=0, scale=(0.5, 1.0)):
+    def __init__(self, source, teacher_size=224, seed=0, scale=(0.5, 1.0), fixed_crops=False):
         self.paths = list_images(source)
         self.teacher_size, self.seed, self.scale = teacher_size, seed, scale
+        self.fixed_crops = fixed_crops   # draw every epoch's crop as epoch 0 does (train.py's teacher cache)
 
     def __len__(self):
         return len(self.paths)
@@ -174,7 +175,7 @@ class CLIPImages(torch.utils.data.Dataset):
         except ImageError:
             return {"student": torch.zeros(3, resolution, resolution), "teacher": torch.zeros(3, T, T),
                     "index": index, "ok": False, "path": path}
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch, index))
+        g = torch.Generator().manual_seed(_seed(self.seed, 0 if self.fixed_crops else epoch, index))
         box = random_resized_crop_box(img.height, img.width, g, self.scale)
         student = img.resize((resolution, resolution), Image.BICUBIC, box=box)   # crop + resize in one
         teacher = img.resize((T, T), Image.BICUBIC, box=box)

@@ -381,9 +381,9 @@ def head_config_from_state_dict(sd, source="<state dict>"):
         iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0])
 
 
-def load_sam_head(checkpoint, verbose=True):
+def load_sam_head(checkpoint, verbose=True, source=None):
     """HeadSAM (prompt encoder + mask decoder) from an official SAM file or its state dict, eval mode."""
-    source = weights.source_name(checkpoint)
+    source = source or weights.source_name(checkpoint)  # `source` names an already-read file
     sd = weights.read_state_dict(checkpoint, "SAM checkpoint")
     cfg = head_config_from_state_dict(sd, source)
     name = next((n for n, p in SAM_HEAD_PRESETS.items() if asdict(p) == asdict(cfg)), None)

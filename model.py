@@ -110,10 +110,8 @@ class SAMCLIP(nn.Module):
         from CLIP, HeadCLIP fresh with each block a copy of SAM's last encoder block (App. A)."""
         sam_sd = weights.read_state_dict(sam_checkpoint, "SAM checkpoint")  # read the file once
         src = weights.source_name(sam_checkpoint)
-        enc = vit_det.load_sam_encoder(sam_sd, verbose=verbose)
-        head = heads.load_sam_head(sam_sd, verbose=verbose)
-        if verbose:
-            print(f"model.SAMCLIP.from_teachers: SAM from {src}")
+        enc = vit_det.load_sam_encoder(sam_sd, verbose=verbose, source=src)
+        head = heads.load_sam_head(sam_sd, verbose=verbose, source=src)
         return cls.from_modules(enc, head, clip.load_clip(clip_checkpoint))
 
     @classmethod

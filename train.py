@@ -160,8 +160,8 @@ def build_teachers(args):
             raise SystemExit("train.py: --sam-checkpoint and --clip-checkpoint are required for real runs "
                              "(see README, 'Real weights'), or use --preset tiny")
         sam_sd = weights.read_state_dict(args.sam_checkpoint, "SAM checkpoint")
-        sam_enc = vit_det.load_sam_encoder(sam_sd)
-        sam_head = heads.load_sam_head(sam_sd)
+        sam_enc = vit_det.load_sam_encoder(sam_sd, source=args.sam_checkpoint)
+        sam_head = heads.load_sam_head(sam_sd, source=args.sam_checkpoint)
         cl = clip.load_clip(args.clip_checkpoint)
     for m in (sam_enc, sam_head, cl):
         m.requires_grad_(False).eval()
@@ -278,7 +278,8 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         if per % (world * cfg.accum_steps):
             raise SystemExit(f"train.py: --{flag.replace('_', '-')} {per} must be divisible by "
                              f"world size x --accum-steps = {world * cfg.accum_steps}")
-    clip_ds = data.CLIPImages(cfg.clip_data, teacher_size=cfg.teacher_size, seed=cfg.seed)
+    clip_ds = data.CLIPImages(cfg.clip_data, teacher_size=cfg.teacher_size, seed=cfg.seed,
+                              fixed_crops=bool(cfg.cache_teacher))  # a cached target needs the same crop every epoch
     clip_sampler = data.VariableResolutionSampler(len(clip_ds), cfg.clip_batch // (world * cfg.accum_steps),
                                                   cfg.resolutions, None, world, rank, cfg.seed)
     cache = None
@@ -286,18 +287,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         meta = {"clip_data": os.path.abspath(cfg.clip_data), "n": len(clip_ds), "seed": cfg.seed,
                 "teacher": cfg.clip_checkpoint or "tiny", "teacher_size": cfg.teacher_size}
         cache = TeacherCache(cfg.cache_teacher, len(clip_ds), model.cfg.clip.embed_dim, meta, rank)
-        base = clip_sampler  # fixed crops: every epoch draws its crop as epoch 0 does
-
-        class FixedCrops:
-            def __iter__(self):
-                return ([(i, r, 0) for i, r, _ in b] for b in base)
-
-            def __len__(self):
-                return len(base)
-        batch_sampler = FixedCrops()
-    else:
-        batch_sampler = clip_sampler
-    clip_loader = torch.utils.data.DataLoader(clip_ds, batch_sampler=batch_sampler, num_workers=cfg.workers,
+    clip_loader = torch.utils.data.DataLoader(clip_ds, batch_sampler=clip_sampler, num_workers=cfg.workers,
                                               collate_fn=data.collate, pin_memory=device.type == "cuda")
     micro_per_epoch = [len(clip_sampler.plan(e)) for e in range(cfg.epochs)]
     total = sum(micro_per_epoch) // cfg.accum_steps
@@ -514,13 +504,20 @@ def main(argv=None):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
 
-    teachers = tuple(t.to(env["device"]) for t in build_teachers(args))
-    if args.init:
-        model = SAMCLIP.load(args.init)
-    else:
-        model = SAMCLIP.from_modules(*teachers)   # encoder + HeadSAM from SAM, text tower from CLIP
-    for stage in stages:
-        model = run_stage(resolve_config(args, stage), model, teachers, env, stop)
+    missing = [flag for flag, need in (("--clip-data", not args.clip_data),
+                                       ("--sam-data", "distill" in stages and not args.sam_data)) if need]
+    if missing:
+        raise SystemExit(f"train.py: {' and '.join(missing)} required (see README, 'Training'), or use --preset tiny")
+    try:
+        teachers = tuple(t.to(env["device"]) for t in build_teachers(args))
+        if args.init:
+            model = SAMCLIP.load(args.init)
+        else:
+            model = SAMCLIP.from_modules(*teachers)   # encoder + HeadSAM from SAM, text tower from CLIP
+        for stage in stages:
+            model = run_stage(resolve_config(args, stage), model, teachers, env, stop)
+    except (ValueError, weights.CheckpointError) as e:   # bad data layout, wrong checkpoint: one line
+        raise SystemExit(f"train.py: {e}") from None
     if dist.is_initialized():
         dist.destroy_process_group()
 

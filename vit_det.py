@@ -304,10 +304,10 @@ def preset_name(cfg):
     return next((name for name, p in PRESETS.items() if asdict(p) == asdict(cfg)), None)
 
 
-def load_sam_encoder(checkpoint, verbose=True):
+def load_sam_encoder(checkpoint, verbose=True, source=None):
     """Load SAM's image encoder from an official SAM file (e.g. sam_vit_b_01ec64.pth), or from its
     state dict, in eval mode. The preset is recognised from the shapes and named."""
-    source = weights.source_name(checkpoint)
+    source = source or weights.source_name(checkpoint)  # `source` names an already-read file
     sd = weights.read_state_dict(checkpoint, "SAM checkpoint")
     if not any(k.startswith(SAM_ENCODER_PREFIX) for k in sd):
         raise weights.CheckpointError(

@@ -132,11 +132,13 @@ def test_two_processes_match_one(tmp_path, tiny_data):
 def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_data, capsys):
     import shutil
     clip_dir = str(tmp_path / "clip")
-    shutil.copytree(tiny_data[0], clip_dir)
+    os.makedirs(clip_dir)
+    for name in sorted(os.listdir(tiny_data[0]))[:7]:               # 7 good images + 1 broken = one batch of 8
+        shutil.copy(os.path.join(tiny_data[0], name), clip_dir)
     with open(os.path.join(clip_dir, "broken.jpg"), "wb") as f:
         f.write(b"not a jpeg at all")
     run(["--stage", "probe", "--out", str(tmp_path / "run"), "--clip-data", clip_dir, "--sam-data", tiny_data[1],
-         "--epochs", "1"])
+         "--epochs", "1", "--resolutions", "48", "--clip-batch", "8"])
     printed = capsys.readouterr().out
     assert "skipped 1 unreadable image(s)" in printed and "broken.jpg" in printed
 
