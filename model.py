@@ -13,17 +13,23 @@ output for HeadSAM and the last block's token grid for HeadCLIP.
   its blocks copied from SAM's last encoder block, App. A).
 - `model.save(path)` / `SAMCLIP.load(path)`: one file `{"kind": "samclip", "config", "model"}`
   holding everything the demo and the evaluation need; read with `weights_only=True`.
+- Zero-shot segmentation by text (last section, Sec. 4.2, 4.4, App. C): class embeddings over the
+  80 OpenAI templates, HeadCLIP's dense logits, and the both-heads refinement of Table 5, shared
+  by segment_demo.py and evaluate.py.
 
 Shape legend: B batch, H W token grid, C backbone width, D CLIP embedding size, L text length.
 """
 
+import math
 import os
 from dataclasses import dataclass, asdict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import clip
+import data
 import heads
 import vit_det
 import weights
@@ -180,10 +186,6 @@ def build_samclip(preset="tiny", seed=0):
 # Extra legend for this section: K classes, T templates, h w HeadCLIP grid, P points per class,
 # S the encoder's native input side, H W the original image size.
 
-import torch.nn.functional as F  # noqa: E402  (imports of this section only; the file above is shared)
-
-import data  # noqa: E402
-
 # CLIP's 80 ImageNet prompt templates (Radford et al. 2021, Sec. 3.1.4; OpenAI's notebook
 # "Prompt_Engineering_for_ImageNet.ipynb"), in the notebook's order. SAM-CLIP uses them for
 # zero-shot classification and segmentation (Sec. 4.2).
@@ -282,12 +284,17 @@ def dense_logits(model, images, class_emb):
     return _cosine_logits(model, model.clip_features(images)[1], class_emb)
 
 
+def scaled_side(side, encoder_cfg):
+    """A resolution of the paper (stated for the 1024 px ViT-B) for an encoder of native side S:
+    side * S / 1024, rounded up to a multiple of the patch size. The identity for the paper's
+    model; for the tiny preset (160 px) 224 -> 48, 336 -> 64, 448 -> 80, 1024 -> 160."""
+    S, p = encoder_cfg.img_size, encoder_cfg.patch_size
+    return max(p, math.ceil(side * S / 1024 / p) * p)
+
+
 def clip_mode_side(model):
-    """The square input side of the CLIP-head pipeline: the paper's 448 px for a 1024 px encoder,
-    scaled with the encoder's native size for smaller presets and rounded to a multiple of the
-    patch size (the tiny preset, 160 px native: 448 * 160 / 1024 = 70 -> 64 px, a 4 x 4 grid)."""
-    S, p = model.cfg.encoder.img_size, model.cfg.encoder.patch_size
-    return max(p, round(CLIP_SEMSEG_SIDE * S / 1024 / p) * p)
+    """The square input side of the CLIP-head pipeline: the paper's 448 px (a 28 x 28 grid)."""
+    return scaled_side(CLIP_SEMSEG_SIDE, model.cfg.encoder)
 
 
 def draw_points(prob, threshold, max_points, generator=None, patch_size=16):

@@ -91,7 +91,7 @@ def test_dense_logits_match_an_independent_einsum(tiny):
 def test_clip_mode_side_is_448_at_full_size_and_scaled_for_tiny(tiny):
     full = types.SimpleNamespace(cfg=samclip_model.PRESETS["vit_b"]())
     assert samclip_model.clip_mode_side(full) == 448             # Sec. 4.2: 28 x 28 patches
-    assert samclip_model.clip_mode_side(tiny) == 64              # 448 * 160 / 1024 = 70 -> 64
+    assert samclip_model.clip_mode_side(tiny) == 80              # 448 * 160 / 1024 = 70 -> 80
 
 
 # ----------------------------------------------------------------------------- point prompts

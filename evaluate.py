@@ -1,0 +1,888 @@
+"""Evaluate a merged SAM-CLIP checkpoint with the paper's zero-shot protocols (Sec. 4.2-4.4).
+
+One subcommand per protocol; each prints a table and, with --out, writes a JSON of its results.
+
+  classify  zero-shot classification (Table 1: ImageNet, ImageNet-v2, Places365). Images are
+            resized on the short side and centre-cropped to --resolution (paper: 336 px), embedded
+            by HeadCLIP; classes are the 80 OpenAI templates averaged through the frozen text tower.
+            -> top1, top5 (percent).
+  retrieve  zero-shot image-text retrieval (Table 1: Flickr30K, COCO; the paper reports
+            text-to-image R@1). -> t2i_R@1/5/10 and i2t_R@1/5/10 (percent).
+  semseg    zero-shot semantic segmentation (Table 2: VOC, Pascal Context, ADE20k, COCO-Stuff):
+            square resize to 448 px, 28x28 HeadCLIP patch logits against the 80-template class
+            embeddings, bilinear upsampling to the label map, argmax, mIoU from one confusion matrix
+            accumulated over the dataset. `--refine sam` is Table 5: one 1024 px forward, HeadCLIP's
+            coarse map prompts HeadSAM per class. -> mIoU, per_class_IoU, pixel_accuracy (percent).
+  instseg   box-prompted instance segmentation (Table 1: COCO, LVIS mask AP): each box (ground truth
+            or a detector's) prompts HeadSAM at the native 1024 px, one mask per box. COCO-style mask
+            AP computed here (no pycocotools). -> AP, AP50, AP75, mIoU_prompted (percent).
+  probe     linear probing of frozen features (Tables 3 and 4, linear head only) for the merged
+            model, SAM's encoder or a CLIP tower. -> top1/top5 (--task cls) or mIoU (--task seg).
+  speed     the paper's inference-cost claim: one 1024 px SAM-CLIP forward serving both heads vs
+            SAM ViT-B plus the CLIP ViT-L/14 tower run separately; random weights, no data.
+
+Run (every flag has --help):
+  python evaluate.py classify --checkpoint m.pt --data imagenet_val/ --out cls.json
+  python evaluate.py retrieve --checkpoint m.pt --data flickr30k/ --out ret.json
+  python evaluate.py semseg   --checkpoint m.pt --data VOCdevkit/VOC2012 --layout voc --out voc.json
+  python evaluate.py semseg   --checkpoint m.pt --data ade/ --layout generic [--refine sam]
+  python evaluate.py instseg  --checkpoint m.pt --data coco_val/ [--detections dets.json]
+  python evaluate.py probe    --checkpoint m.pt --data voc_generic/ --task seg --features sam
+  python evaluate.py speed    [--preset tiny] [--repeats 3]
+Every data subcommand also takes --limit N, --batch-size, --visualize K (K side-by-side PNGs
+"image | prediction | ground truth" in <out stem>_vis/ next to the JSON), --device and --seed.
+
+Dataset layouts (a missing part is reported in one line naming it; exit code 2):
+  classify / probe --task cls   DIR/<class folder>/*.jpg|png, optional DIR/classnames.txt: either
+                                "folder<TAB>readable name" per line, or one readable name per line
+                                in sorted folder order. Without it the folder name is the class name.
+  retrieve                      DIR/images/*, DIR/captions.json = {"images": [{"id", "file_name"}],
+                                "annotations": [{"image_id", "caption"}]} (COCO captions style).
+  semseg --layout voc           DIR/JPEGImages/<id>.jpg, DIR/SegmentationClass/<id>.png (palette
+                                PNGs; the palette INDEX is the class: 0 background, 1-20, 255 border),
+                                DIR/ImageSets/Segmentation/<split>.txt.
+  semseg --layout generic,      DIR/images/*.jpg|png, DIR/labels/<same stem>.png (one channel, class
+  probe --task seg              index per pixel, 255 ignored), DIR/classes.txt (line i = class i).
+  instseg                       DIR/images/ + COCO instances JSON (default DIR/instances.json), masks as
+                                polygons or RLE; crowd objects (iscrowd=1) are left out entirely.
+
+Choices the paper leaves open, made here:
+  - VOC background (semseg): GroupViT's rule. The 20 foreground logits are softmaxed per pixel and a
+    pixel whose best probability is under --bg-threshold is background. GroupViT uses 0.95 on its
+    peaky group-token probabilities; for patch logits the default here is 0.5, "no foreground class
+    holds a majority". It is a knob of the protocol, not a number from the paper.
+  - --refine sam: HeadSAM decodes every class (model.refine_with_sam), but only classes that win a
+    pixel of HeadCLIP's own 1024 px map compete in the per-pixel argmax; a pixel that no refined
+    mask covers (logit <= 0) is background on VOC and keeps HeadCLIP's label on other layouts.
+  - instseg with ground-truth boxes: one mask per object, ranked by HeadSAM's predicted IoU. Crowd
+    objects are dropped from prompts and matching (a detection on a crowd counts as a false
+    positive, where COCO would ignore it). Polygons are filled by PIL, not pycocotools.
+  - probe: features standardised with the training images' statistics, AdamW (weight decay 1e-4)
+    on batches of 1024 rows, the split by image (seeded), labels per patch by majority vote.
+
+Resolutions are given in the paper's pixels for the 1024 px vit_b model; smaller presets scale them
+(`scaled`), so the tiny preset (160 px native) reads 448 as 80 and 336 as 64.
+
+Shape legend: B batch, K classes, D embedding size, h w HeadCLIP / SAM grid, H W label (original
+image) size, S the encoder's native side, N prompts (boxes) or texts, G ground-truth objects.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import textwrap
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import clip
+import data
+import heads
+import model
+import vit_det
+import weights
+
+# ----------------------------------------------------------------------------- metrics (pure)
+
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)     # COCO's 101 recall points
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)        # COCO's 0.50:0.05:0.95
+
+
+def topk_accuracy(logits, labels, ks=(1, 5)):
+    """logits (N, K), labels (N,) -> {k: percent of rows whose label is in the top k}; k is capped
+    at K (with 3 classes, top-5 is 100%)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices     # (N, k_max)
+    hit = top == labels[:, None]                                        # (N, k_max)
+    return {k: 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def recall_at_k(sim, gt, ks=(1, 5, 10)):
+    """sim (N_query, N_item) scores; gt: (N_query,) index of the one right item per query, or a bool
+    (N_query, N_item) matrix of right pairs (a query may have several, e.g. an image's 5 captions).
+    -> {k: percent of queries with a right item among their k best}."""
+    if gt.dtype != torch.bool:
+        gt = F.one_hot(gt, sim.shape[1]).bool()                          # (N_query,) -> (N_query, N_item)
+    top = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices            # (N_query, k_max)
+    hit = gt.gather(1, top)                                              # (N_query, k_max)
+    return {k: 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def confusion_matrix(pred, gt, num_classes, ignore_index=255):
+    """Integer label maps of any equal shape -> (K, K) int64 counts, rows ground truth, columns
+    prediction. Pixels with gt == ignore_index (or outside 0..K-1) are not counted."""
+    pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long()
+    keep = (gt != ignore_index) & (gt >= 0) & (gt < num_classes)
+    idx = gt[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)  # (K*K,) -> (K, K)
+
+
+def miou(conf):
+    """(K, K) confusion -> (mean IoU, per-class IoU (K,)), fractions. IoU = TP / (TP + FP + FN). A
+    class absent from both ground truth and prediction has no IoU (NaN) and is left out of the mean
+    (mmsegmentation's nanmean); a class predicted but never present scores 0 and counts."""
+    conf = conf.double()
+    tp = conf.diagonal()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    return iou.nanmean().item(), iou
+
+
+def mask_iou(a, b):
+    """bool masks a (N, H, W), b (G, H, W) -> (N, G) IoU; 0 where both masks are empty."""
+    a, b = a.flatten(1).float(), b.flatten(1).float()                    # (N, H*W), (G, H*W)
+    inter = a @ b.T                                                      # (N, G)
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return inter / union.clamp(min=1)
+
+
+def match_detections(scores, ious, threshold):
+    """COCO's greedy matching in one image and category: detections in descending score order
+    each take the unmatched ground truth of highest IoU if that IoU >= threshold.
+    scores (N,), ious (N, G) -> (scores sorted (N,), true-positive flags (N,))."""
+    order = np.argsort(-scores, kind="mergesort")
+    taken, tp = np.zeros(ious.shape[1], bool), np.zeros(len(order), bool)
+    for j, d in enumerate(order):
+        if ious.shape[1]:
+            cand = np.where(taken, -1.0, ious[d])
+            g = int(cand.argmax())
+            if cand[g] >= threshold:
+                taken[g], tp[j] = True, True
+    return scores[order], tp
+
+
+def average_precision(images, threshold, max_dets=100):
+    """COCO AP of one category at one IoU threshold. images: list of (scores (N,), ious (N, G)) per
+    image. Detections of all images are ranked by score; precision is made non-increasing (its
+    upper envelope) and read at the 101 recall points; a point past the largest recall reached
+    gives 0. Up to max_dets detections per image count. -> AP in 0..1, NaN without ground truth."""
+    all_scores, all_tp, npos = [], [], 0
+    for scores, ious in images:
+        s, tp = match_detections(np.asarray(scores, float), np.asarray(ious, float), threshold)
+        all_scores.append(s[:max_dets])
+        all_tp.append(tp[:max_dets])
+        npos += ious.shape[1]
+    if npos == 0:
+        return float("nan")
+    order = np.argsort(-np.concatenate(all_scores), kind="mergesort")
+    tp = np.concatenate(all_tp)[order]
+    tpc, fpc = np.cumsum(tp), np.cumsum(~tp)
+    recall, precision = tpc / npos, tpc / np.maximum(tpc + fpc, 1)
+    precision = np.maximum.accumulate(precision[::-1])[::-1]             # envelope from the right
+    idx = np.searchsorted(recall, RECALL_THRESHOLDS, side="left")
+    return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
+
+
+def coco_mask_ap(records):
+    """records: {category: [(scores, ious) per image]} -> {"AP", "AP50", "AP75"} in percent and the
+    per-category AP (0..1): AP averaged over the 10 IoU thresholds, then over categories that have
+    ground truth."""
+    ap = np.array([[average_precision(imgs, t) for t in IOU_THRESHOLDS] for imgs in records.values()])
+    ap = ap.reshape(len(records), len(IOU_THRESHOLDS))                  # (C, 10), NaN rows: no ground truth
+    has_gt = np.isfinite(ap[:, 0])
+    pct = lambda a: 100.0 * float(a[has_gt].mean()) if has_gt.any() else float("nan")
+    return {"AP": pct(ap.mean(1)), "AP50": pct(ap[:, 0]), "AP75": pct(ap[:, 5])}, dict(zip(records, ap.mean(1)))
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+class LayoutError(ValueError):
+    """A dataset folder that does not have the layout a subcommand expects."""
+
+
+def need(path, what):
+    if not os.path.exists(path):
+        raise LayoutError(f"{path} not found: {what}")
+    return path
+
+
+def scaled(res, m):
+    """A paper resolution for model or encoder `m` (model.scaled_side: the identity at full size)."""
+    return model.scaled_side(res, getattr(m.cfg, "encoder", m.cfg))
+
+
+def center_square(img):
+    """The largest centred square crop: with square_resize this is CLIP's resize + centre crop."""
+    s = min(img.size)
+    left, top = (img.width - s) // 2, (img.height - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
+def image_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(data.IMAGE_EXTENSIONS))
+
+
+def read_label(path, num_classes=None):
+    """A label PNG -> (H, W) int64 tensor of class indices. Palette ('P') PNGs give their palette
+    indices, single-channel ones their values; an RGB label map is refused."""
+    need(path, "label map for this image")
+    img = Image.open(path)
+    if img.mode not in ("P", "L") and not img.mode.startswith("I"):
+        raise LayoutError(f"{path}: label map must hold class indices (palette or one channel), got mode {img.mode}")
+    lab = torch.from_numpy(np.array(img).astype(np.int64))
+    bad = lab[(lab != 255) & (lab >= num_classes)] if num_classes else lab[:0]
+    if len(bad):
+        raise LayoutError(f"{path}: class index {int(bad[0])} but only {num_classes} classes are named")
+    return lab
+
+
+def batches(items, load, batch_size, desc):
+    """Yield (items, loaded) per batch under one progress bar; files are decoded by 4 threads."""
+    with ThreadPoolExecutor(4) as pool, tqdm(total=len(items), desc=desc, unit="img") as bar:
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            yield chunk, list(pool.map(load, chunk))
+            bar.update(len(chunk))
+
+
+def load_model(args):
+    m = model.SAMCLIP.load(args.checkpoint).to(args.device)
+    print(f"evaluate.py: {args.checkpoint} (encoder {m.cfg.encoder.img_size} px, patch {m.cfg.encoder.patch_size}) "
+          f"on {args.device}")
+    return m
+
+
+def write_json(path, results):
+    """JSON with NaN (a class or category without ground truth) written as null."""
+    clean = lambda v: {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else \
+        [clean(x) for x in v] if isinstance(v, list) else None if isinstance(v, float) and not math.isfinite(v) else v
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(clean(results), f, indent=1)
+    print(f"wrote {path}")
+
+
+def finish(args, results, title):
+    """Print the results as a table (one level of nesting, e.g. per-class IoU) and write the JSON."""
+    print(f"\n{title}")
+    for k, v in results.items():
+        for name, x in (v.items() if isinstance(v, dict) else [(k, v)]):
+            pad = "    " if isinstance(v, dict) else "  "
+            print(f"{pad}{name:<24} " + (f"{x:8.2f}" if isinstance(x, float) else f"{x!s:>8}"))
+    if args.out:
+        write_json(args.out, results)
+    return results
+
+
+# -- pictures for --visualize: panels side by side, each titled
+
+# colour i of label i (0 black, 255 "ignore" white, the rest fixed random colours)
+PALETTE = np.random.default_rng(0).integers(0, 256, (256, 3), dtype=np.uint8)
+PALETTE[0], PALETTE[255] = 0, 255
+
+
+def colorize(labels):
+    """(H, W) integer labels -> RGB PIL image in PALETTE colours."""
+    return Image.fromarray(PALETTE[np.asarray(labels, dtype=np.int64) % 256])
+
+
+def overlay(img, masks):
+    """Blend bool masks (N, H, W) onto an RGB image, instance i in PALETTE colour i + 1."""
+    out = np.asarray(img, dtype=np.float32).copy()
+    for i, mk in enumerate(np.asarray(masks, dtype=bool)):
+        out[mk] = 0.5 * out[mk] + 0.5 * PALETTE[1 + i % 254]
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def text_panel(text, size=(256, 256)):
+    im = Image.new("RGB", size, "white")
+    ImageDraw.Draw(im).multiline_text((8, 8), textwrap.fill(text, 36), fill="black")
+    return im
+
+
+def save_panels(path, panels, titles=("image", "prediction", "ground truth"), height=256):
+    """Panels (PIL images) scaled to one height, side by side, a title strip above each."""
+    panels = [p.resize((max(1, round(p.width * height / p.height)), height), Image.NEAREST) for p in panels]
+    canvas = Image.new("RGB", (sum(p.width for p in panels), height + 20), "white")
+    x = 0
+    for p, t in zip(panels, titles):
+        canvas.paste(p.convert("RGB"), (x, 20))
+        ImageDraw.Draw(canvas).text((x + 4, 4), t[:48], fill="black")
+        x += p.width
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    canvas.save(path)
+
+
+def visualizer(args):
+    """-> show(name, panels, titles=...) that saves the first --visualize calls to <out stem>_vis/."""
+    folder, count = os.path.splitext(args.out or f"{args.command}.json")[0] + "_vis", [0]
+
+    def show(name, panels, *titles):
+        if count[0] < args.visualize:
+            save_panels(os.path.join(folder, f"{name}.png"), [p() if callable(p) else p for p in panels], *titles)
+            count[0] += 1
+    return show
+
+
+# ----------------------------------------------------------------------------- dataset layouts
+
+def read_image_folder(root):
+    """DIR/<class>/*.jpg -> ([(path, label)], class names). --limit takes the list in round-robin
+    class order, so a quick look still sees every class."""
+    need(root, "dataset folder (DIR/<class>/*.jpg)")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not folders:
+        raise LayoutError(f"{root}/<class>/ not found: no class sub-folders (expected DIR/<class>/*.jpg)")
+    items = [(r, k, os.path.join(root, c, f)) for k, c in enumerate(folders)
+             for r, f in enumerate(image_files(os.path.join(root, c)))]
+    if not items:
+        raise LayoutError(f"{root}/<class>/*.jpg not found: the class folders hold no images")
+    names = [c.replace("_", " ") for c in folders]
+    txt = os.path.join(root, "classnames.txt")
+    if os.path.isfile(txt):
+        lines = [l.rstrip("\n") for l in open(txt, encoding="utf-8") if l.strip()]
+        if lines and all("\t" in l for l in lines):
+            table = dict(l.split("\t", 1) for l in lines)
+            missing = [c for c in folders if c not in table]
+            if missing:
+                raise LayoutError(f"{txt}: no readable name for class folder {missing[0]!r}")
+            names = [table[c].strip() for c in folders]
+        elif len(lines) == len(folders):
+            names = [l.strip() for l in lines]
+        else:
+            raise LayoutError(f"{txt}: {len(lines)} names for {len(folders)} class folders "
+                              "(want one per folder, or 'folder<TAB>name' lines)")
+    return [(p, k) for _, k, p in sorted(items)], names
+
+
+def read_captions(root):
+    """DIR/images + DIR/captions.json -> (image paths, captions, image index of each caption).
+    Images without a caption are dropped (they would have no right answer in image->text)."""
+    img_dir = need(os.path.join(root, "images"), "folder of the images named in captions.json")
+    js = json.load(open(need(os.path.join(root, "captions.json"), "COCO-style captions file"), encoding="utf-8"))
+    if "images" not in js or "annotations" not in js:
+        raise LayoutError(f"{root}/captions.json: needs 'images' and 'annotations' lists")
+    by_image = defaultdict(list)
+    try:
+        for a in js["annotations"]:
+            by_image[a["image_id"]].append(a["caption"])
+        images = [im for im in js["images"] if by_image[im["id"]]]
+        paths = [need(os.path.join(img_dir, im["file_name"]), "image listed in captions.json") for im in images]
+    except KeyError as e:
+        raise LayoutError(f"{root}/captions.json: an entry has no {e} field") from None
+    caps = [(c, i) for i, im in enumerate(images) for c in by_image[im["id"]]]
+    return paths, [c for c, _ in caps], [i for _, i in caps]
+
+
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
+               "train", "tv monitor"]
+
+
+def read_segmentation(root, layout, split):
+    """-> ([(image path, label path)], class names). For VOC, names[0] is 'background'."""
+    need(root, "dataset folder")
+    if layout == "voc":
+        ids_file = need(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"), "list of image ids")
+        for sub in ("JPEGImages", "SegmentationClass"):
+            need(os.path.join(root, sub), "a VOC folder (JPEGImages, SegmentationClass, ImageSets/Segmentation)")
+        ids = [l.strip() for l in open(ids_file) if l.strip()]
+        pairs = [(os.path.join(root, "JPEGImages", i + ".jpg"), os.path.join(root, "SegmentationClass", i + ".png"))
+                 for i in ids]
+        names = VOC_CLASSES
+    else:
+        img_dir = need(os.path.join(root, "images"), "generic layout: DIR/images, DIR/labels, DIR/classes.txt")
+        lab_dir = need(os.path.join(root, "labels"), "generic layout: DIR/labels/<image stem>.png")
+        with open(need(os.path.join(root, "classes.txt"), "one class name per line"), encoding="utf-8") as f:
+            names = f.read().rstrip().split("\n")                       # line i = class i
+        pairs = [(os.path.join(img_dir, f), os.path.join(lab_dir, os.path.splitext(f)[0] + ".png"))
+                 for f in image_files(img_dir)]
+    if not pairs:
+        raise LayoutError(f"{root}: no images listed")
+    for img, lab in pairs:
+        need(img, "image")
+        need(lab, "label map of an image")
+    return pairs, names
+
+
+def read_instances(root, annotations):
+    """COCO instances JSON -> (images [{id, path, height, width}], non-crowd annotations per image
+    id, {category id: name})."""
+    need(root, "dataset folder")
+    img_dir = need(os.path.join(root, "images"), "folder of the images named in the instances JSON")
+    ann_file = annotations or os.path.join(root, "instances.json")
+    js = json.load(open(need(ann_file, "COCO instances JSON (--annotations)"), encoding="utf-8"))
+    for key in ("images", "annotations", "categories"):
+        if key not in js:
+            raise LayoutError(f"{ann_file}: no '{key}' list")
+    anns = defaultdict(list)
+    try:
+        images = [dict(im, path=need(os.path.join(img_dir, im["file_name"]), "image of the instances JSON"))
+                  for im in js["images"]]
+        for a in js["annotations"]:
+            if not a.get("iscrowd", 0):
+                anns[a["image_id"]].append({k: a[k] for k in ("category_id", "bbox", "segmentation")})
+        return images, anns, {c["id"]: c["name"] for c in js["categories"]}
+    except KeyError as e:
+        raise LayoutError(f"{ann_file}: an entry has no {e} field") from None
+
+
+def decode_mask(segm, h, w):
+    """COCO segmentation (polygon list, or RLE with list or compressed counts) -> bool (h, w).
+    Polygons are filled with PIL (boundary pixels may differ slightly from pycocotools)."""
+    if isinstance(segm, dict):
+        return torch.from_numpy(data.rle_decode(segm, (h, w)).copy())
+    canvas = Image.new("L", (w, h), 0)
+    for poly in segm:
+        if len(poly) >= 6:
+            ImageDraw.Draw(canvas).polygon([float(v) for v in poly], fill=1, outline=1)
+    return torch.from_numpy(np.array(canvas, dtype=bool))
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+@torch.no_grad()
+def cmd_classify(args):
+    """Table 1, zero-shot classification: cosine of the HeadCLIP embedding with each class's
+    80-template text embedding (CLIP Sec. 3.1.4); the argmax is the prediction."""
+    items, names = read_image_folder(args.data)
+    items = items[:args.limit] if args.limit else items
+    m = load_model(args)
+    res = scaled(args.resolution, m)
+    class_emb = model.class_embeddings(m, names)                         # (K, D)
+    logits, labels, show = [], [], visualizer(args)
+    for chunk, imgs in batches(items, lambda it: data.load_image(it[0]), args.batch_size, "classify"):
+        x = torch.stack([data.square_resize(center_square(im), res) for im in imgs]).to(args.device)  # (B, 3, r, r)
+        lg = (F.normalize(m.encode_image(x).float(), dim=-1) @ class_emb.T).cpu()  # (B, K)
+        logits.append(lg)
+        labels += [k for _, k in chunk]
+        for im, (path, k), p in zip(imgs, chunk, lg.argmax(1).tolist()):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            show(f"{k:03d}_{stem}", [im, text_panel(names[p]), text_panel(names[k])])
+    acc = topk_accuracy(torch.cat(logits), torch.tensor(labels))
+    return finish(args, {"top1": acc[1], "top5": acc[5], "num_images": len(labels), "num_classes": len(names),
+                         "resolution": res}, f"zero-shot classification, {args.data}")
+
+
+@torch.no_grad()
+def cmd_retrieve(args):
+    """Table 1, zero-shot retrieval: one cosine matrix between all captions and all images, read
+    by rows (text -> image) and by columns (image -> text, right if any of its captions ranks)."""
+    paths, caps, owner = read_captions(args.data)
+    if args.limit:
+        paths = paths[:args.limit]
+        caps, owner = zip(*[(c, i) for c, i in zip(caps, owner) if i < len(paths)])
+    m = load_model(args)
+    res, ctx = scaled(args.resolution, m), m.cfg.clip.context_length
+    img_emb, txt_emb, pics = [], [], []
+    for chunk, imgs in batches(paths, data.load_image, args.batch_size, "images"):
+        x = torch.stack([data.square_resize(center_square(im), res) for im in imgs]).to(args.device)  # (B, 3, r, r)
+        img_emb.append(F.normalize(m.encode_image(x).float(), dim=-1).cpu())
+        pics += imgs[:max(0, args.visualize - len(pics))]
+    for i in tqdm(range(0, len(caps), args.batch_size), desc="captions"):
+        tok = clip.tokenize(caps[i:i + args.batch_size], ctx)                # (B, L)
+        tok = tok[:, :int((tok != 0).sum(1).max())]                          # causal tower: padding can go
+        txt_emb.append(F.normalize(m.encode_text(tok.to(args.device)).float(), dim=-1).cpu())
+    sim = torch.cat(txt_emb) @ torch.cat(img_emb).T                          # (N_text, N_img)
+    right = F.one_hot(torch.tensor(owner), len(paths)).bool()                # (N_text, N_img)
+    t2i, i2t = recall_at_k(sim, right), recall_at_k(sim.T, right.T)
+    show = visualizer(args)
+    for i, im in enumerate(pics):
+        show(f"{i:04d}", [im, text_panel(caps[int(sim[:, i].argmax())]), text_panel(caps[owner.index(i)])],
+             ["image", "best caption (i2t)", "a ground-truth caption"])
+    recalls = {f"t2i_R@{k}": v for k, v in t2i.items()} | {f"i2t_R@{k}": v for k, v in i2t.items()}
+    return finish(args, recalls | {"num_images": len(paths), "num_texts": len(caps), "resolution": res},
+                  f"zero-shot retrieval, {args.data}")
+
+
+def to_labels(logits, with_background, bg_threshold):
+    """(K, H, W) class logits -> (H, W) labels. With a background class (VOC), the logits are the K
+    foreground classes, labels shift by one and a pixel whose best softmax probability among them
+    is below bg_threshold becomes 0, background (GroupViT's rule)."""
+    if not with_background:
+        return logits.argmax(0)
+    prob, idx = logits.softmax(0).max(0)                                 # (H, W), (H, W)
+    return torch.where(prob < bg_threshold, 0, idx + 1)
+
+
+@torch.no_grad()
+def cmd_semseg(args):
+    """Table 2 (Sec. 4.2): 448 px square input, per-patch HeadCLIP logits, bilinear upsampling to
+    the label map, argmax. Table 5 (Sec. 4.4, App. C) with --refine sam, one image at a time."""
+    pairs, names = read_segmentation(args.data, args.layout, args.split)
+    pairs = pairs[:args.limit] if args.limit else pairs
+    voc = args.layout == "voc"
+    m = load_model(args)
+    class_emb = model.class_embeddings(m, names[1:] if voc else names)  # VOC: the 20 foreground classes
+    K, S = len(names), m.cfg.encoder.img_size
+    res = scaled(args.resolution, m)
+    conf = torch.zeros(K, K, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(args.seed)                       # point prompts of --refine sam
+    show = visualizer(args)
+    load = lambda pr: (data.load_image(pr[0]), read_label(pr[1], K))
+    for chunk, loaded in batches(pairs, load, 1 if args.refine == "sam" else args.batch_size, "semseg"):
+        if args.refine == "none":                                        # Table 2: 448 px, HeadCLIP only
+            x = torch.stack([data.square_resize(im, res) for im, _ in loaded]).to(args.device)  # (B, 3, 448, 448)
+            logits = model.dense_logits(m, x, class_emb)                 # (B, K', 28, 28)
+        for b, ((img, gt), (img_path, _)) in enumerate(zip(loaded, chunk)):
+            H, W = gt.shape
+            if args.refine == "none":
+                up = F.interpolate(logits[b:b + 1], (H, W), mode="bilinear", align_corners=False)[0]  # (K', H, W)
+                pred = to_labels(up, voc, args.bg_threshold)
+            else:                                                        # Table 5: both heads, 1024 px
+                x, input_size = data.sam_preprocess(img, S)              # (3, S, S), (h', w')
+                masks, coarse = model.refine_with_sam(m, x[None].to(args.device), class_emb,  # (K', 4h, 4w), (K', h, w)
+                                                      threshold=args.point_threshold, generator=gen)
+                post = lambda t: heads.postprocess_masks(t[None], input_size, (H, W), img_size=S)[0]  # (K', H, W)
+                coarse_pred = to_labels(post(coarse), voc, args.bg_threshold)  # HeadCLIP's answer, (H, W)
+                found = coarse_pred[coarse_pred > 0] - 1 if voc else coarse_pred
+                present = torch.zeros(len(class_emb), dtype=torch.bool, device=masks.device)
+                present[found.unique()] = True                           # only classes HeadCLIP found compete
+                sam = post(masks).masked_fill(~present[:, None, None], float("-inf"))
+                best, idx = sam.max(0)                                   # (H, W)
+                # a pixel no refined mask claims (logit <= 0): background on VOC, else HeadCLIP's label
+                pred = torch.where(best > 0, idx + 1, 0) if voc else torch.where(best > 0, idx, coarse_pred)
+            pred = pred.cpu()
+            conf += confusion_matrix(pred, gt, K)
+            stem = os.path.splitext(os.path.basename(img_path))[0]
+            if args.save_predictions:
+                os.makedirs(args.save_predictions, exist_ok=True)
+                Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(
+                    os.path.join(args.save_predictions, stem + ".png"))
+            show(stem, [img, colorize(pred), colorize(gt)])
+    mean, per_class = miou(conf)
+    results = {"mIoU": 100 * mean, "pixel_accuracy": 100 * conf.diagonal().sum().item() / max(1, conf.sum().item()),
+               "per_class_IoU": {n: 100 * float(v) for n, v in zip(names, per_class)},
+               "num_images": len(pairs), "layout": args.layout, "refine": args.refine,
+               "resolution": S if args.refine == "sam" else res}
+    if voc:
+        results["bg_threshold"] = args.bg_threshold
+    return finish(args, results, f"zero-shot semantic segmentation, {args.data}")
+
+
+@torch.no_grad()
+def cmd_instseg(args):
+    """Table 1, box-prompted instance segmentation: SAM's resize + pad to the native side, one
+    encoder forward per batch, then every box of an image through HeadSAM in one decoder call."""
+    images, anns, cats = read_instances(args.data, args.annotations)
+    images = images[:args.limit] if args.limit else images
+    dets = None
+    if args.detections:
+        dets = defaultdict(list)
+        for d in json.load(open(need(args.detections, "COCO results JSON (--detections)"))):
+            if not all(k in d for k in ("image_id", "category_id", "bbox", "score")):
+                raise LayoutError(f"{args.detections}: a detection lacks image_id, category_id, bbox or score")
+            dets[d["image_id"]].append(d)
+    m = load_model(args)
+    S = m.cfg.encoder.img_size
+    records = {c: [] for c in cats}                  # category -> [(scores (N,), ious (N, G)) per image]
+    prompted, n_prompts, show = [], 0, visualizer(args)
+    for chunk, imgs in batches(images, lambda im: data.load_image(im["path"]), args.batch_size, "instseg"):
+        xs, sizes = zip(*[data.sam_preprocess(im, S) for im in imgs])   # (3, S, S), (h', w')
+        emb = m.encoder(torch.stack(xs).to(args.device))                 # (B, C', h, w)
+        for b, (info, img) in enumerate(zip(chunk, imgs)):
+            H, W = img.height, img.width
+            gts = anns[info["id"]]
+            gt_masks = torch.stack([decode_mask(a["segmentation"], H, W) for a in gts]) if gts else \
+                torch.zeros(0, H, W, dtype=torch.bool)                    # (G, H, W)
+            prompts = gts if dets is None else dets[info["id"]]
+            boxes = torch.tensor([p["bbox"] for p in prompts], dtype=torch.float32).reshape(-1, 4)  # (N, 4) XYWH
+            boxes[:, 2:] += boxes[:, :2]                                 # -> x0, y0, x1, y1
+            boxes *= torch.tensor([sizes[b][1] / W, sizes[b][0] / H] * 2)  # into the resized frame
+            if len(prompts):
+                low, iou = m.head_sam(emb[b:b + 1], boxes=boxes.to(args.device),
+                                      multimask_output=False)            # (N, 1, 4h, 4w), (N, 1)
+                masks = heads.postprocess_masks(low, sizes[b], (H, W), img_size=S)[:, 0].cpu() > 0  # (N, H, W)
+                # with ground-truth boxes every object gets one mask; HeadSAM's IoU guess ranks them
+                scores = iou[:, 0].cpu() if dets is None else torch.tensor([p["score"] for p in prompts])
+            else:
+                masks, scores = torch.zeros(0, H, W, dtype=torch.bool), torch.zeros(0)
+            ious = mask_iou(masks, gt_masks)                             # (N, G)
+            if dets is None:
+                prompted += ious.diagonal().tolist()
+            p_cat = torch.tensor([p["category_id"] for p in prompts], dtype=torch.long)
+            g_cat = torch.tensor([a["category_id"] for a in gts], dtype=torch.long)
+            for c in set(p_cat.tolist()) | set(g_cat.tolist()):                 # per image and category
+                if c not in records:
+                    raise LayoutError(f"category_id {c} (image {info['id']}) is not in the categories list")
+                records[c].append((scores[p_cat == c].numpy(), ious[p_cat == c][:, g_cat == c].numpy()))
+            n_prompts += len(prompts)
+            show(str(info["id"]), [img, lambda: overlay(img, masks), lambda: overlay(img, gt_masks)])
+    ap, per_cat = coco_mask_ap(records)
+    results = ap | {"mIoU_prompted": 100 * float(np.mean(prompted)) if prompted else float("nan"),
+                    "per_category_AP": {cats[c]: 100 * float(v) for c, v in per_cat.items()},
+                    "num_images": len(images), "num_prompts": n_prompts,
+                    "boxes": "detections" if dets is not None else "ground truth", "resolution": S}
+    return finish(args, results, f"box-prompted instance segmentation, {args.data}")
+
+
+def patch_labels(label, side, grid):
+    """(H, W) labels -> (grid, grid): each patch's majority label among non-255 pixels (255 if none),
+    after a nearest resize of the label map to the (side, side) network input."""
+    lab = F.interpolate(label[None, None].float(), (side, side), mode="nearest")[0, 0].long()
+    p = side // grid
+    lab = lab.reshape(grid, p, grid, p).permute(0, 2, 1, 3).reshape(grid * grid, p * p)  # (g*g, p*p)
+    counts = F.one_hot(lab.clamp(max=255), 256)[..., :255].sum(1)       # (g*g, 255), 255 not counted
+    return torch.where(counts.sum(1) > 0, counts.argmax(1), 255).reshape(grid, grid)
+
+
+def feature_extractor(args, m, task):
+    """The frozen features to probe -> (input side, patch size, fn(list of PIL) -> features):
+    (B, F) for cls, (B, g, g, F) per patch for seg. Classification inputs are centre-cropped."""
+    dev = args.device
+    crop = center_square if task == "cls" else (lambda im: im)
+    if args.features == "clip":
+        if not args.clip_checkpoint:
+            raise ValueError("--features clip needs --clip-checkpoint (an OpenCLIP / OpenAI CLIP file)")
+        teacher = clip.load_clip(args.clip_checkpoint)
+        tower, side, p = teacher.visual.to(dev), teacher.config.image_size, teacher.config.patch_size
+
+        def fn(imgs):                                                    # at CLIP's own native size
+            x = torch.stack([data.square_resize(crop(im), side, data.normalize_clip) for im in imgs]).to(dev)
+            pooled, patches = tower(x, return_patch_tokens=True)         # (B, D), (B, g*g, D)
+            return pooled if task == "cls" else patches.reshape(len(imgs), side // p, side // p, -1)  # -> (B, g, g, D)
+        return side, p, fn
+    side, p = scaled(args.resolution or (224 if task == "cls" else 448), m), m.cfg.encoder.patch_size
+    enc = vit_det.load_sam_encoder(args.sam_checkpoint).to(dev) if args.sam_checkpoint else m.encoder
+
+    def fn(imgs):
+        x = torch.stack([data.square_resize(crop(im), side) for im in imgs]).to(dev)  # (B, 3, side, side)
+        if args.features == "samclip":
+            pooled, dense = m.clip_features(x)                           # (B, D), (B, g, g, D)
+            return pooled if task == "cls" else dense
+        neck = enc(x)                                                    # (B, 256, g, g)
+        return neck.mean((2, 3)) if task == "cls" else neck.permute(0, 2, 3, 1)  # (B, 256) or (B, g, g, 256)
+    return side, p, fn
+
+
+@torch.no_grad()
+def cmd_probe(args):
+    """Extract frozen features once, split the images (seeded), train a linear layer on the
+    standardised features of the training images, report top-1/5 or mIoU on the others."""
+    cls = args.task == "cls"
+    items, names = read_image_folder(args.data) if cls else read_segmentation(args.data, "generic", None)
+    items = items[:args.limit] if args.limit else items
+    if len(items) < 2:
+        raise LayoutError(f"{args.data}: a probe needs at least 2 images (one to train, one to test)")
+    K, m = len(names), load_model(args)
+    side, p, extract = feature_extractor(args, m, args.task)
+    g = side // p
+    feats, targets = [], []                                              # per image: (1 or g*g, F), (1 or g*g,)
+    for chunk, imgs in batches(items, lambda it: data.load_image(it[0]), args.batch_size, f"{args.features} features"):
+        f = extract(imgs).float().cpu()
+        for i, (_, target) in enumerate(chunk):
+            feats.append(f[i].reshape(-1, f.shape[-1]))                  # (F,) or (g, g, F) -> (1 or g*g, F)
+            targets.append(torch.tensor([target]) if cls else patch_labels(read_label(target, K), side, g).reshape(-1))
+    # split by image, so patches of one image never straddle train and test
+    gen = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(items), generator=gen).tolist()
+    n_train = min(len(items) - 1, max(1, round(args.train_fraction * len(items))))
+    train, test = order[:n_train], order[n_train:]
+    X, y = torch.cat([feats[i] for i in train]), torch.cat([targets[i] for i in train])  # (N, F), (N,)
+    X, y = X[y != 255], y[y != 255]
+    mu, sd = X.mean(0), X.std(0).nan_to_num(1.0).clamp(min=1e-6)        # standardise with train statistics
+    torch.manual_seed(args.seed)
+    head = torch.nn.Linear(X.shape[1], K)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in tqdm(range(args.epochs), desc="linear probe"):
+            for idx in torch.randperm(len(X), generator=gen).split(1024):
+                loss = F.cross_entropy(head((X[idx] - mu) / sd), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    results = {"features": args.features, "task": args.task, "num_train": len(train), "num_test": len(test)}
+    conf = torch.zeros(K, K, dtype=torch.int64)
+    logits = [head((feats[i] - mu) / sd) for i in test]                  # (1 or g*g, K) per test image
+    show = visualizer(args)
+    for j, i in enumerate(test):
+        if cls:
+            panels = [text_panel(names[int(logits[j].argmax())]), text_panel(names[items[i][1]])]
+        else:
+            gt = read_label(items[i][1], K)
+            lg = logits[j].T.reshape(1, K, g, g)                         # (g*g, K) -> (1, K, g, g)
+            pred = F.interpolate(lg, gt.shape, mode="bilinear", align_corners=False)[0].argmax(0)  # (H, W)
+            conf += confusion_matrix(pred, gt, K)
+            panels = [colorize(pred), colorize(gt)]
+        show(f"{j:04d}", [lambda: data.load_image(items[i][0])] + panels)
+    if cls:
+        acc = topk_accuracy(torch.cat(logits), torch.cat([targets[i] for i in test]))
+        results |= {"top1": acc[1], "top5": acc[5]}
+    else:
+        mean, per_class = miou(conf)
+        results |= {"mIoU": 100 * mean, "per_class_IoU": {n: 100 * float(v) for n, v in zip(names, per_class)}}
+    return finish(args, results, f"linear probe ({args.task}, {args.features} features), {args.data}")
+
+
+# -- speed: the inference-cost claim (Sec. 1 and 4.4: one backbone serves both heads)
+
+def _status_kb(field):
+    """A field of /proc/self/status in KB (VmRSS: resident now, VmHWM: peak resident), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak():
+    """Hand freed heap back to the OS (glibc's malloc_trim), so the memory a previous model left in
+    the allocator cannot hide the next one's peak, then reset the kernel's peak-RSS mark (VmHWM)
+    to the current RSS by writing 5 to /proc/self/clear_refs (Linux 4.0+). -> False if unavailable."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(name, forward, repeats, params):
+    """Median latency of `forward()` over `repeats` runs after one warm-up, and memory: the peak
+    RSS during the runs and its rise over the RSS just before (activations and workspace; the
+    weights are already resident). Torch's CPU tensors come from malloc, which tracemalloc does
+    not see, so the kernel's counters are read instead. Without the VmHWM reset (not Linux) the
+    process's high-water mark ru_maxrss is reported and the rise is unknown."""
+    gc.collect()
+    exact = _reset_peak()
+    rss0 = _status_kb("VmRSS")
+    with torch.no_grad():
+        forward()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t)
+    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+    row = {"name": name, "latency_s": statistics.median(times), "times_s": times, "params_M": params / 1e6,
+           "peak_rss_MB": peak / 1024,
+           "forward_MB": (peak - rss0) / 1024 if exact and rss0 else None}
+    print(f"  {name:<46} {row['latency_s']:8.3f} s {row['params_M']:8.1f} M {row['peak_rss_MB']:8.0f} MB"
+          + (f" {row['forward_MB']:+8.0f} MB" if row["forward_MB"] is not None else ""))
+    return row
+
+
+def cmd_speed(args):
+    """Random weights (speed does not depend on them), batch 1, fp32, eval, no_grad, CPU."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    enc_name, head_name, clip_name = ("tiny",) * 3 if args.preset == "tiny" else ("vit_b", "sam", "openclip_vit_l_14")
+    count = lambda *mods: sum(p.numel() for mod in mods for p in mod.parameters())
+    print(f"speed: batch 1, fp32, {torch.get_num_threads()} CPU threads, median of {args.repeats} after 1 warm-up\n"
+          f"  {'':<46} {'latency':>10} {'params':>10} {'peak RSS':>11} {'forward':>11}")
+    rows = []
+    enc = vit_det.build_vit_det(enc_name).eval()
+    S = enc.cfg.img_size
+    for side in (S, scaled(448, enc)):
+        x = torch.randn(1, 3, side, side)
+        rows.append(measure(f"{enc_name} encoder @ {side} px", lambda: enc(x), args.repeats, count(enc)))
+    x, box = torch.randn(1, 3, S, S), torch.tensor([[0.1, 0.1, 0.6, 0.7]]) * S  # one box prompt, x0 y0 x1 y1
+    head = heads.build_head_sam(head_name).eval()
+    rows.append(measure(f"SAM {enc_name}: encoder + head @ {S} px", lambda: head(enc(x), boxes=box),
+                        args.repeats, count(enc, head)))
+    del enc, head
+    teacher = clip.build_clip(clip_name)
+    tower, side = teacher.visual.eval(), teacher.config.image_size
+    del teacher                                                          # keep the image tower only
+    xc = torch.randn(1, 3, side, side)
+    rows.append(measure(f"CLIP {clip_name} image tower @ {side} px", lambda: tower(xc), args.repeats, count(tower)))
+    del tower
+    merged = model.SAMCLIP(model.PRESETS[args.preset]()).eval()
+    del merged.text                                                      # not part of an image forward
+    rows.append(measure(f"SAM-CLIP: encoder + HeadCLIP + HeadSAM @ {S} px", lambda: merged(x, boxes=box),
+                        args.repeats, count(merged)))
+    sam, teacher_row, samclip = rows[2], rows[3], rows[4]
+    summary = {"separate_latency_s": sam["latency_s"] + teacher_row["latency_s"],
+               "separate_params_M": sam["params_M"] + teacher_row["params_M"]}
+    summary |= {"latency_ratio_separate_over_samclip": summary["separate_latency_s"] / samclip["latency_s"],
+                "params_ratio_separate_over_samclip": summary["separate_params_M"] / samclip["params_M"]}
+    print(f"  {'SAM + CLIP run separately':<46} {summary['separate_latency_s']:8.3f} s "
+          f"{summary['separate_params_M']:8.1f} M\n"
+          f"  separate / SAM-CLIP: latency x{summary['latency_ratio_separate_over_samclip']:.2f}, "
+          f"parameters x{summary['params_ratio_separate_over_samclip']:.2f}\n"
+          f"  peak RSS: the whole process; forward: its rise during the forwards (activations)")
+    results = {"preset": args.preset, "threads": torch.get_num_threads(), "repeats": args.repeats,
+               "rows": rows, **summary}
+    if args.out:
+        write_json(args.out, results)
+    return results
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def command(name, fn, help, res=None):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=fn)
+        p.add_argument("--checkpoint", required=True, help="merged SAM-CLIP checkpoint (model.SAMCLIP.save / train.py)")
+        p.add_argument("--data", required=True, help="dataset folder (layouts: python evaluate.py --help)")
+        p.add_argument("--out", help="write the results as JSON here (visualisations go to <stem>_vis/ beside it)")
+        p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0: all)")
+        p.add_argument("--batch-size", type=int, default=16, help="images per forward")
+        p.add_argument("--visualize", type=int, default=0,
+                       help="save K side-by-side PNGs: image | prediction | ground truth")
+        p.add_argument("--device", default=dev, help="torch device (default: cuda if available, else cpu)")
+        p.add_argument("--seed", type=int, default=0, help="seed of every random choice (point prompts, probe split)")
+        if res is not None:
+            p.add_argument("--resolution", type=int, default=res,
+                           help=f"input side in the paper's pixels (default {res})")
+        return p
+
+    command("classify", cmd_classify, "zero-shot classification on DIR/<class>/*.jpg (Table 1)", 336)
+    command("retrieve", cmd_retrieve, "zero-shot image-text retrieval, DIR/images + DIR/captions.json (Table 1)", 224)
+    p = command("semseg", cmd_semseg,
+                "zero-shot semantic segmentation, 448 px HeadCLIP (Table 2) or --refine sam (Table 5)", 448)
+    p.add_argument("--layout", choices=["voc", "generic"], default="generic", help="dataset layout (see docstring)")
+    p.add_argument("--split", default="val", help="VOC: ImageSets/Segmentation/<split>.txt")
+    p.add_argument("--refine", choices=["none", "sam"], default="none",
+                   help="sam: Table 5, HeadSAM refines HeadCLIP at 1024 px")
+    p.add_argument("--bg-threshold", type=float, default=0.5,
+                   help="VOC: background where the best foreground softmax probability is below this (default 0.5)")
+    p.add_argument("--point-threshold", type=float, default=0.5,
+                   help="--refine sam: point prompts from cells whose class probability exceeds this (App. C: 0.5)")
+    p.add_argument("--save-predictions",
+                   help="folder for predicted label maps (one-channel PNG, class index, same stem)")
+    p = command("instseg", cmd_instseg, "box-prompted instance segmentation, mask AP (Table 1)")
+    p.add_argument("--annotations", help="COCO instances JSON (default DIR/instances.json)")
+    p.add_argument("--detections",
+                   help="COCO results JSON (image_id, category_id, bbox XYWH, score); default: GT boxes")
+    p = command("probe", cmd_probe, "linear probe of frozen features (Tables 3, 4)", None)
+    p.add_argument("--task", choices=["cls", "seg"], default="cls",
+                   help="cls: image folder, seg: generic segmentation layout")
+    p.add_argument("--features", choices=["samclip", "sam", "clip"], default="samclip",
+                   help="samclip: HeadCLIP; sam: mean-pooled (cls) or per-patch (seg) SAM neck output; "
+                        "clip: a CLIP tower (--clip-checkpoint)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input side in the paper's pixels (default 224 cls, 448 seg)")
+    p.add_argument("--clip-checkpoint", help="OpenCLIP / OpenAI CLIP file for --features clip (run at its native size)")
+    p.add_argument("--sam-checkpoint", help="official SAM file for --features sam (default: the merged encoder)")
+    p.add_argument("--train-fraction", type=float, default=0.5,
+                   help="share of the images (seeded split) to train the probe on")
+    p.add_argument("--epochs", type=int, default=100, help="passes over the training features")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the linear layer")
+    p = sub.add_parser("speed", help="latency / memory / parameters, SAM-CLIP vs SAM + CLIP (random weights)")
+    p.set_defaults(func=cmd_speed)
+    p.add_argument("--preset", choices=["vit_b", "tiny"], default="vit_b", help="model sizes (tiny: a smoke run)")
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards per model (median reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (LayoutError, data.ImageError, weights.CheckpointError, ValueError) as e:
+        print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+# python -m pytest tests/test_evaluate.py -q
+"""evaluate.py: the metrics against hand-computed cases, and every subcommand end to end on the
+tiny preset with small datasets generated here in each layout (no downloads)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate as ev
+import model
+from conftest import FIXTURES
+
+
+# ----------------------------------------------------------------------------- metrics by hand
+
+def test_confusion_matrix_and_miou_by_hand():
+    gt = torch.tensor([0, 0, 1, 1, 255, 0])
+    pred = torch.tensor([0, 1, 1, 1, 3, 3])
+    conf = ev.confusion_matrix(pred, gt, num_classes=4)
+    assert conf.tolist() == [[1, 1, 0, 1], [0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]  # the 255 pixel is ignored
+    mean, per_class = ev.miou(conf)
+    # class 0: TP 1, FN 2 -> 1/3; class 1: TP 2, FP 1 -> 2/3; class 2 absent everywhere -> NaN, left out;
+    # class 3: predicted once, never present -> 0, counted
+    assert per_class[0] == pytest.approx(1 / 3) and per_class[1] == pytest.approx(2 / 3)
+    assert torch.isnan(per_class[2]) and per_class[3] == 0
+    assert mean == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+
+
+def test_topk_accuracy_by_hand():
+    logits = torch.tensor([[0.9, 0.1, 0.0, 0.0],    # label 0: top-1 hit
+                           [0.5, 0.4, 0.3, 0.0],    # label 2: third best
+                           [0.1, 0.2, 0.3, 0.4]])   # label 0: last
+    acc = ev.topk_accuracy(logits, torch.tensor([0, 2, 0]), ks=(1, 3, 5))
+    assert acc[1] == pytest.approx(100 / 3) and acc[3] == pytest.approx(200 / 3) and acc[5] == 100.0
+
+
+def test_recall_at_k_by_hand():
+    sim = torch.tensor([[0.9, 0.5, 0.1],     # text 0 -> image 0: rank 1
+                        [0.8, 0.7, 0.2],     # text 1 -> image 1: rank 2
+                        [0.3, 0.2, 0.15]])   # text 2 -> image 2: rank 3
+    r = ev.recall_at_k(sim, torch.tensor([0, 1, 2]), ks=(1, 2, 3))
+    assert r[1] == pytest.approx(100 / 3) and r[2] == pytest.approx(200 / 3) and r[3] == 100.0
+    right = torch.tensor([[True, False, False], [True, False, False], [False, False, True]])
+    # image 0 has two right texts (text 0 ranks first), image 1 none, image 2 finds text 2 second
+    i2t = ev.recall_at_k(sim.T, right.T, ks=(1, 2))
+    assert i2t[1] == pytest.approx(100 / 3) and i2t[2] == pytest.approx(200 / 3)
+
+
+def test_mask_iou_by_hand():
+    a = torch.zeros(2, 4, 4, dtype=torch.bool)
+    a[0, :2, :2] = True                                          # 4 pixels
+    a[1, :, :] = True                                            # 16 pixels
+    b = torch.zeros(1, 4, 4, dtype=torch.bool)
+    b[0, :2, :] = True                                           # 8 pixels
+    assert ev.mask_iou(a, b)[:, 0].tolist() == [0.5, 0.5]
+
+
+def test_average_precision_by_hand():
+    # one image, two objects, three detections: 0.9 finds object 0 (IoU 0.97), 0.8 misses, 0.7 finds
+    # object 1 with IoU 0.62. At IoU 0.5: TP, FP, TP -> recall 0.5, 0.5, 1; precision 1, 1/2, 2/3, its
+    # envelope 1, 2/3, 2/3: the 51 recall points 0..0.50 read 1, the 50 points 0.51..1 read 2/3.
+    scores, ious = np.array([0.8, 0.9, 0.7]), np.array([[0.1, 0.0], [0.97, 0.0], [0.0, 0.62]])
+    ap50 = (51 + 50 * 2 / 3) / 101
+    assert ev.average_precision([(scores, ious)], 0.5) == pytest.approx(ap50)
+    assert ev.average_precision([(scores, ious)], 0.75) == pytest.approx(51 / 101)   # the third is now FP
+    res, per_cat = ev.coco_mask_ap({7: [(scores, ious)]})
+    assert res["AP50"] == pytest.approx(100 * ap50) and res["AP75"] == pytest.approx(100 * 51 / 101)
+    assert res["AP"] == pytest.approx(100 * (3 * ap50 + 7 * 51 / 101) / 10)         # 0.5, 0.55, 0.6 find both
+    # two detections on one object: the second is a false positive even with a perfect IoU
+    assert ev.average_precision([(np.array([0.9, 0.8]), np.array([[1.0], [1.0]]))], 0.5) == 1.0
+    # a false positive ranked first: precision 0 then 1/2, envelope 1/2 at every recall point
+    assert ev.average_precision([(np.array([0.8, 0.9]), np.array([[1.0], [0.0]]))], 0.5) == 0.5
+    assert np.isnan(ev.average_precision([(np.array([0.5]), np.zeros((1, 0)))], 0.5))  # no ground truth
+
+
+def test_perfect_masks_give_ap_100():
+    gt = torch.zeros(3, 8, 8, dtype=torch.bool)
+    gt[0, :3, :3], gt[1, 4:, 4:], gt[2, :2, 5:] = True, True, True
+    ious = ev.mask_iou(gt, gt).numpy()
+    res, _ = ev.coco_mask_ap({1: [(np.array([0.3, 0.2, 0.9]), ious)]})
+    assert res == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}
+
+
+def test_scaled_resolutions():
+    tiny = model.SAMCLIP(model.PRESETS["tiny"]())
+    assert (ev.scaled(448, tiny), ev.scaled(336, tiny), ev.scaled(1024, tiny)) == (80, 64, 160)
+    full = type("M", (), {"cfg": model.PRESETS["vit_b"]()})()
+    assert [ev.scaled(r, full) for r in (224, 336, 448, 1024)] == [224, 336, 448, 1024]
+
+
+def test_patch_labels_take_the_majority_and_skip_ignored():
+    lab = torch.full((4, 4), 255)
+    lab[:2, :2] = torch.tensor([[1, 1], [2, 255]])               # patch (0, 0): 1 wins
+    lab[2:, 2:] = 3                                              # patch (1, 1): all 3; the others: all 255
+    assert ev.patch_labels(lab, side=4, grid=2).tolist() == [[1, 255], [255, 3]]
+
+
+# ----------------------------------------------------------------------------- generated datasets
+
+def rle_counts(mask):
+    """COCO's uncompressed RLE: run lengths over the column-major mask, zeros first."""
+    flat = mask.T.reshape(-1)
+    runs = np.diff(np.r_[0, np.flatnonzero(flat[1:] != flat[:-1]) + 1, flat.size]).tolist()
+    return [0] + runs if flat[0] else runs
+
+
+def picture(rng, h, w):
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A tiny checkpoint and one small dataset per layout."""
+    r = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    model.build_samclip("tiny").save(str(r / "m.pt"))
+    # classify: three class folders, readable names as folder<TAB>name
+    for c in ("cat", "dog", "red_car"):
+        os.makedirs(r / "cls" / c)
+        for i in range(2):
+            picture(rng, 30 + 10 * i, 40).save(r / "cls" / c / f"{i}.jpg")
+    (r / "cls" / "classnames.txt").write_text("cat\ta cat\ndog\ta dog\nred_car\ta red car\n")
+    # retrieve: three images, two captions each
+    os.makedirs(r / "ret" / "images")
+    for i in range(3):
+        picture(rng, 32, 48).save(r / "ret" / "images" / f"{i}.png")
+    caps = {"images": [{"id": 10 + i, "file_name": f"{i}.png"} for i in range(3)],
+            "annotations": [{"image_id": 10 + i, "caption": f"photo number {i} variant {j}"}
+                            for i in range(3) for j in range(2)]}
+    (r / "ret" / "captions.json").write_text(json.dumps(caps))
+    # VOC: palette PNGs with classes 0, 1, 15 and a 255 border
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(r / "voc" / sub)
+    for i, (h, w) in enumerate([(40, 56), (48, 36), (33, 33)]):
+        picture(rng, h, w).save(r / "voc" / "JPEGImages" / f"2007_{i:06d}.jpg")
+        lab = np.zeros((h, w), np.uint8)
+        lab[5:20, 5:25], lab[22:, :10] = 1, 15
+        lab[[0, -1], :], lab[:, [0, -1]] = 255, 255
+        png = Image.fromarray(lab, mode="P")
+        png.putpalette(ev.PALETTE.reshape(-1).tolist())
+        png.save(r / "voc" / "SegmentationClass" / f"2007_{i:06d}.png")
+    (r / "voc" / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000000\n2007_000001\n2007_000002\n")
+    # generic: one-channel labels over 3 named classes, a few ignored pixels
+    for sub in ("images", "labels"):
+        os.makedirs(r / "gen" / sub)
+    for i in range(4):
+        picture(rng, 36, 44).save(r / "gen" / "images" / f"im{i}.png")
+        lab = np.full((36, 44), i % 3, np.uint8)
+        lab[:12, :20], lab[30:, 40:] = (i + 1) % 3, 255
+        Image.fromarray(lab, mode="L").save(r / "gen" / "labels" / f"im{i}.png")
+    (r / "gen" / "classes.txt").write_text("sky\ngrass\nroad\n")
+    # instances: polygons, compressed RLE, uncompressed RLE and a crowd object that must be ignored
+    os.makedirs(r / "inst" / "images")
+    anns, H, W = [], 40, 60
+    for i in range(2):
+        picture(rng, H, W).save(r / "inst" / "images" / f"{i}.jpg")
+        m1 = np.zeros((H, W), bool)
+        m1[20:35, 30:55] = True
+        m2 = np.zeros((H, W), bool)
+        m2[2:12, 2:20] = True
+        anns += [{"id": 10 * i + 1, "image_id": i, "category_id": 1, "iscrowd": 0, "bbox": [5, 5, 20, 15],
+                  "segmentation": [[5, 5, 25, 5, 25, 20, 5, 20]]},
+                 {"id": 10 * i + 2, "image_id": i, "category_id": 2, "iscrowd": 0, "bbox": [30, 20, 25, 15],
+                  "segmentation": data.rle_encode(m1)},
+                 {"id": 10 * i + 3, "image_id": i, "category_id": 2, "iscrowd": 0, "bbox": [2, 2, 18, 10],
+                  "segmentation": {"size": [H, W], "counts": rle_counts(m2)}},
+                 {"id": 10 * i + 4, "image_id": i, "category_id": 1, "iscrowd": 1, "bbox": [0, 0, 60, 40],
+                  "segmentation": data.rle_encode(np.ones((H, W), bool))}]
+    inst = {"images": [{"id": i, "file_name": f"{i}.jpg", "height": H, "width": W} for i in range(2)],
+            "annotations": anns, "categories": [{"id": 1, "name": "box"}, {"id": 2, "name": "blob"}]}
+    (r / "inst" / "instances.json").write_text(json.dumps(inst))
+    dets = [{"image_id": 0, "category_id": 1, "bbox": [5, 5, 20, 15], "score": 0.9},
+            {"image_id": 0, "category_id": 2, "bbox": [0, 0, 10, 10], "score": 0.4},
+            {"image_id": 1, "category_id": 2, "bbox": [30, 20, 25, 15], "score": 0.8}]
+    (r / "dets.json").write_text(json.dumps(dets))
+    return r
+
+
+def run(root, *argv):
+    return ev.main([argv[0], "--checkpoint", str(root / "m.pt"), *argv[1:]])
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- subcommands end to end
+
+def test_classify(root):
+    out = root / "out" / "cls.json"
+    run(root, "classify", "--data", str(root / "cls"), "--out", str(out), "--visualize", "2", "--batch-size", "4")
+    res = read(out)
+    assert {"top1", "top5"} <= set(res) and 0 <= res["top1"] <= res["top5"] == 100.0  # 3 classes: top-5 = all
+    assert res["num_images"] == 6 and res["resolution"] == 64                        # 336 px scaled for tiny
+    assert len(os.listdir(root / "out" / "cls_vis")) == 2
+
+
+def test_retrieve(root):
+    out = root / "out" / "ret.json"
+    run(root, "retrieve", "--data", str(root / "ret"), "--out", str(out), "--visualize", "1")
+    res = read(out)
+    for key in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"):
+        assert 0 <= res[key] <= 100
+    assert res["t2i_R@5"] == 100.0 and (res["num_images"], res["num_texts"]) == (3, 6)   # only 3 images
+    assert len(os.listdir(root / "out" / "ret_vis")) == 1
+
+
+@pytest.mark.parametrize("layout,refine", [("voc", "none"), ("voc", "sam"), ("generic", "none"), ("generic", "sam")])
+def test_semseg(root, layout, refine):
+    out, preds = root / "out" / f"seg_{layout}_{refine}.json", root / "out" / f"pred_{layout}_{refine}"
+    run(root, "semseg", "--data", str(root / ("voc" if layout == "voc" else "gen")), "--layout", layout,
+        "--refine", refine, "--out", str(out), "--save-predictions", str(preds), "--visualize", "2")
+    res = read(out)
+    names = ev.VOC_CLASSES if layout == "voc" else ["sky", "grass", "road"]
+    assert list(res["per_class_IoU"]) == names and 0 <= res["mIoU"] <= 100 and 0 <= res["pixel_accuracy"] <= 100
+    labels = root / ("voc/SegmentationClass" if layout == "voc" else "gen/labels")
+    for f in os.listdir(labels):
+        p = Image.open(preds / f)
+        assert p.mode == "L" and p.size == Image.open(labels / f).size
+        assert np.array(p).max() < len(names)
+    assert len(os.listdir(root / "out" / f"seg_{layout}_{refine}_vis")) == 2
+
+
+def test_instseg_with_ground_truth_boxes(root):
+    out = root / "out" / "inst.json"
+    run(root, "instseg", "--data", str(root / "inst"), "--out", str(out), "--visualize", "2", "--batch-size", "2")
+    res = read(out)
+    assert all(0 <= res[k] <= 100 for k in ("AP", "AP50", "AP75", "mIoU_prompted"))
+    assert res["num_prompts"] == 6                                       # 3 objects per image, crowd left out
+    assert set(res["per_category_AP"]) == {"box", "blob"}
+    assert len(os.listdir(root / "out" / "inst_vis")) == 2
+
+
+def test_instseg_with_detections(root):
+    out = root / "out" / "inst_det.json"
+    run(root, "instseg", "--data", str(root / "inst"), "--detections", str(root / "dets.json"), "--out", str(out))
+    res = read(out)
+    assert res["num_prompts"] == 3 and res["mIoU_prompted"] is None and 0 <= res["AP"] <= 100
+
+
+def test_decode_mask_polygon_and_rle_agree():
+    poly = ev.decode_mask([[2, 1, 6, 1, 6, 4, 2, 4]], 8, 10)                  # x 2..6, y 1..4 inclusive
+    assert poly.sum() == 5 * 4 and poly[1:5, 2:7].all()
+    assert torch.equal(ev.decode_mask(data.rle_encode(poly.numpy()), 8, 10), poly)               # compressed RLE
+    assert torch.equal(ev.decode_mask({"size": [8, 10], "counts": rle_counts(poly.numpy())}, 8, 10), poly)
+
+
+def test_classnames_one_per_line_follow_sorted_folders(tmp_path):
+    for c in ("b_dogs", "a_cats"):
+        os.makedirs(tmp_path / c)
+        Image.new("RGB", (8, 8)).save(tmp_path / c / "x.png")
+    assert ev.read_image_folder(str(tmp_path))[1] == ["a cats", "b dogs"]        # folder names, _ -> space
+    (tmp_path / "classnames.txt").write_text("cat\ndog\n")
+    items, names = ev.read_image_folder(str(tmp_path))
+    assert names == ["cat", "dog"] and [k for _, k in items] == [0, 1]
+
+
+@pytest.mark.parametrize("task,features", [("cls", "samclip"), ("cls", "sam"), ("seg", "clip")])
+def test_probe(root, tmp_path, task, features):
+    out = root / "out" / f"probe_{task}_{features}.json"
+    extra = []
+    if features == "clip":
+        tiny_clip = torch.load(os.path.join(FIXTURES, "clip_tiny.pt"), weights_only=True)["state_dict"]
+        torch.save(tiny_clip, tmp_path / "c.pt")
+        extra = ["--clip-checkpoint", str(tmp_path / "c.pt")]
+    folder = str(root / ("cls" if task == "cls" else "gen"))
+    run(root, "probe", "--task", task, "--features", features, "--data", folder,
+        "--epochs", "3", "--out", str(out), "--visualize", "1", *extra)
+    res = read(out)
+    assert res["num_train"] + res["num_test"] == (6 if task == "cls" else 4)
+    assert 0 <= res["top1" if task == "cls" else "mIoU"] <= 100
+    assert len(os.listdir(root / "out" / f"probe_{task}_{features}_vis")) == 1
+
+
+def test_probe_seg_is_deterministic(root):
+    outs = [root / "out" / f"det{i}.json" for i in range(2)]
+    for o in outs:
+        run(root, "probe", "--task", "seg", "--data", str(root / "gen"), "--epochs", "2", "--out", str(o))
+    res = read(outs[0])
+    assert res == read(outs[1]) and res["num_train"] == 2 and 0 <= res["mIoU"] <= 100
+
+
+def test_speed_tiny_prints_a_table(capsys, tmp_path):
+    res = ev.main(["speed", "--preset", "tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "s.json")])
+    text = capsys.readouterr().out
+    assert "SAM-CLIP: encoder + HeadCLIP + HeadSAM" in text and "SAM + CLIP run separately" in text
+    assert len(res["rows"]) == 5 and all(r["latency_s"] > 0 and r["params_M"] > 0 for r in res["rows"])
+    assert read(tmp_path / "s.json")["params_ratio_separate_over_samclip"] > 0
+
+
+# ----------------------------------------------------------------------------- bad layouts: one line, exit 2
+
+def broken(root, tmp_path, src, remove):
+    import shutil
+    dst = tmp_path / src
+    shutil.copytree(root / src, dst)
+    target = dst / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return dst, target
+
+
+@pytest.mark.parametrize("cmd,src,remove,extra", [
+    ("semseg", "voc", "SegmentationClass", ["--layout", "voc"]),
+    ("semseg", "voc", "SegmentationClass/2007_000001.png", ["--layout", "voc"]),
+    ("semseg", "voc", "ImageSets/Segmentation/val.txt", ["--layout", "voc"]),
+    ("semseg", "gen", "classes.txt", []),
+    ("semseg", "gen", "labels/im2.png", []),
+    ("retrieve", "ret", "captions.json", []),
+    ("retrieve", "ret", "images/1.png", []),
+    ("instseg", "inst", "instances.json", []),
+    ("probe", "gen", "labels", ["--task", "seg"]),
+])
+def test_missing_layout_parts_give_one_line_and_exit_2(root, tmp_path, capsys, cmd, src, remove, extra):
+    dst, target = broken(root, tmp_path, src, remove)
+    with pytest.raises(SystemExit) as e:
+        run(root, cmd, "--data", str(dst), *extra)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and str(target) in err
+
+
+def test_bad_checkpoint_and_class_names_exit_2(root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["classify", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(root / "cls")])
+    assert e.value.code == 2 and "none.pt" in capsys.readouterr().err
+    dst, _ = broken(root, tmp_path, "cls", "classnames.txt")
+    (dst / "classnames.txt").write_text("one\ntwo\n")                  # 2 names for 3 folders
+    with pytest.raises(SystemExit) as e:
+        run(root, "classify", "--data", str(dst))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "classnames.txt" in err
