@@ -20,6 +20,8 @@ One subcommand per protocol; each prints a table and, with --out, writes a JSON 
             model, SAM's encoder or a CLIP tower. -> top1/top5 (--task cls) or mIoU (--task seg).
   speed     the paper's inference-cost claim: one 1024 px SAM-CLIP forward serving both heads vs
             SAM ViT-B plus the CLIP ViT-L/14 tower run separately; random weights, no data.
+  train-speed  training throughput (images/s of D_CLIP and D_SAM, s/step) and memory of one
+            distill step, per D_CLIP resolution; random weights, no data.
 
 Run (every flag has --help):
   python evaluate.py classify --checkpoint m.pt --data imagenet_val/ --out cls.json
@@ -29,6 +31,7 @@ Run (every flag has --help):
   python evaluate.py instseg  --checkpoint m.pt --data coco_val/ [--detections dets.json]
   python evaluate.py probe    --checkpoint m.pt --data voc_generic/ --task seg --features sam
   python evaluate.py speed    [--preset tiny] [--repeats 3]
+  python evaluate.py train-speed [--preset tiny] [--clip-batch 4] [--sam-batch 1] [--masks 8]
 Every data subcommand also takes --limit N, --batch-size, --visualize K (K side-by-side PNGs
 "image | prediction | ground truth" in <out stem>_vis/ next to the JSON), --device and --seed.
 
@@ -742,7 +745,7 @@ def _reset_peak():
         return False
 
 
-def measure(name, forward, repeats, params):
+def measure(name, forward, repeats, params, grad=False):
     """Median latency of `forward()` over `repeats` runs after one warm-up, and memory: the peak
     RSS during the runs and its rise over the RSS just before (activations and workspace; the
     weights are already resident). Torch's CPU tensors come from malloc, which tracemalloc does
@@ -751,7 +754,7 @@ def measure(name, forward, repeats, params):
     gc.collect()
     exact = _reset_peak()
     rss0 = _status_kb("VmRSS")
-    with torch.no_grad():
+    with torch.enable_grad() if grad else torch.no_grad():
         forward()
         times = []
         for _ in range(repeats):
@@ -809,6 +812,65 @@ def cmd_speed(args):
           f"  peak RSS: the whole process; forward: its rise during the forwards (activations)")
     results = {"preset": args.preset, "threads": torch.get_num_threads(), "repeats": args.repeats,
                "rows": rows, **summary}
+    if args.out:
+        write_json(args.out, results)
+    return results
+
+
+def cmd_train_speed(args):
+    """Training throughput of one distill step (the costliest stage: both frozen teachers, the
+    student's CLIP and SAM branches, backward, AdamW), per D_CLIP resolution. Random weights and
+    random inputs; fp32 on the CPU. vit_b: the paper's sizes with a small batch (--clip-batch
+    images at 224 px, fewer at 448 at constant pixels; --sam-batch images at 1024 px with
+    --masks prompts each); tiny: the tiny preset's own settings."""
+    import train
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tiny = args.preset == "tiny"
+    if tiny:
+        sam_enc, sam_head, teacher = train.build_teachers(train.parse_args(["--preset", "tiny"]))
+    else:
+        sam_enc, sam_head, teacher = vit_det.build_vit_det("vit_b"), heads.build_head_sam("sam"), \
+            clip.build_clip("openclip_vit_l_14")
+    for t in (sam_enc, sam_head, teacher):
+        t.requires_grad_(False).eval()
+    student = model.SAMCLIP.from_modules(sam_enc, sam_head, teacher)
+    train.set_trainable(student, "distill")
+    step_module = train.MultiTaskStep(student, 10.0)
+    cfg = train.TrainConfig(lr=4e-5)
+    opt = torch.optim.AdamW(train.param_groups(student, cfg))
+    S, T = student.cfg.encoder.img_size, teacher.config.image_size
+    B, K, P = args.sam_batch, args.masks, 3
+    g = torch.Generator().manual_seed(0)
+    sam_batch = {"image": torch.randn(B, 3, S, S, generator=g),
+                 "point_coords": torch.rand(B, K, P, 2, generator=g) * S,
+                 "point_labels": torch.randint(0, 2, (B, K, P), generator=g),
+                 "boxes": torch.tensor([0.1, 0.1, 0.6, 0.7]).repeat(B, K, 1) * S,
+                 "has_box": torch.arange(K).repeat(B, 1) % 2 == 0, "valid": torch.ones(B, K, dtype=torch.bool)}
+    resolutions = (48, 96) if tiny else (224, 448)
+    print(f"train-speed: one distill step (teachers + student forward/backward + AdamW), fp32, "
+          f"{torch.get_num_threads()} CPU threads, median of {args.repeats} after 1 warm-up\n"
+          f"  {'':<46} {'s/step':>10} {'params':>10} {'peak RSS':>11} {'step':>11}")
+    rows = []
+    for r in resolutions:
+        n = max(1, round(args.clip_batch * (resolutions[0] / r) ** 2))    # constant pixels per batch
+        clip_student, clip_teacher = torch.randn(n, 3, r, r, generator=g), torch.randn(n, 3, T, T, generator=g)
+
+        def one_step():
+            with torch.no_grad():
+                target = teacher.visual(clip_teacher)
+                t_masks, t_iou, _ = train.sam_prompts_forward(sam_head, sam_enc(sam_batch["image"]), sam_batch)
+            out = step_module(clip_student, target, torch.ones(n, dtype=torch.bool), sam_batch, (t_masks, t_iou))
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        row = measure(f"distill: {n} x {r} px D_CLIP + {B} x {S} px D_SAM ({K} prompts)", one_step, args.repeats,
+                      sum(p.numel() for p in student.parameters() if p.requires_grad), grad=True)
+        row |= {"clip_img_per_s": n / row["latency_s"], "sam_img_per_s": B / row["latency_s"], "resolution": r}
+        print(f"  {'':<46} {row['clip_img_per_s']:8.2f} D_CLIP img/s, {row['sam_img_per_s']:.2f} D_SAM img/s")
+        rows.append(row)
+    results = {"preset": args.preset, "threads": torch.get_num_threads(), "rows": rows}
     if args.out:
         write_json(args.out, results)
     return results
@@ -874,6 +936,15 @@ def main(argv=None):
     p.set_defaults(func=cmd_speed)
     p.add_argument("--preset", choices=["vit_b", "tiny"], default="vit_b", help="model sizes (tiny: a smoke run)")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per model (median reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", help="write the results as JSON here")
+    p = sub.add_parser("train-speed", help="training throughput and memory of one distill step (random weights)")
+    p.set_defaults(func=cmd_train_speed)
+    p.add_argument("--preset", choices=["vit_b", "tiny"], default="vit_b", help="model sizes (tiny: the tiny preset)")
+    p.add_argument("--clip-batch", type=int, default=4, help="D_CLIP images per step at the smallest resolution")
+    p.add_argument("--sam-batch", type=int, default=1, help="D_SAM images per step at the native resolution")
+    p.add_argument("--masks", type=int, default=8, help="prompts per D_SAM image (the paper: 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per resolution (median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)

@@ -285,11 +285,19 @@ def test_probe_seg_is_deterministic(root):
 
 
 def test_speed_tiny_prints_a_table(capsys, tmp_path):
-    res = ev.main(["speed", "--preset", "tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "s.json")])
+    res = ev.main(["speed", "--preset", "tiny", "--repeats", "1", "--out", str(tmp_path / "s.json")])
     text = capsys.readouterr().out
     assert "SAM-CLIP: encoder + HeadCLIP + HeadSAM" in text and "SAM + CLIP run separately" in text
     assert len(res["rows"]) == 5 and all(r["latency_s"] > 0 and r["params_M"] > 0 for r in res["rows"])
     assert read(tmp_path / "s.json")["params_ratio_separate_over_samclip"] > 0
+
+
+def test_train_speed_tiny(capsys):
+    res = ev.main(["train-speed", "--preset", "tiny", "--repeats", "1", "--clip-batch", "8", "--masks", "4"])
+    assert "D_CLIP img/s" in capsys.readouterr().out
+    assert [r["resolution"] for r in res["rows"]] == [48, 96]
+    # constant pixels per batch: 8 images at 48 px, 2 at 96 px
+    assert [round(r["clip_img_per_s"] * r["latency_s"]) for r in res["rows"]] == [8, 2]
 
 
 # ----------------------------------------------------------------------------- bad layouts: one line, exit 2
