@@ -342,10 +342,6 @@ def build_head_sam(cfg="sam"):
     return HeadSAM(SAM_HEAD_PRESETS[cfg] if isinstance(cfg, str) else cfg)
 
 
-def build_head_clip(cfg: HeadCLIPConfig):
-    return HeadCLIP(cfg)
-
-
 # ----------------------------------------------------------------------------- official weights
 
 # Official key -> ours. HeadSAM holds `prompt_encoder` and `mask_decoder` under their official names.

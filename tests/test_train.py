@@ -95,7 +95,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_data):
 def test_sigterm_saves_and_resume_finishes(tmp_path, tiny_data):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "tiny", "--stage", "probe", "--out", out,
-           "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--save-every", "1000", "--max-steps", "400"]
+           "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--save-every", "1000", "--epochs", "50"]  # far more steps than the test waits for
     p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     path = os.path.join(out, "metrics.jsonl")
     deadline = time.time() + 120
@@ -107,7 +107,7 @@ def test_sigterm_saves_and_resume_finishes(tmp_path, tiny_data):
     ckpt = torch.load(os.path.join(out, "ckpt_probe.pt"), weights_only=True)
     assert ckpt["step"] >= 1 and not ckpt["done"] and "interrupted" in err + _
     run(["--stage", "probe", "--out", out, "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
-         "--max-steps", str(ckpt["step"] + 2), "--resume"])
+         "--epochs", "50", "--max-steps", str(ckpt["step"] + 2), "--resume"])
     assert metrics(out)[-1]["step"] == ckpt["step"] + 2
 
 
