@@ -21,7 +21,6 @@ Shape legend: B batch, H W token grid, C backbone width, D CLIP embedding size, 
 """
 
 import math
-import os
 from dataclasses import dataclass, asdict
 
 import torch
@@ -140,13 +139,7 @@ class SAMCLIP(nn.Module):
     @classmethod
     def load(cls, path):
         """A merged checkpoint written by `save`, in eval mode. A SAM or CLIP file gets a clear error."""
-        if not os.path.isfile(path):
-            raise weights.CheckpointError(f"{path}: SAM-CLIP checkpoint file not found")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise weights.CheckpointError(f"{path}: cannot be read as a safe torch checkpoint "
-                                          f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+        ckpt = weights.safe_load(path, "SAM-CLIP checkpoint")
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "samclip":
             kind = weights.guess_kind(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
             raise weights.CheckpointError(f"{path}: expected a merged SAM-CLIP checkpoint (written by "

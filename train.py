@@ -265,7 +265,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     sam_enc, sam_head, teacher_clip = teachers
     uses_sam = cfg.stage == "distill"
     ckpt_path = os.path.join(cfg.out, f"ckpt_{cfg.stage}.pt")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
+    state = weights.safe_load(ckpt_path, "training checkpoint") if os.path.exists(ckpt_path) else None
     if state is not None:
         model.load_state_dict(state["model"])
         if state["done"]:

@@ -74,6 +74,19 @@ def read_safetensors(path):
     return out
 
 
+def safe_load(path, what="checkpoint"):
+    """torch.load(path, weights_only=True) with one-line errors: a missing file, a truncated one, or
+    a pickle that names anything but tensors and plain containers (refused before any of it runs)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: {what} file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError / EOFError for truncated zips
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read as a safe torch checkpoint ({first[:200]})") from None
+
+
 def read_state_dict(checkpoint, what="checkpoint"):
     """Return `{key: tensor}` from a path (`.pth/.pt/.bin` pickle or `.safetensors`) or a dict.
 
@@ -87,14 +100,7 @@ def read_state_dict(checkpoint, what="checkpoint"):
         source = str(checkpoint)
         if not os.path.isfile(source):
             raise CheckpointError(f"{source}: {what} file not found")
-        if source.endswith(".safetensors"):
-            sd = read_safetensors(source)
-        else:
-            try:
-                sd = torch.load(source, map_location="cpu", weights_only=True)
-            except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError / EOFError for truncated zips
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CheckpointError(f"{source}: cannot be read as a safe torch checkpoint ({first[:200]})") from None
+        sd = read_safetensors(source) if source.endswith(".safetensors") else safe_load(source, what)
     else:
         sd = checkpoint
     if isinstance(sd, dict):
