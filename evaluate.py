@@ -485,7 +485,7 @@ def cmd_retrieve(args):
         pics += imgs[:max(0, args.visualize - len(pics))]
     for i in tqdm(range(0, len(caps), args.batch_size), desc="captions"):
         tok = clip.tokenize(caps[i:i + args.batch_size], ctx)                # (B, L)
-        tok = tok[:, :int((tok != 0).sum(1).max())]                          # causal tower: padding can go
+        tok = clip.trim_padding(tok)                                         # causal tower: padding can go
         txt_emb.append(F.normalize(m.encode_text(tok.to(args.device)).float(), dim=-1).cpu())
     sim = torch.cat(txt_emb) @ torch.cat(img_emb).T                          # (N_text, N_img)
     right = F.one_hot(torch.tensor(owner), len(paths)).bool()                # (N_text, N_img)

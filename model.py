@@ -252,9 +252,7 @@ def class_embeddings(model, class_names, templates=OPENAI_IMAGENET_TEMPLATES, ba
     check_class_names(names, templates, ctx)
     prompts = [t.format(name) for name in names for t in templates]            # K*T texts
     tokens = clip.tokenize(prompts, ctx)                                        # (K*T, L)
-    # The text tower is causal and reads the end token's feature, so the all-zero padding after
-    # the longest prompt changes nothing: cut it (77 -> ~10 tokens, several times faster).
-    tokens = tokens[:, :int((tokens != 0).sum(1).max())]                        # (K*T, L')
+    tokens = clip.trim_padding(tokens)                                          # (K*T, L')
     device = model.logit_scale.device
     feats = [F.normalize(model.encode_text(tokens[i:i + batch_size].to(device)).float(), dim=-1)
              for i in range(0, len(prompts), batch_size)]

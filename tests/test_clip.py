@@ -227,3 +227,15 @@ def test_tokenizer_on_fixture_texts(tiny):
 def test_tokenizer_truncates_with_end_token():
     tokens = clip.tokenize("dog " * 100, context_length=8)
     assert tokens[0].tolist() == [49406] + [1929] * 6 + [49407]
+
+
+def test_trim_padding_keeps_end_tokens_of_texts_with_id_zero(tiny):
+    # "!" is BPE id 0, so counting non-zero ids undercounts this prompt and would cut its end token.
+    tokens = clip.tokenize(['yes!"# sir', "a dog"])
+    assert (tokens[0, 1:-1] == 0).any() and tokens[0].tolist().index(49407) == 5
+    trimmed = clip.trim_padding(tokens)
+    assert (tokens[0] != 0).sum() == 5  # the old count: one short of the end token
+    assert trimmed.shape == (2, 6) and trimmed[0, -1] == 49407 and trimmed[1, 3] == 49407
+    model = clip.load_clip(tiny["state_dict"])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(trimmed), model.encode_text(tokens), atol=1e-5)
