@@ -288,17 +288,21 @@ def clip_mode_side(model):
     return scaled_side(CLIP_SEMSEG_SIDE, model.cfg.encoder)
 
 
-def draw_points(prob, threshold, max_points, generator=None, patch_size=16):
+def draw_points(prob, threshold, max_points, generator=None, patch_size=16, valid=None):
     """Point prompts for one class from its coarse probability map (App. C).
 
-    prob (h, w): the class's per-cell probability. A number n of points, uniform in
-    1..max_points (the paper's "1 to 3"), is drawn without replacement from the cells with
-    prob > threshold; when no cell passes, the single most probable cell is used. A cell (r, c)
+    prob (h, w): the class's per-cell probability; valid (h, w) bool: the cells a point may come
+    from (default all; refine_with_sam passes the cells of the image, not of SAM's zero padding).
+    A number n of points, uniform in 1..max_points (the paper's "1 to 3"), is drawn without
+    replacement from the valid cells with prob > threshold; when no cell passes, the single most
+    probable valid cell is used. A cell (r, c)
     becomes the pixel (x, y) = ((c + 0.5) * patch_size, (r + 0.5) * patch_size), its centre in
     the encoder's input frame; SAM takes points as (x, y).
     Returns coords (max_points, 2) float and labels (max_points,) long: 1 for the n drawn points,
     -1 (SAM's "not a point") for the padding that lets all classes share one batched decoder call."""
     prob = prob.detach().float().cpu()
+    if valid is not None:
+        prob = prob.masked_fill(~valid.cpu(), float("-inf"))               # padding cells never pass
     cells = (prob > threshold).nonzero()                                   # (C, 2) rows of (r, c)
     if len(cells) == 0:
         cells = (prob == prob.max()).nonzero()[:1]                         # argmax cell, (1, 2)
@@ -312,13 +316,16 @@ def draw_points(prob, threshold, max_points, generator=None, patch_size=16):
     return coords, labels
 
 
-def refine_with_sam(model, image_1024, class_emb, classes=None, threshold=0.5, max_points=3, generator=None):
+def refine_with_sam(model, image_1024, class_emb, classes=None, threshold=0.5, max_points=3, generator=None, *,
+                    input_size):
     """Both heads from one forward (Sec. 4.4, App. C, Table 5).
 
-    image_1024 (1, 3, S, S): SAM-preprocessed at the encoder's native side S (1024 for vit_b).
-    class_emb (K, D); classes: indices of the classes to refine (default all K; the softmax
-    below still runs over all K). Returns (mask_logits (K', 4h, 4w), coarse (K, h, w)):
-    HeadSAM's logits for each refined class (256 x 256 at 1024 px) and HeadCLIP's coarse logits.
+    image_1024 (1, 3, S, S): SAM-preprocessed at the encoder's native side S (1024 for vit_b);
+    input_size (h', w'): the resized image inside that frame (data.sam_preprocess returns it), the
+    rest is SAM's zero padding. class_emb (K, D); classes: indices of the classes to refine
+    (default all K; the softmax below still runs over all K). Returns (mask_logits (K', 4h, 4w),
+    coarse (K, h, w)): HeadSAM's logits for each refined class (256 x 256 at 1024 px) and
+    HeadCLIP's coarse logits.
 
     Choices the paper leaves open, made here:
       - Points come from the softmax over classes (not from raw logits, whose offset is
@@ -330,21 +337,33 @@ def refine_with_sam(model, image_1024, class_emb, classes=None, threshold=0.5, m
         (4h, 4w). Temperature-scaled CLIP logits themselves (about 100 x cosine) are neither
         centred nor on SAM's scale.
       - All classes go through the decoder in one batch with the single image embedding shared;
-        point sets are padded to max_points with SAM's padding label -1."""
+        point sets are padded to max_points with SAM's padding label -1.
+      - Only the image, never SAM's padding, prompts: points come from cells whose centre lies
+        inside input_size, and the mask prompt is "surely not" (-9.2) on the padded rows and
+        columns of its 4h x 4w grid. HeadCLIP's logits there describe black padding, which can
+        win a class's softmax (every VOC image is non-square)."""
     S, p = model.cfg.encoder.img_size, model.cfg.encoder.patch_size
     if image_1024.ndim != 4 or image_1024.shape[0] != 1 or tuple(image_1024.shape[2:]) != (S, S):
         raise ValueError(f"refine_with_sam takes one image at the encoder's native size (1, 3, {S}, {S}), "
                          f"got {list(image_1024.shape)}")
+    in_h, in_w = (int(v) for v in input_size)
+    if not (0 < in_h <= S and 0 < in_w <= S):
+        raise ValueError(f"refine_with_sam: input_size {tuple(input_size)} must lie inside the {S} x {S} frame")
     emb, tokens = model.encoder.forward_features(image_1024)              # (1, C', h, w), (1, h, w, C)
     coarse = _cosine_logits(model, model.head_clip(tokens)[1], class_emb)[0]  # (1, K, h, w) -> (K, h, w)
     classes = list(range(coarse.shape[0])) if classes is None else [int(k) for k in classes]
     prob = coarse.softmax(dim=0)[classes]                                 # (K', h, w)
-    pts = [draw_points(prob[i], threshold, max_points, generator, p) for i in range(len(classes))]
+    h, w = coarse.shape[1:]
+    centre = (torch.arange(max(h, w)) + 0.5) * p                          # cell centres in input pixels
+    valid = (centre[:h, None] < in_h) & (centre[None, :w] < in_w)         # (h, w): the image's cells
+    pts = [draw_points(prob[i], threshold, max_points, generator, p, valid) for i in range(len(classes))]
     coords = torch.stack([c for c, _ in pts]).to(emb.device)              # (K', P, 2)
     labels = torch.stack([l for _, l in pts]).to(emb.device)              # (K', P)
-    h, w = coarse.shape[1:]
     mask_prompt = torch.logit(prob, eps=MASK_PROMPT_EPS)[:, None]         # (K', h, w) -> (K', 1, h, w)
     mask_prompt = F.interpolate(mask_prompt, (4 * h, 4 * w), mode="bilinear", align_corners=False)
+    floor = math.log(MASK_PROMPT_EPS / (1 - MASK_PROMPT_EPS))             # -9.2: "surely not"
+    mask_prompt[..., math.ceil(in_h * 4 * h / S):, :] = floor             # padded rows of the 4h x 4w grid
+    mask_prompt[..., :, math.ceil(in_w * 4 * w / S):] = floor             # padded columns
     masks, _ = model.head_sam(emb, points=(coords, labels), masks=mask_prompt.to(emb.dtype),
                               multimask_output=False)                     # (K', 1, 4h, 4w)
     return masks[:, 0], coarse                                            # (K', 4h, 4w), (K, h, w)
@@ -384,8 +403,8 @@ def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=No
     else:
         S = model.cfg.encoder.img_size
         x, input_size = data.sam_preprocess(img, S)                              # (3, S, S), (h', w')
-        masks, _ = refine_with_sam(model, x[None].to(device), class_emb, classes=range(K),
-                                   threshold=threshold, generator=generator)     # (K, 4h, 4w)
+        masks, _ = refine_with_sam(model, x[None].to(device), class_emb, classes=range(K), threshold=threshold,
+                                   generator=generator, input_size=input_size)   # (K, 4h, 4w)
         masks = heads.postprocess_masks(masks[None], input_size, (H, W), img_size=S)  # (1, K, H, W)
         probs = masks[0].sigmoid()                                               # (K, H, W)
     best, labels = probs.max(dim=0)                                              # (H, W), (H, W)

@@ -153,7 +153,7 @@ def test_refine_with_sam_wires_points_and_mask_prompt_from_the_coarse_map(tiny, 
     monkeypatch.setattr(tiny.head_sam, "forward", spy)
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
-        masks, got_coarse = samclip_model.refine_with_sam(tiny, x, torch.randn(K, 32),
+        masks, got_coarse = samclip_model.refine_with_sam(tiny, x, torch.randn(K, 32), input_size=(160, 160),
                                                           generator=torch.Generator().manual_seed(0))
     assert masks.shape == (K, 4 * h, 4 * h) and got_coarse.shape == (K, h, h)
     assert torch.equal(got_coarse, coarse)
@@ -174,15 +174,48 @@ def test_refine_with_sam_wires_points_and_mask_prompt_from_the_coarse_map(tiny, 
     assert mp.abs().max() <= torch.logit(torch.tensor(1 - samclip_model.MASK_PROMPT_EPS)) + 1e-3
 
 
+def test_refine_with_sam_prompts_only_from_the_image_not_the_padding(tiny, monkeypatch):
+    """A 160 x 72 image in the 160 x 160 frame (input_size (72, 160)): rows 72.. are SAM's zero
+    padding. Class 0's coarse map is hottest in the padding and only lukewarm in the image."""
+    K, h = 2, tiny.cfg.encoder.grid                               # 10 x 10 cells of 16 px
+    coarse = torch.zeros(K, h, h)
+    coarse[0, 5:, :] = 20.0                                      # cells 5.. start at row 80 > 72: padding
+    coarse[0, 4, :] = 20.0                                       # row 4: centre at y = 72, not inside either
+    coarse[0, 2, 7] = 1.0                                        # the image's best cell for class 0
+    monkeypatch.setattr(samclip_model, "_cosine_logits", lambda model, dense, emb: coarse[None])
+    seen = {}
+    real_head = tiny.head_sam.forward
+
+    def spy(emb, points=None, boxes=None, masks=None, multimask_output=True):
+        seen.update(points=points, masks=masks)
+        return real_head(emb, points=points, boxes=boxes, masks=masks, multimask_output=multimask_output)
+
+    monkeypatch.setattr(tiny.head_sam, "forward", spy)
+    for seed in range(10):
+        with torch.no_grad():
+            samclip_model.refine_with_sam(tiny, torch.randn(1, 3, 160, 160), torch.randn(K, 32),
+                                          input_size=(72, 160), generator=torch.Generator().manual_seed(seed))
+        coords, labels = seen["points"]
+        ys = coords[labels == 1][:, 1]
+        assert (ys < 72).all(), ys                               # every point inside the image
+        assert cell_of(coords[0, 0].tolist(), 16) == (2, 7) and labels[0].tolist() == [1, -1, -1]
+    mp = seen["masks"][:, 0]                                     # (K, 40, 40): 72 px -> 18 low-res rows
+    floor = torch.logit(torch.tensor(samclip_model.MASK_PROMPT_EPS))
+    assert torch.allclose(mp[:, 18:], floor.expand_as(mp[:, 18:]))  # the padding says "not this class"
+    assert (mp[0, 8:10] > 0).any()                               # the image rows keep the coarse map
+
+
 def test_refine_with_sam_subset_of_classes_and_input_checks(tiny):
     emb = torch.randn(4, 32)
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
-        masks, coarse = samclip_model.refine_with_sam(tiny, x, emb, classes=[2, 0],
+        masks, coarse = samclip_model.refine_with_sam(tiny, x, emb, classes=[2, 0], input_size=(160, 160),
                                                       generator=torch.Generator().manual_seed(0))
     assert masks.shape == (2, 40, 40) and coarse.shape == (4, 10, 10)
     with pytest.raises(ValueError, match=r"\(1, 3, 160, 160\)"):
-        samclip_model.refine_with_sam(tiny, torch.randn(1, 3, 64, 64), emb)
+        samclip_model.refine_with_sam(tiny, torch.randn(1, 3, 64, 64), emb, input_size=(64, 64))
+    with pytest.raises(ValueError, match="input_size"):
+        samclip_model.refine_with_sam(tiny, x, emb, input_size=(0, 160))
 
 
 @pytest.mark.parametrize("mode", ["clip", "sam"])
