@@ -536,7 +536,8 @@ def cmd_semseg(args):
             else:                                                        # Table 5: both heads, 1024 px
                 x, input_size = data.sam_preprocess(img, S)              # (3, S, S), (h', w')
                 masks, coarse = model.refine_with_sam(m, x[None].to(args.device), class_emb,  # (K', 4h, 4w), (K', h, w)
-                                                      threshold=args.point_threshold, generator=gen)
+                                                      threshold=args.point_threshold, generator=gen,
+                                                      input_size=input_size)
                 post = lambda t: heads.postprocess_masks(t[None], input_size, (H, W), img_size=S)[0]  # (K', H, W)
                 coarse_pred = to_labels(post(coarse), voc, args.bg_threshold)  # HeadCLIP's answer, (H, W)
                 found = coarse_pred[coarse_pred > 0] - 1 if voc else coarse_pred
