@@ -164,7 +164,8 @@ class VisionTower(nn.Module):
         """The (1 + gh*gw, C) position table for a gh x gw patch grid. At the native grid this is
         the learned table; at any other (the teacher run at 336 or 448 px, Sec. 4.2) the patch part
         is resized bicubically as a 2-D image and the class-token row kept, as OpenCLIP's
-        `resize_pos_embed` does when it loads a checkpoint for a new resolution."""
+        `resize_pos_embed` does when it loads a checkpoint for a new resolution. The same rule as
+        vit_det.ImageEncoderViT.abs_pos (antialiased bicubic; the reason is given there)."""
         pos = self.positional_embedding
         g0 = math.isqrt(pos.shape[0] - 1)
         if (gh, gw) == (g0, g0):

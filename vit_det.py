@@ -231,11 +231,22 @@ class ImageEncoderViT(nn.Module):
 
     def abs_pos(self, H, W):
         """The absolute position embedding for an H x W grid: (1, H, W, C); bicubic resize of the
-        native grid when the input is not img_size (ViT-Det's get_abs_pos)."""
+        native grid when the input is not img_size (ViT-Det's get_abs_pos).
+
+        One rule with clip.VisionTower.position_embedding_for: bicubic WITH antialiasing. ViT-Det
+        resizes without it; measured (tests/test_vit_det.py): on a stand-in for SAM's table (MAE's
+        14 x 14 sin-cos table upsampled to 64 x 64, how SAM's was initialised) both rules land
+        within 1.5% of the exact sin-cos table at 14, 28 and 32 (antialiased: 0.8% / 1.4% / 1.4%,
+        plain: 0.1% / 1.5% / 1.4%), so the smooth part of the table is kept either way; but the
+        detail a trained table holds above the small grid's Nyquist rate is averaged out by the
+        antialiased resize, while plain bicubic point-samples it into wrong low-frequency positions
+        (white noise keeps 86% of its std at 14 x 14, pure aliasing; 18% with antialiasing). CLIP
+        only upsamples (16 -> 24 at 336 px), where the two rules are identical. The parity fixtures
+        run at the native grid and are unaffected."""
         pos = self.pos_embed
         if pos.shape[1:3] == (H, W):
             return pos
-        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
+        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False, antialias=True)
         return pos.permute(0, 2, 3, 1)                      # (1, C, H, W) -> (1, H, W, C)
 
     def forward_tokens(self, x):

@@ -66,3 +66,33 @@ def test_full_size_layout_and_preset(preset, tsv):
         enc = vit_det.build_vit_det(preset)
     ours = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
     assert ours == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _sincos(dim, pos):
+    """MAE's 2-D sin-cos position table at (continuous) grid coordinates pos (g,) -> (g, g, dim)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    gh, gw = torch.meshgrid(pos, pos, indexing="ij")
+    parts = [f(g.reshape(-1, 1) * omega) for g in (gh, gw) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, 1).float().reshape(len(pos), len(pos), dim)
+
+
+def test_abs_pos_resize_rule_keeps_smooth_tables_and_does_not_alias():
+    """The rule chosen in abs_pos (antialiased bicubic), on the cases its comment measures."""
+    enc = vit_det.build_vit_det("tiny")
+    C = enc.cfg.embed_dim
+    # SAM's table began as MAE's 14 x 14 sin-cos table upsampled to 64 x 64: resized back to the
+    # 14 x 14 and 28 x 28 grids of 224 / 448 px it must stay close to the exact sin-cos table there.
+    base = _sincos(C, torch.arange(14.0, dtype=torch.float64)).permute(2, 0, 1)[None]   # (1, C, 14, 14)
+    up = torch.nn.functional.interpolate(base, size=(64, 64), mode="bicubic", align_corners=False)
+    enc.pos_embed = torch.nn.Parameter(up.permute(0, 2, 3, 1))                      # (1, 64, 64, C)
+    for g in (14, 28):
+        exact = _sincos(C, (torch.arange(g, dtype=torch.float64) + 0.5) * 14 / g - 0.5)
+        got = enc.abs_pos(g, g)[0]
+        assert (got - exact).norm() / exact.norm() < 0.02, g
+    # Detail above the small grid's Nyquist rate (a one-cell checkerboard) is averaged out, not
+    # point-sampled into a false pattern (plain bicubic keeps most of it: aliasing).
+    checker = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2.0 - 1).expand(C, 64, 64)
+    enc.pos_embed = torch.nn.Parameter(checker.permute(1, 2, 0)[None].contiguous())  # (1, 64, 64, C)
+    plain = torch.nn.functional.interpolate(checker[None], size=(28, 28), mode="bicubic", align_corners=False)
+    assert plain.abs().mean() > 0.3                                                 # what plain bicubic does
+    assert enc.abs_pos(28, 28).abs().mean() < 0.05
