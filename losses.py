@@ -12,8 +12,10 @@ because here the target is the teacher's probability t = sigmoid(z), not a 0/1 m
     of Lin et al. (|t - p| = 1 - p_t); for soft targets it is the "quality focal loss" of Li et
     al. 2020 (Generalized Focal Loss), and it is zero when p = t.
   - dice: 1 - (2 sum p t + s) / (sum p^2 + sum t^2 + s), the squared-denominator soft dice of
-    Milletari et al. (V-Net), which equals SAM's dice on hard targets and is zero when p = t
-    (SAM's sum p + sum t form is not: 2 sum p^2 < sum 2p for soft p).
+    Milletari et al. (V-Net). It is zero when p = t, which SAM's form 1 - (2 sum p t + s) /
+    (sum p + sum t + s) is not (for soft p = t, 2 sum p^2 < sum p + sum t). The two agree only
+    when both p and t are 0/1; with a hard target and a soft prediction they differ, since
+    sum p^2 < sum p.
   - IoU head: SAM also trains its IoU prediction with an MSE; the paper does not say whether
     SAM-CLIP kept it. We distil it (MSE to the teacher's IoU predictions, weight 1), which also
     gives every mask-decoder parameter a gradient (DDP needs no find_unused_parameters).
