@@ -54,7 +54,7 @@ Choices the paper leaves open, made here:
     pixel whose best probability is under --bg-threshold is background. GroupViT uses 0.95 on its
     peaky group-token probabilities; for patch logits the default here is 0.5, "no foreground class
     holds a majority". It is a knob of the protocol, not a number from the paper.
-  - --refine sam: HeadSAM decodes every class (model.refine_with_sam), but only classes that win a
+  - --refine sam: HeadSAM decodes every class (zero_shot.refine_with_sam), but only classes that win a
     pixel of HeadCLIP's own 1024 px map compete in the per-pixel argmax; a pixel that no refined
     mask covers (logit <= 0) is background on VOC and keeps HeadCLIP's label on other layouts.
   - instseg with ground-truth boxes: one mask per object, ranked by HeadSAM's predicted IoU. Crowd
@@ -96,6 +96,7 @@ import heads
 import model
 import vit_det
 import weights
+import zero_shot
 
 # ----------------------------------------------------------------------------- metrics (pure)
 
@@ -211,8 +212,8 @@ def need(path, what):
 
 
 def scaled(res, m):
-    """A paper resolution for model or encoder `m` (model.scaled_side: the identity at full size)."""
-    return model.scaled_side(res, getattr(m.cfg, "encoder", m.cfg))
+    """A paper resolution for model or encoder `m` (zero_shot.scaled_side: the identity at full size)."""
+    return zero_shot.scaled_side(res, getattr(m.cfg, "encoder", m.cfg))
 
 
 def center_square(img):
@@ -453,7 +454,7 @@ def cmd_classify(args):
     items = items[:args.limit] if args.limit else items
     m = load_model(args)
     res = scaled(args.resolution, m)
-    class_emb = model.class_embeddings(m, names)                         # (K, D)
+    class_emb = zero_shot.class_embeddings(m, names)                         # (K, D)
     logits, labels, show = [], [], visualizer(args)
     for chunk, imgs in batches(items, lambda it: data.load_image(it[0]), args.batch_size, "classify"):
         x = torch.stack([data.square_resize(center_square(im), res) for im in imgs]).to(args.device)  # (B, 3, r, r)
@@ -517,7 +518,7 @@ def cmd_semseg(args):
     pairs = pairs[:args.limit] if args.limit else pairs
     voc = args.layout == "voc"
     m = load_model(args)
-    class_emb = model.class_embeddings(m, names[1:] if voc else names)  # VOC: the 20 foreground classes
+    class_emb = zero_shot.class_embeddings(m, names[1:] if voc else names)  # VOC: the 20 foreground classes
     K, S = len(names), m.cfg.encoder.img_size
     res = scaled(args.resolution, m)
     conf = torch.zeros(K, K, dtype=torch.int64)
@@ -527,7 +528,7 @@ def cmd_semseg(args):
     for chunk, loaded in batches(pairs, load, 1 if args.refine == "sam" else args.batch_size, "semseg"):
         if args.refine == "none":                                        # Table 2: 448 px, HeadCLIP only
             x = torch.stack([data.square_resize(im, res) for im, _ in loaded]).to(args.device)  # (B, 3, 448, 448)
-            logits = model.dense_logits(m, x, class_emb)                 # (B, K', 28, 28)
+            logits = zero_shot.dense_logits(m, x, class_emb)                 # (B, K', 28, 28)
         for b, ((img, gt), (img_path, _)) in enumerate(zip(loaded, chunk)):
             H, W = gt.shape
             if args.refine == "none":
@@ -535,7 +536,7 @@ def cmd_semseg(args):
                 pred = to_labels(up, voc, args.bg_threshold)
             else:                                                        # Table 5: both heads, 1024 px
                 x, input_size = data.sam_preprocess(img, S)              # (3, S, S), (h', w')
-                masks, coarse = model.refine_with_sam(m, x[None].to(args.device), class_emb,  # (K', 4h, 4w), (K', h, w)
+                masks, coarse = zero_shot.refine_with_sam(m, x[None].to(args.device), class_emb,  # (K', 4h, 4w), (K', h, w)
                                                       threshold=args.point_threshold, generator=gen,
                                                       input_size=input_size)
                 post = lambda t: heads.postprocess_masks(t[None], input_size, (H, W), img_size=S)[0]  # (K', H, W)

@@ -325,6 +325,10 @@ class HeadCLIP(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.width, cfg.mlp_hidden), nn.GELU(),
                                  nn.Linear(cfg.mlp_hidden, cfg.mlp_hidden), nn.GELU(),
                                  nn.Linear(cfg.mlp_hidden, cfg.out_dim))
+        for m in self.mlp:                                  # the new MLP: ViT's init, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
 
     def init_from_block(self, block):
         """Start every head block as a copy of SAM's last encoder block (App. A: faster than random)."""

@@ -7,7 +7,7 @@ The default checkpoint, runs/tiny/samclip.pt, is what `python train.py --preset 
 runs/tiny` writes (a tiny model trained for a minute on a CPU: it shows the pipeline, not the
 paper's quality); give a trained merged model with --checkpoint.
 
-Two modes, both implemented in model.py (`model.segment_by_text`); this script only reads the
+Two modes, both implemented in zero_shot.py (`zero_shot.segment_by_text`); this script only reads the
 inputs, calls it and writes the pictures:
   - clip: the paper's zero-shot semantic segmentation (Sec. 4.2). The image is squeezed to
     448 x 448, HeadCLIP's 28 x 28 patch embeddings are compared with each prompt's text
@@ -16,7 +16,7 @@ inputs, calls it and writes the pictures:
     coarse map picks 1 to 3 point prompts per prompt and is the mask prompt; HeadSAM returns a
     sharp mask, pasted back to the original size (SAM's resize and padding undone).
 An implicit "background" class competes with the prompts; pixels no prompt wins with >= 0.5 are
-left unlabelled (see model.segment_by_text).
+left unlabelled (see zero_shot.segment_by_text).
 
 Outputs in --out: overlay.png (the image with each prompt's pixels tinted in its own colour and a
 legend strip below) and mask_<i>_<slug>.png per prompt (0/255, L mode, the original image size,
@@ -41,8 +41,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
-import model as samclip_model
 import weights
+import zero_shot
+from model import SAMCLIP
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "tiny", "samclip.pt")
 # One colour per prompt (matplotlib's tab10), cycled after ten prompts.
@@ -78,7 +79,7 @@ def load_model(path, device):
         raise weights.CheckpointError(
             f"no checkpoint at the default {path}: make the tiny one with `python train.py --preset tiny "
             f"--out runs/tiny`, or train a real one (see README) and pass it with --checkpoint")
-    return samclip_model.SAMCLIP.load(path).to(device)
+    return SAMCLIP.load(path).to(device)
 
 
 def draw_overlay(img, labels, prompts):
@@ -112,16 +113,16 @@ def main(argv=None):
     args = parse_args(argv)
     try:  # every bad input ends here with one line; anything else is a bug and keeps its traceback
         img = data.load_image(args.image)
-        samclip_model.check_class_names(args.prompts, what="prompt", first=1)  # before the slow load
+        zero_shot.check_class_names(args.prompts, what="prompt", first=1)  # before the slow load
         t0 = time.perf_counter()
-        net = load_model(args.checkpoint, args.device)
+        model = load_model(args.checkpoint, args.device)
         t_load = time.perf_counter() - t0
     except ValueError as e:  # data.ImageError, weights.CheckpointError and prompt errors
         return fail(e)
 
     generator = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    out = samclip_model.segment_by_text(net, img, args.prompts, mode=args.mode, threshold=args.threshold,
+    out = zero_shot.segment_by_text(model, img, args.prompts, mode=args.mode, threshold=args.threshold,
                                         generator=generator)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()

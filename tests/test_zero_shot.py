@@ -1,5 +1,5 @@
 # python -m pytest tests/test_zero_shot.py -q
-"""Zero-shot segmentation by text (model.py, last section; SAM-CLIP Sec. 4.2, 4.4, App. C):
+"""Zero-shot segmentation by text (zero_shot.py; SAM-CLIP Sec. 4.2, 4.4, App. C):
 the 80 OpenAI templates, CLIP's template-averaged class embeddings against a hand-built average,
 dense logits against an independent einsum, the point-prompt draw on hand-made probability maps,
 and the Table 5 pipeline's wiring (points from above-threshold cells, log-odds mask prompt)."""
@@ -11,6 +11,7 @@ from PIL import Image
 
 import clip
 import model as samclip_model
+import zero_shot
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def tiny():
 
 
 def test_templates_are_the_80_openai_imagenet_ones():
-    t = samclip_model.OPENAI_IMAGENET_TEMPLATES
+    t = zero_shot.OPENAI_IMAGENET_TEMPLATES
     assert isinstance(t, tuple) and len(t) == 80 and len(set(t)) == 80
     assert all(s.count("{}") == 1 for s in t)
     assert t[0] == "a bad photo of a {}." and t[1] == "a photo of many {}." and t[-1] == "a tattoo of the {}."
@@ -28,7 +29,7 @@ def test_templates_are_the_80_openai_imagenet_ones():
 
 def test_class_embeddings_equal_a_hand_built_template_average(tiny):
     templates = ("a photo of a {}.", "a drawing of the {}.")
-    got = samclip_model.class_embeddings(tiny, ["cat", "traffic light"], templates)      # (2, D)
+    got = zero_shot.class_embeddings(tiny, ["cat", "traffic light"], templates)      # (2, D)
     assert got.shape == (2, tiny.cfg.clip.embed_dim)
     assert torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-6)
     with torch.no_grad():  # by hand: full 77-token rows, one prompt at a time
@@ -41,9 +42,9 @@ def test_class_embeddings_equal_a_hand_built_template_average(tiny):
 
 
 def test_class_embeddings_batches_do_not_change_the_result(tiny):
-    names, templates = ["cat", "dog", "a red car"], samclip_model.OPENAI_IMAGENET_TEMPLATES[:7]
-    a = samclip_model.class_embeddings(tiny, names, templates, batch_size=256)
-    b = samclip_model.class_embeddings(tiny, names, templates, batch_size=5)
+    names, templates = ["cat", "dog", "a red car"], zero_shot.OPENAI_IMAGENET_TEMPLATES[:7]
+    a = zero_shot.class_embeddings(tiny, names, templates, batch_size=256)
+    b = zero_shot.class_embeddings(tiny, names, templates, batch_size=5)
     assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -54,7 +55,7 @@ def test_class_embeddings_batches_do_not_change_the_result(tiny):
 ])
 def test_class_embeddings_rejects_empty_names(tiny, names, message):
     with pytest.raises(ValueError, match=message):
-        samclip_model.class_embeddings(tiny, names)
+        zero_shot.class_embeddings(tiny, names)
 
 
 def test_class_embeddings_rejects_names_longer_than_the_context(tiny):
@@ -62,16 +63,16 @@ def test_class_embeddings_rejects_names_longer_than_the_context(tiny):
     long_name = " ".join(["zebra"] * 80)
     n = len(tok.encode("a bad photo of a " + long_name + ".")) + 2   # counted before any truncation
     with pytest.raises(ValueError) as e:
-        samclip_model.class_embeddings(tiny, ["cat", long_name])
+        zero_shot.class_embeddings(tiny, ["cat", long_name])
     msg = str(e.value)
     assert "class name 1" in msg and "'a bad photo of a zebra" in msg and f"{n} tokens" in msg and "77" in msg
     assert "\n" not in msg
     # the longest name that fits every template is accepted, one word more is not
-    longest_template = max(len(tok.encode(t.format("zebra"))) for t in samclip_model.OPENAI_IMAGENET_TEMPLATES)
+    longest_template = max(len(tok.encode(t.format("zebra"))) for t in zero_shot.OPENAI_IMAGENET_TEMPLATES)
     words = 77 - 2 - (longest_template - 1)
-    samclip_model.check_class_names([" ".join(["zebra"] * words)])
+    zero_shot.check_class_names([" ".join(["zebra"] * words)])
     with pytest.raises(ValueError, match="too long"):
-        samclip_model.check_class_names([" ".join(["zebra"] * (words + 1))])
+        zero_shot.check_class_names([" ".join(["zebra"] * (words + 1))])
 
 
 def test_dense_logits_match_an_independent_einsum(tiny):
@@ -79,7 +80,7 @@ def test_dense_logits_match_an_independent_einsum(tiny):
     x = torch.randn(2, 3, 64, 64)
     class_emb = torch.randn(3, tiny.cfg.clip.embed_dim)          # deliberately not normalised
     with torch.no_grad():
-        got = samclip_model.dense_logits(tiny, x, class_emb)     # (2, 3, 4, 4)
+        got = zero_shot.dense_logits(tiny, x, class_emb)     # (2, 3, 4, 4)
         dense = tiny.clip_features(x)[1]                         # (2, 4, 4, D)
     dense = dense / dense.norm(dim=-1, keepdim=True)
     cls = class_emb / class_emb.norm(dim=-1, keepdim=True)
@@ -90,8 +91,8 @@ def test_dense_logits_match_an_independent_einsum(tiny):
 
 def test_clip_mode_side_is_448_at_full_size_and_scaled_for_tiny(tiny):
     full = types.SimpleNamespace(cfg=samclip_model.PRESETS["vit_b"]())
-    assert samclip_model.clip_mode_side(full) == 448             # Sec. 4.2: 28 x 28 patches
-    assert samclip_model.clip_mode_side(tiny) == 80              # 448 * 160 / 1024 = 70 -> 80
+    assert zero_shot.clip_mode_side(full) == 448             # Sec. 4.2: 28 x 28 patches
+    assert zero_shot.clip_mode_side(tiny) == 80              # 448 * 160 / 1024 = 70 -> 80
 
 
 # ----------------------------------------------------------------------------- point prompts
@@ -109,7 +110,7 @@ def test_draw_points_picks_only_above_threshold_cells():
     prob[4, 4] = 0.5                                             # not above 0.5: never drawn
     counts = set()
     for seed in range(40):
-        coords, labels = samclip_model.draw_points(prob, 0.5, 3, torch.Generator().manual_seed(seed), 16)
+        coords, labels = zero_shot.draw_points(prob, 0.5, 3, torch.Generator().manual_seed(seed), 16)
         assert coords.shape == (3, 2) and labels.shape == (3,)
         n = int((labels == 1).sum())
         assert 1 <= n <= 3 and (labels[n:] == -1).all()          # drawn points first, then padding
@@ -124,12 +125,12 @@ def test_draw_points_picks_only_above_threshold_cells():
 def test_draw_points_falls_back_to_the_argmax_cell_and_is_seeded():
     prob = torch.full((6, 8), 0.1)
     prob[4, 2] = 0.3                                             # nothing above 0.5
-    coords, labels = samclip_model.draw_points(prob, 0.5, 3, torch.Generator().manual_seed(0), 16)
+    coords, labels = zero_shot.draw_points(prob, 0.5, 3, torch.Generator().manual_seed(0), 16)
     assert labels.tolist() == [1, -1, -1]
     assert coords[0].tolist() == [2.5 * 16, 4.5 * 16]            # (x, y) of cell (4, 2)
     prob = torch.rand(8, 8, generator=torch.Generator().manual_seed(1))
-    a = samclip_model.draw_points(prob, 0.3, 3, torch.Generator().manual_seed(7), 16)
-    b = samclip_model.draw_points(prob, 0.3, 3, torch.Generator().manual_seed(7), 16)
+    a = zero_shot.draw_points(prob, 0.3, 3, torch.Generator().manual_seed(7), 16)
+    b = zero_shot.draw_points(prob, 0.3, 3, torch.Generator().manual_seed(7), 16)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
@@ -142,7 +143,7 @@ def test_refine_with_sam_wires_points_and_mask_prompt_from_the_coarse_map(tiny, 
     coarse[0, :3, :3] = 20.0                                     # class 0 owns the top-left corner
     coarse[1, 6:, 6:] = 20.0                                     # class 1 the bottom-right
     coarse[2, 5, 0] = 0.5                                        # class 2: at best p = 0.45, at (5, 0)
-    monkeypatch.setattr(samclip_model, "_cosine_logits", lambda model, dense, emb: coarse[None])
+    monkeypatch.setattr(zero_shot, "_cosine_logits", lambda model, dense, emb: coarse[None])
     seen = {}
     real_head = tiny.head_sam.forward
 
@@ -153,7 +154,7 @@ def test_refine_with_sam_wires_points_and_mask_prompt_from_the_coarse_map(tiny, 
     monkeypatch.setattr(tiny.head_sam, "forward", spy)
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
-        masks, got_coarse = samclip_model.refine_with_sam(tiny, x, torch.randn(K, 32), input_size=(160, 160),
+        masks, got_coarse = zero_shot.refine_with_sam(tiny, x, torch.randn(K, 32), input_size=(160, 160),
                                                           generator=torch.Generator().manual_seed(0))
     assert masks.shape == (K, 4 * h, 4 * h) and got_coarse.shape == (K, h, h)
     assert torch.equal(got_coarse, coarse)
@@ -171,7 +172,7 @@ def test_refine_with_sam_wires_points_and_mask_prompt_from_the_coarse_map(tiny, 
     assert mp.shape == (K, 1, 4 * h, 4 * h)
     centre = mp[:, 0, 1::4, 1::4] + mp[:, 0, 2::4, 2::4]          # 2 px around each cell centre
     assert torch.equal(centre > 0, prob > 0.5)
-    assert mp.abs().max() <= torch.logit(torch.tensor(1 - samclip_model.MASK_PROMPT_EPS)) + 1e-3
+    assert mp.abs().max() <= torch.logit(torch.tensor(1 - zero_shot.MASK_PROMPT_EPS)) + 1e-3
 
 
 def test_refine_with_sam_prompts_only_from_the_image_not_the_padding(tiny, monkeypatch):
@@ -182,7 +183,7 @@ def test_refine_with_sam_prompts_only_from_the_image_not_the_padding(tiny, monke
     coarse[0, 5:, :] = 20.0                                      # cells 5.. start at row 80 > 72: padding
     coarse[0, 4, :] = 20.0                                       # row 4: centre at y = 72, not inside either
     coarse[0, 2, 7] = 1.0                                        # the image's best cell for class 0
-    monkeypatch.setattr(samclip_model, "_cosine_logits", lambda model, dense, emb: coarse[None])
+    monkeypatch.setattr(zero_shot, "_cosine_logits", lambda model, dense, emb: coarse[None])
     seen = {}
     real_head = tiny.head_sam.forward
 
@@ -193,14 +194,14 @@ def test_refine_with_sam_prompts_only_from_the_image_not_the_padding(tiny, monke
     monkeypatch.setattr(tiny.head_sam, "forward", spy)
     for seed in range(10):
         with torch.no_grad():
-            samclip_model.refine_with_sam(tiny, torch.randn(1, 3, 160, 160), torch.randn(K, 32),
+            zero_shot.refine_with_sam(tiny, torch.randn(1, 3, 160, 160), torch.randn(K, 32),
                                           input_size=(72, 160), generator=torch.Generator().manual_seed(seed))
         coords, labels = seen["points"]
         ys = coords[labels == 1][:, 1]
         assert (ys < 72).all(), ys                               # every point inside the image
         assert cell_of(coords[0, 0].tolist(), 16) == (2, 7) and labels[0].tolist() == [1, -1, -1]
     mp = seen["masks"][:, 0]                                     # (K, 40, 40): 72 px -> 18 low-res rows
-    floor = torch.logit(torch.tensor(samclip_model.MASK_PROMPT_EPS))
+    floor = torch.logit(torch.tensor(zero_shot.MASK_PROMPT_EPS))
     assert torch.allclose(mp[:, 18:], floor.expand_as(mp[:, 18:]))  # the padding says "not this class"
     assert (mp[0, 8:10] > 0).any()                               # the image rows keep the coarse map
 
@@ -209,20 +210,20 @@ def test_refine_with_sam_subset_of_classes_and_input_checks(tiny):
     emb = torch.randn(4, 32)
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
-        masks, coarse = samclip_model.refine_with_sam(tiny, x, emb, classes=[2, 0], input_size=(160, 160),
+        masks, coarse = zero_shot.refine_with_sam(tiny, x, emb, classes=[2, 0], input_size=(160, 160),
                                                       generator=torch.Generator().manual_seed(0))
     assert masks.shape == (2, 40, 40) and coarse.shape == (4, 10, 10)
     with pytest.raises(ValueError, match=r"\(1, 3, 160, 160\)"):
-        samclip_model.refine_with_sam(tiny, torch.randn(1, 3, 64, 64), emb, input_size=(64, 64))
+        zero_shot.refine_with_sam(tiny, torch.randn(1, 3, 64, 64), emb, input_size=(64, 64))
     with pytest.raises(ValueError, match="input_size"):
-        samclip_model.refine_with_sam(tiny, x, emb, input_size=(0, 160))
+        zero_shot.refine_with_sam(tiny, x, emb, input_size=(0, 160))
 
 
 @pytest.mark.parametrize("mode", ["clip", "sam"])
 def test_segment_by_text_returns_original_size_maps(tiny, mode):
     img = Image.new("RGB", (53, 37), (90, 140, 200))
     img.paste((200, 40, 40), (10, 5, 30, 25))
-    out = samclip_model.segment_by_text(tiny, img, ["red square", "sky"], mode=mode,
+    out = zero_shot.segment_by_text(tiny, img, ["red square", "sky"], mode=mode,
                                         generator=torch.Generator().manual_seed(0))
     assert out["probs"].shape == (2, 37, 53) and out["labels"].shape == (37, 53)
     assert out["labels"].dtype == torch.long and out["confidence"].shape == (2,)
@@ -234,12 +235,12 @@ def test_segment_by_text_returns_original_size_maps(tiny, mode):
 
 def test_segment_by_text_one_prompt_competes_with_background(tiny):
     img = Image.new("RGB", (40, 30), (120, 120, 120))
-    out = samclip_model.segment_by_text(tiny, img, ["cat"], mode="clip")
+    out = zero_shot.segment_by_text(tiny, img, ["cat"], mode="clip")
     p = out["probs"][0]
     assert p.max() < 1 - 1e-6                                    # not the trivial softmax over one class
     assert p.shape == (30, 40)
     with pytest.raises(ValueError, match="prompt 2 is empty"):
-        samclip_model.segment_by_text(tiny, img, ["cat", " "])
+        zero_shot.segment_by_text(tiny, img, ["cat", " "])
     with pytest.raises(ValueError, match="mode"):
-        samclip_model.segment_by_text(tiny, img, ["cat"], mode="both")
+        zero_shot.segment_by_text(tiny, img, ["cat"], mode="both")
 
