@@ -306,7 +306,7 @@ def clip_config_from_state_dict(state_dict, source="<state dict>", quick_gelu=Fa
         mlp_ratio=state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / conv.shape[0],
         quick_gelu=quick_gelu,
     )
-    preset = next((name for name, p in PRESETS.items() if replace(p, quick_gelu=quick_gelu) == config), None)
+    preset = weights.match_preset(config, {n: replace(p, quick_gelu=quick_gelu) for n, p in PRESETS.items()})
     return config, preset
 
 

@@ -26,7 +26,7 @@ T output + prompt tokens, M masks per prompt set, D CLIP embedding size.
 
 import copy
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -386,7 +386,7 @@ def load_sam_head(checkpoint, verbose=True, source=None):
     source = source or weights.source_name(checkpoint)  # `source` names an already-read file
     sd = weights.read_state_dict(checkpoint, "SAM checkpoint")
     cfg = head_config_from_state_dict(sd, source)
-    name = next((n for n, p in SAM_HEAD_PRESETS.items() if asdict(p) == asdict(cfg)), None)
+    name = weights.match_preset(cfg, SAM_HEAD_PRESETS)
     if verbose:
         print(f"heads.load_sam_head: {source} has the {name or 'custom'} SAM head"
               + ("" if name else f" read from its shapes: {cfg}"))

@@ -20,7 +20,7 @@ Shape legend: B batch, H W token grid, C channels (embed_dim), nh heads, hd head
 size, nW windows per image, N = H*W tokens.
 """
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -310,11 +310,6 @@ def config_from_state_dict(sd, source="<state dict>"):
         window_size=(window[0] + 1) // 2 if window else 0, global_attn_indexes=global_idx)
 
 
-def preset_name(cfg):
-    """The name of the preset equal to cfg, or None."""
-    return next((name for name, p in PRESETS.items() if asdict(p) == asdict(cfg)), None)
-
-
 def load_sam_encoder(checkpoint, verbose=True, source=None):
     """Load SAM's image encoder from an official SAM file (e.g. sam_vit_b_01ec64.pth), or from its
     state dict, in eval mode. The preset is recognised from the shapes and named."""
@@ -326,7 +321,7 @@ def load_sam_encoder(checkpoint, verbose=True, source=None):
             f"but it is {weights.guess_kind(sd)}")
     sd = weights.remap(sd, SAM_ENCODER_REMAP, keep_prefixes=[SAM_ENCODER_PREFIX])
     cfg = config_from_state_dict(sd, source)
-    name = preset_name(cfg)
+    name = weights.match_preset(cfg, PRESETS)
     if verbose:
         print(f"vit_det.load_sam_encoder: {source} is SAM {name}" if name else
               f"vit_det.load_sam_encoder: {source} matches no preset; read from its shapes: {cfg}")

@@ -20,6 +20,7 @@ mechanics are the same for all of them and belong to none, so they live here onc
 import json
 import os
 import tempfile
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -174,6 +175,12 @@ def guess_kind(sd):
     if any(k.startswith("head_clip.") for k in keys):
         return "a SAM-CLIP merged checkpoint"
     return f"an unknown checkpoint (keys like {keys[:3]})"
+
+
+def match_preset(cfg, presets):
+    """The name of the preset whose config equals `cfg` field by field, or None. Every loader uses
+    it to say which model it recognised from a checkpoint's shapes (STYLE.md, "Weights")."""
+    return next((name for name, preset in presets.items() if asdict(preset) == asdict(cfg)), None)
 
 
 def source_name(checkpoint):
