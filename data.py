@@ -152,6 +152,12 @@ class CLIPImages(torch.utils.data.Dataset):
     """D_CLIP for L_CLIP (Eq. 1): the student and the frozen CLIP teacher must see the SAME view of
     an image, so one crop is drawn and resized twice: to the step's resolution with SAM's
     normalisation for the student, to `teacher_size` (CLIP ViT-L/14's native 224) with CLIP's.
+    At the encoder's native side (`native_size`, 1024 for ViT-B) the student sees the crop as SAM's
+    inference does (sam_preprocess: longest side resized, zero padding bottom-right), because the
+    only 1024 px user of HeadCLIP (Table 5, both heads from one forward) feeds that geometry; below
+    it the crop is squashed to a square, as the 448 px zero-shot protocol feeds. The teacher always
+    gets its square view of the same crop. The crop, RandomResizedCrop with scale 0.5-1 and aspect
+    3/4-4/3, is not stated in the paper.
 
     Items are `(index, resolution, epoch)` tuples, as VariableResolutionSampler yields them (a plain
     index means (index, teacher_size, 0)). The crop comes from a generator seeded with
@@ -159,10 +165,24 @@ class CLIPImages(torch.utils.data.Dataset):
     -> {"student" (3, r, r), "teacher" (3, T, T), "index", "ok", "path"}; ok=False and zeros for an
     unreadable image. Skipped samples are not counted here: the loop counts (~batch["ok"]).sum()."""
 
-    def __init__(self, source, teacher_size=224, seed=0, scale=(0.5, 1.0), fixed_crops=False):
-        self.paths = list_images(source)
-        self.teacher_size, self.seed, self.scale = teacher_size, seed, scale
+    def __init__(self, source, teacher_size=224, seed=0, scale=(0.5, 1.0), fixed_crops=False, native_size=None):
+        self.source, self.paths = source, list_images(source)
+        self.teacher_size, self.seed, self.scale, self.native_size = teacher_size, seed, scale, native_size
         self.fixed_crops = fixed_crops   # draw every epoch's crop as epoch 0 does (train.py's teacher cache)
+
+    def check_readable(self, tries=16):
+        """Raise ValueError when none of `tries` images spread over the list can be read: a source of
+        unreadable files would otherwise train on nothing but placeholders and save the result."""
+        picks = range(0, len(self.paths), max(1, len(self.paths) // tries))[:tries]   # spread over the list
+        errors = []
+        for i in picks:
+            try:
+                load_image(self.paths[i])
+                return
+            except ImageError as e:
+                errors.append(str(e))
+        raise ValueError(f"image source {self.source!r}: none of the {len(picks)} images tried could be read "
+                         f"(e.g. {errors[0]}); expected image files PIL can open")
 
     def __len__(self):
         return len(self.paths)
@@ -177,9 +197,12 @@ class CLIPImages(torch.utils.data.Dataset):
                     "index": index, "ok": False, "path": path}
         g = torch.Generator().manual_seed(_seed(self.seed, 0 if self.fixed_crops else epoch, index))
         box = random_resized_crop_box(img.height, img.width, g, self.scale)
-        student = img.resize((resolution, resolution), Image.BICUBIC, box=box)   # crop + resize in one
-        teacher = img.resize((T, T), Image.BICUBIC, box=box)
-        return {"student": normalize_sam(to_tensor(student)), "teacher": normalize_clip(to_tensor(teacher)),
+        if resolution == self.native_size:                                        # SAM's inference geometry
+            student, _ = sam_preprocess(img.crop(box), resolution)                 # (3, r, r), zero-padded
+        else:
+            student = normalize_sam(to_tensor(img.resize((resolution, resolution), Image.BICUBIC, box=box)))
+        teacher = img.resize((T, T), Image.BICUBIC, box=box)                       # crop + resize in one
+        return {"student": student, "teacher": normalize_clip(to_tensor(teacher)),
                 "index": index, "ok": True, "path": path}
 
 
@@ -253,14 +276,21 @@ def find_sa1b(root):
 
 
 MAX_BOX_JITTER = 20.0   # px in SAM's 1024 frame (SAM paper Sec. A, "to a maximum of 20 pixels")
+SAM_POINT_ROUNDS = 8    # SAM App. A: after the first prompt, 8 rounds each add a point from the error region
+LOW_RES_STRIDE = 4      # input pixels per cell of SAM's low-res mask logits (256 x 256 for a 1024 frame)
 
 
 class SA1B(torch.utils.data.Dataset):
     """D_SAM for L_SAM (Eq. 2): an SA-1B image in SAM's 1024 px frame and K of its masks turned
     into prompts g, as in SAM's training (SAM Sec. A): with probability `point_prob` 1..P foreground
     points drawn uniformly from the mask, else the mask's box, each coordinate moved by
-    N(0, (box_jitter * side)^2) noise capped at 20 px. The masks themselves are not returned: the
-    targets of Eq. 2 are the frozen SAM's logits z for the same prompts.
+    N(0, (box_jitter * side)^2) noise capped at 20 px. The targets of Eq. 2 are the frozen SAM's
+    logits z for the same prompts; the masks come along only on SAM's low-res grid ("gt_masks"),
+    because SAM's follow-up rounds (train.sam_teacher_targets) draw their next point from the error
+    region between the previous prediction and the ground truth. A cell (r, c) of that grid is the
+    original pixel under its centre, ((c + 0.5) * 4, (r + 0.5) * 4) in the resized frame; cells
+    whose centre falls in the padding are 0. "error_draws" are the uniform numbers that place those
+    follow-up points, drawn here so that they too come from the sample's own generator.
 
     Items are `(index, epoch)` tuples as FixedBatchSampler yields them (a plain index means epoch 0);
     all random choices come from a generator seeded with (seed, epoch, index).
@@ -275,7 +305,8 @@ class SA1B(torch.utils.data.Dataset):
     same tokens, which is all distillation needs.
     -> {"image" (3, S, S), "input_size" (2,) h' w', "original_size" (2,) h w, "point_coords" (K, P, 2),
         "point_labels" (K, P) int64 (1 fg, -1 pad), "boxes" (K, 4) x0 y0 x1 y1, "has_box" (K,),
-        "valid" (K,), "num_prompts", "index", "ok", "path"}; rows past num_prompts are padding."""
+        "gt_masks" (K, S/4, S/4) bool, "error_draws" (K, SAM_POINT_ROUNDS) in [0, 1), "valid" (K,),
+        "num_prompts", "index", "ok", "path"}; rows past num_prompts are padding."""
 
     def __init__(self, root, img_size=1024, masks_per_image=32, box_jitter=0.1, point_prob=0.5, max_points=3, seed=0):
         self.pairs = find_sa1b(root)
@@ -288,9 +319,11 @@ class SA1B(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         S, K, P = self.img_size, self.K, self.P
+        L = S // LOW_RES_STRIDE                                  # side of SAM's low-res mask grid
         out = {"image": torch.zeros(3, S, S), "input_size": torch.tensor([S, S]), "original_size": torch.tensor([S, S]),
                "point_coords": torch.zeros(K, P, 2), "point_labels": torch.full((K, P), -1, dtype=torch.int64),
                "boxes": torch.zeros(K, 4), "has_box": torch.zeros(K, dtype=torch.bool),
+               "gt_masks": torch.zeros(K, L, L, dtype=torch.bool), "error_draws": torch.zeros(K, SAM_POINT_ROUNDS),
                "valid": torch.zeros(K, dtype=torch.bool), "num_prompts": 0, "index": index, "ok": False,
                "path": self.pairs[index][0]}
         try:
@@ -301,6 +334,9 @@ class SA1B(torch.utils.data.Dataset):
             order = torch.randperm(len(anns), generator=g).tolist()
             x, (h2, w2) = sam_preprocess(img, S)
             sx, sy = w2 / img.width, h2 / img.height        # SAM's ResizeLongestSide.apply_coords
+            centres = (np.arange(L) + 0.5) * LOW_RES_STRIDE      # (L,) low-res cell centres in the resized frame
+            gt_rows = np.floor(centres[centres < h2] / sy).astype(np.int64)   # original row under each cell centre
+            gt_cols = np.floor(centres[centres < w2] / sx).astype(np.int64)
             k = 0
             for j in order:
                 if k == K:
@@ -326,11 +362,15 @@ class SA1B(torch.utils.data.Dataset):
                     box = torch.minimum((box + noise).clamp(min=0), torch.tensor([w2, h2, w2, h2]).float())
                     out["boxes"][k] = torch.cat([torch.minimum(box[:2], box[2:]), torch.maximum(box[:2], box[2:])])
                     out["has_box"][k] = True
+                out["gt_masks"][k, :len(gt_rows), :len(gt_cols)] = torch.from_numpy(mask[np.ix_(gt_rows, gt_cols)])
                 out["valid"][k] = True
                 k += 1
+            # a generator of its own, so the prompt draws above stay what they were before these existed
+            out["error_draws"] = torch.rand(K, SAM_POINT_ROUNDS, generator=torch.Generator().manual_seed(
+                _seed(self.seed, epoch, index, 1)))
         except (ImageError, OSError, ValueError, KeyError, TypeError, IndexError):  # corrupt image or JSON
             out["point_coords"].zero_(), out["point_labels"].fill_(-1), out["boxes"].zero_()
-            out["has_box"].zero_(), out["valid"].zero_()
+            out["has_box"].zero_(), out["valid"].zero_(), out["gt_masks"].zero_()
             return out
         out.update(image=x, input_size=torch.tensor([h2, w2]), original_size=torch.tensor([img.height, img.width]),
                    num_prompts=k, ok=True)
@@ -340,9 +380,11 @@ class SA1B(torch.utils.data.Dataset):
 def collate_sam(samples):
     """SA1B samples -> the same keys batched: "image" (B, 3, S, S), "input_size" and "original_size"
     (B, 2), "point_coords" (B, K, P, 2), "point_labels" (B, K, P), "boxes" (B, K, 4), "has_box" and
-    "valid" (B, K), "num_prompts" "index" (B,) int64, "ok" (B,) bool, and "bad_paths"."""
+    "valid" (B, K), "gt_masks" (B, K, S/4, S/4), "error_draws" (B, K, SAM_POINT_ROUNDS),
+    "num_prompts" "index" (B,) int64, "ok" (B,) bool, and "bad_paths"."""
     batch = {key: torch.stack([s[key] for s in samples]) for key in
-             ("image", "input_size", "original_size", "point_coords", "point_labels", "boxes", "has_box", "valid")}
+             ("image", "input_size", "original_size", "point_coords", "point_labels", "boxes", "has_box", "valid",
+              "gt_masks", "error_draws")}
     batch.update({key: torch.tensor([s[key] for s in samples]) for key in ("num_prompts", "index", "ok")})
     batch["bad_paths"] = [s["path"] for s in samples if not s["ok"]]
     return batch

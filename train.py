@@ -6,9 +6,10 @@
 Each distill step is one multi-task step (Sec. 4.1): a D_CLIP batch at the step's resolution
 (2048 images at 224 px, fewer at 448: pixels per batch constant) gives L_CLIP against the frozen
 CLIP ViT-L/14 image tower, a D_SAM batch (32 images at 1024 px, 32 prompts each) gives L_SAM
-against the frozen SAM, and one optimizer step is taken on the summed gradients. The paper
-back-propagates the two terms separately and accumulates; one backward of their sum gives the
-same gradient.
+against the frozen SAM, each prompt replayed over SAM's interactive rounds (--sam-rounds: points
+from the error region, the previous mask as the mask prompt, SAM App. A), and one optimizer step
+is taken on the summed gradients. The paper back-propagates the two terms separately and
+accumulates; one backward of their sum gives the same gradient.
 
 Run (one device, or torchrun; nccl on GPU, gloo on CPU):
     python train.py --preset tiny --out runs/tiny          # built-in default: no weights, no data, ~1 min CPU
@@ -60,13 +61,16 @@ class TrainConfig:
     max_steps: int = 0                # stop after this many optimizer steps (0: no cap); the schedule is unchanged
     lr: float = 4e-5                  # HeadCLIP's learning rate
     backbone_lr_ratio: float = 0.1    # backbone and mask decoder at lr * this (App. A: 10x smaller)
-    weight_decay: float = 0.05        # AdamW, on weight matrices only (not stated in the paper)
+    weight_decay: float = 0.05        # AdamW, on linear/conv weights only (not stated in the paper)
     warmup_steps: int = 500           # linear warm-up, then cosine decay to 0 (not stated in the paper)
     clip_batch: int = 2048            # global D_CLIP images per step at the smallest resolution (Sec. 4.1)
     resolutions: tuple = (224, 448)   # student resolutions of D_CLIP batches, one drawn per step
     teacher_size: int = 224           # CLIP teacher's input side (its native resolution)
     sam_batch: int = 32               # global D_SAM images per step, at the encoder's native 1024 px
     masks_per_image: int = 32         # prompts per D_SAM image (Sec. 4.1)
+    sam_rounds: int = 4               # SAM's interactive rounds per prompt (first prompt + follow-up points
+                                      # with the mask prompt); SAM trains with 11, each round adds a teacher and
+                                      # a student decoder pass: 4 already covers Table 5's points + mask prompt
     lam: float = losses.LAM           # L_CLIP + lam * L_SAM, 10 (Sec. 4.1)
     grad_clip: float = 1.0            # max global gradient norm
     accum_steps: int = 1              # micro-batches per optimizer step (reach the global batch on fewer GPUs)
@@ -103,22 +107,127 @@ def resolve_config(args, stage):
 
 # ----------------------------------------------------------------------------- the multi-task step
 
-def sam_prompts_forward(head, embeddings, batch):
-    """Run SAM's head on every prompt slot of a D_SAM batch: boxes and point sets are different
-    token counts, so they go in two calls. embeddings (B, C, h, w) -> logits (B*K, 4, 4h, 4w) and
-    IoU (B*K, 4) in a fixed order (box slots, then point slots), plus the (B*K,) valid mask."""
+def sam_prompt_args(coords, labels, boxes=None, mask_inputs=None):
+    """HeadSAM's keyword arguments for one prompt group, the same for teacher and student. A box
+    with no follow-up points passes no points: SAM's box-only prompt is its 2 corner tokens."""
+    return dict(points=(coords, labels) if coords.shape[1] else None, boxes=boxes, masks=mask_inputs)
+
+
+def sample_error_points(pred, gt, inside, draws, stride):
+    """SAM App. A: the next point is drawn uniformly from the error region between the previous
+    mask and the ground truth, foreground (1) where the mask misses the object (false negative),
+    background (0) where it spills over (false positive). pred, gt, inside (n, H', W') bool on SAM's
+    low-res grid (inside: cells of the resized image, not the padding); draws (n,) in [0, 1).
+    -> coords (n, 2) x, y in the input frame, labels (n,). Where the mask already matches the ground
+    truth there is nothing to correct: the point is SAM's padding token (label -1), and the round
+    keeps only its mask prompt, like SAM's mask-only rounds."""
+    n, H, W = gt.shape
+    error = ((pred ^ gt) & inside).flatten(1)                                    # (n, H'*W')
+    count = error.sum(1)                                                          # (n,)
+    k = torch.minimum((draws * count).long(), (count - 1).clamp(min=0))          # (n,) which error cell, 0-based
+    # the k-th error cell: the first position whose running count of error cells reaches k + 1
+    idx = torch.searchsorted(error.cumsum(1), (k + 1)[:, None]).squeeze(1).clamp(max=H * W - 1)  # (n,)
+    r, c = idx // W, idx % W
+    # cell (r, c) covers input pixels [stride * c, stride * (c + 1)), centre (c + 0.5) * stride; SA1B's
+    # points are pixel centre - 0.5 (SAM's prompt encoder adds the 0.5 back), so the point hits the centre
+    coords = torch.stack([(c + 0.5) * stride - 0.5, (r + 0.5) * stride - 0.5], dim=-1).float()   # (n, 2)
+    labels = gt.flatten(1).gather(1, idx[:, None]).squeeze(1).long()            # in the object: missed -> 1
+    empty = count == 0
+    return coords.masked_fill(empty[:, None], 0.0), labels.masked_fill(empty, -1)
+
+
+@torch.no_grad()
+def sam_teacher_targets(head, embeddings, batch, rounds):
+    """The frozen SAM's targets z of Eq. 2 under SAM's interactive training recipe (SAM App. A,
+    "Training algorithm"); the one definition the training step, train-speed and the tests share.
+    Round 0 is the D_SAM prompt (1-3 points or a box). Every later round gets the previous round's
+    low-res logits as the mask prompt and, for the first SAM_POINT_ROUNDS of them, one more point
+    from the error region of the previous mask (sample_error_points); rounds after those add no
+    point (SAM's 2 mask-only rounds; SAM puts one of them at a random round, here both come last).
+    The previous mask follows SAM: for one prompt (a box or a single point) SAM predicts 3 masks and
+    trains the one with the lowest loss, here the one with the highest IoU with the ground truth;
+    for more prompts it is the single-mask output (token 0).
+
+    embeddings (B, C, h, w) from the teacher's encoder; batch from data.collate_sam; rounds R >= 1.
+    Box slots and point slots are different token counts (SAM's prompt encoder adds one padding
+    point when there is no box), so they form two groups. A group's point list is as long as in its
+    last round, the points of later rounds being SAM's padding token (label -1) until drawn, so all
+    its rounds have the same token count and the student runs them in one call (R = 1: exactly the
+    first prompts). Returns one dict per group present, n slots each:
+      "image" (n,) row of `embeddings`, "valid" (n,), "boxes" (n, 4) or None,
+      "coords" (R, n, N, 2), "labels" (R, n, N): every round's points, N = P + F for point slots and
+        F for box slots, F = min(R - 1, SAM_POINT_ROUNDS) follow-up points,
+      "mask_inputs" (R-1, n, 1, 4h, 4w): the mask prompt of rounds 1.. (None when R = 1),
+      "logits" (R, n, 4, 4h, 4w), "iou" (R, n, 4): the teacher's outputs, every output token."""
+    if rounds < 1:
+        raise ValueError(f"--sam-rounds must be at least 1, got {rounds}")
     B, K = batch["has_box"].shape
-    img = torch.arange(B, device=embeddings.device).repeat_interleave(K)                 # (B*K,) image of each slot
-    has_box, valid = batch["has_box"].flatten(), batch["valid"].flatten()               # (B*K,)
+    F = min(rounds - 1, data.SAM_POINT_ROUNDS)
+    dev, stride = embeddings.device, data.LOW_RES_STRIDE
+    gt = batch["gt_masks"].flatten(0, 1)                                          # (B*K, 4h, 4w)
+    H, W = gt.shape[-2:]
+    # no follow-up point may land in the padding: keep cells whose centre lies in the resized image
+    h2, w2 = batch["input_size"].repeat_interleave(K, 0).unbind(1)               # (B*K,) each
+    rows, cols = (torch.arange(H, device=dev) + 0.5) * stride, (torch.arange(W, device=dev) + 0.5) * stride
+    inside = (rows[None, :, None] < h2[:, None, None]) & (cols[None, None, :] < w2[:, None, None])  # (B*K, 4h, 4w)
+    image = torch.arange(B, device=dev).repeat_interleave(K)                     # (B*K,) image of each slot
     coords, labels = batch["point_coords"].flatten(0, 1), batch["point_labels"].flatten(0, 1)  # (B*K, P, 2), (B*K, P)
-    boxes = batch["boxes"].flatten(0, 1)                                                 # (B*K, 4)
-    outs, order = [], []
-    for sel, kwargs in ((has_box, lambda s: dict(boxes=boxes[s])),
-                        (~has_box, lambda s: dict(points=(coords[s], labels[s])))):
-        if sel.any():
-            outs.append(head.all_outputs(embeddings[img[sel]], **kwargs(sel)))
-            order.append(valid[sel])
-    return torch.cat([m for m, _ in outs]), torch.cat([i for _, i in outs]), torch.cat(order)
+    boxes, has_box = batch["boxes"].flatten(0, 1), batch["has_box"].flatten()   # (B*K, 4), (B*K,)
+    draws, valid = batch["error_draws"].flatten(0, 1), batch["valid"].flatten()  # (B*K, SAM_POINT_ROUNDS), (B*K,)
+    groups = []
+    for box_kind in (True, False):
+        sel = torch.nonzero(has_box == box_kind).squeeze(1)                       # (n,) slots of this kind
+        n = len(sel)
+        if n == 0:
+            continue
+        pad_xy, pad_lab = coords.new_zeros(n, F, 2), labels.new_full((n, F), -1)
+        if box_kind:
+            xy, lab, box = pad_xy, pad_lab, boxes[sel]                            # (n, F, 2), (n, F), (n, 4)
+            single = torch.ones(n, dtype=torch.bool, device=dev)
+        else:
+            xy, lab, box = torch.cat([coords[sel], pad_xy], 1), torch.cat([labels[sel], pad_lab], 1), None  # N = P+F
+            single = (labels[sel] >= 0).sum(1) == 1
+        first = xy.shape[1] - F                                                   # index of the first follow-up point
+        emb, gt_sel, inside_sel = embeddings[image[sel]], gt[sel], inside[sel]
+        xys, labs, logits, ious, mask_inputs, mask_input = [], [], [], [], [], None
+        for r in range(rounds):
+            if 1 <= r <= F:
+                xy, lab = xy.clone(), lab.clone()
+                xy[:, first + r - 1], lab[:, first + r - 1] = sample_error_points(
+                    prev > 0, gt_sel, inside_sel, draws[sel, r - 1], stride)
+            m, i = head.all_outputs(emb, **sam_prompt_args(xy, lab, box, mask_input))  # (n, 4, 4h, 4w), (n, 4)
+            xys.append(xy), labs.append(lab), logits.append(m), ious.append(i)
+            choice = torch.zeros(n, dtype=torch.long, device=dev)                # token 0: the single-mask output
+            if r == 0:   # one prompt: of the 3 multimask outputs (tokens 1..3), the closest to the ground truth
+                pred, target = m[:, 1:] > 0, gt_sel[:, None]                     # (n, 3, 4h, 4w), (n, 1, 4h, 4w)
+                iou_gt = (pred & target).flatten(2).sum(-1) / (pred | target).flatten(2).sum(-1).clamp(min=1)  # (n, 3)
+                choice = torch.where(single, 1 + iou_gt.argmax(1), choice)
+            prev = m[torch.arange(n, device=dev), choice]                        # (n, 4h, 4w) unthresholded logits
+            mask_input = prev[:, None]                                           # (n, 1, 4h, 4w) next round's mask prompt
+            if r < rounds - 1:
+                mask_inputs.append(mask_input)
+        groups.append({"image": image[sel], "valid": valid[sel], "boxes": box, "coords": torch.stack(xys),
+                       "labels": torch.stack(labs), "mask_inputs": torch.stack(mask_inputs) if mask_inputs else None,
+                       "logits": torch.stack(logits), "iou": torch.stack(ious)})
+    return groups
+
+
+def sam_prompts_forward(head, embeddings, group):
+    """The student's HeadSAM on one group's prompts from sam_teacher_targets, every round. They are
+    fixed in advance, so no round waits for the one before: round 0 (no mask prompt, SAM's
+    no_mask_embed) is one call, rounds 1.. (a mask prompt each) one more.
+    embeddings (B, C, h, w) -> logits (R, n, 4, 4h, 4w), IoU (R, n, 4), in the teacher's order."""
+    R, n = group["labels"].shape[:2]
+    emb, coords, labels, boxes = embeddings[group["image"]], group["coords"], group["labels"], group["boxes"]
+    masks, iou = head.all_outputs(emb, **sam_prompt_args(coords[0], labels[0], boxes))   # (n, 4, 4h, 4w), (n, 4)
+    if R == 1:
+        return masks[None], iou[None]
+    # rounds 1..R-1 as one batch: (R-1, n, ...) -> ((R-1)*n, ...), round-major as emb.repeat lays it out
+    later_masks, later_iou = head.all_outputs(emb.repeat(R - 1, 1, 1, 1), **sam_prompt_args(
+        coords[1:].flatten(0, 1), labels[1:].flatten(0, 1), None if boxes is None else boxes.repeat(R - 1, 1),
+        group["mask_inputs"].flatten(0, 1)))
+    return (torch.cat([masks[None], later_masks.unflatten(0, (R - 1, n))]),        # (R, n, 4, 4h, 4w)
+            torch.cat([iou[None], later_iou.unflatten(0, (R - 1, n))]))            # (R, n, 4)
 
 
 class MultiTaskStep(torch.nn.Module):
@@ -135,8 +244,15 @@ class MultiTaskStep(torch.nn.Module):
         out["loss"] = out["loss_clip"]
         if sam_batch is not None:
             emb = self.model.encoder(sam_batch["image"])                                 # (B, C, h, w)
-            masks, iou, valid = sam_prompts_forward(self.model.head_sam, emb, sam_batch)
-            t_masks, t_iou = sam_targets
+            student, teacher = [], []
+            for group in sam_targets:          # from sam_teacher_targets: the teacher's prompts, every round
+                masks, iou = sam_prompts_forward(self.model.head_sam, emb, group)        # (R, n, 4, 4h, 4w), (R, n, 4)
+                R = masks.shape[0]
+                student.append((masks.flatten(0, 1), iou.flatten(0, 1), group["valid"].repeat(R)))  # (R*n, ...)
+                teacher.append((group["logits"].flatten(0, 1), group["iou"].flatten(0, 1)))
+            masks, iou, valid = (torch.cat(x) for x in zip(*student))
+            t_masks, t_iou = (torch.cat(x) for x in zip(*teacher))
+            # every round and prompt weighs the same in L_SAM
             l_sam, parts = losses.loss_sam(masks[valid], t_masks[valid], iou[valid], t_iou[valid])
             if not valid.any():  # no readable D_SAM image on this rank: a zero loss that still touches every weight
                 l_sam = 0.0 * (masks.sum() + iou.sum())
@@ -168,40 +284,113 @@ def build_teachers(args):
     return sam_enc, sam_head, cl
 
 
+def append_durable(path, payload):
+    """Append bytes to `path` and return once they are on disk (flush + fsync), so that a write
+    which depends on them (a cache row's index entry) can never reach the disk before them."""
+    with open(path, "ab") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class TeacherCache:
     """CLIP-teacher embeddings on disk (--cache-teacher), because the ViT-L/14 teacher costs more
-    than the student. One float16 row per image in a .npy memmap plus a "filled" flag per row;
-    rows are written by the rank that first meets the image. Caching fixes each image's crop
-    (drawn with epoch 0) so the stored embedding stays the right target in every epoch."""
+    than the student. Caching fixes each image's crop (drawn with epoch 0) so a stored embedding
+    stays the right target in every epoch.
+
+    Each rank appends only to its own shard: rank<r>.rows (float16 rows of D values) and
+    rank<r>.index (int64, the image of each row). An index entry is its row's "filled" flag and is
+    appended only once the row is on disk, so no flag outlives its row; rows a crash left without
+    an entry are cut off when the rank reopens its shard. No two writers share a file, so ranks on
+    different nodes of a network filesystem cannot overwrite each other's pages. Every rank reads
+    every shard (it looks for new entries when a batch holds an image it has no row for), so a cache
+    made with another world size is read as it is and grows by the current ranks' shards. A row read
+    back zero or non-finite (lost, or not yet visible on this node) counts as missing and is
+    recomputed: a zero target trains nothing, since 1 - cos(x, 0) has no gradient."""
 
     def __init__(self, folder, num_samples, dim, meta, rank):
         os.makedirs(folder, exist_ok=True)
-        paths = [os.path.join(folder, n) for n in ("teacher_emb.npy", "teacher_filled.npy", "meta.json")]
-        if rank == 0 and not os.path.exists(paths[2]):
-            np.lib.format.open_memmap(paths[0], "w+", np.float16, (num_samples, dim)).flush()
-            np.lib.format.open_memmap(paths[1], "w+", np.bool_, (num_samples,)).flush()
-            with open(paths[2], "w") as f:
+        meta = {**meta, "dim": dim, "layout": "rank shards"}    # a cache of the old single-file layout is refused
+        meta_path = os.path.join(folder, "meta.json")
+        if rank == 0 and not os.path.exists(meta_path):
+            with open(meta_path + ".tmp", "w") as f:
                 json.dump(meta, f)
+            os.replace(meta_path + ".tmp", meta_path)
         if dist.is_initialized():
             dist.barrier()
-        with open(paths[2]) as f:
+        with open(meta_path) as f:
             if json.load(f) != meta:
-                raise SystemExit(f"train.py: --cache-teacher {folder} was made for another teacher, data or seed; "
-                                 "use a new folder")
-        self.emb = np.load(paths[0], mmap_mode="r+")
-        self.filled = np.load(paths[1], mmap_mode="r+")
+                raise SystemExit(f"train.py: --cache-teacher {folder} was made for another teacher, data, seed or "
+                                 "cache layout; use a new folder")
+        self.folder, self.dim, self.rank, self.row_bytes = folder, dim, rank, 2 * dim   # float16 rows
+        rows, entries = self.path(rank, "rows"), self.path(rank, "index")
+        for path in (rows, entries):
+            open(path, "ab").close()
+        self.count = min(os.path.getsize(rows) // self.row_bytes, os.path.getsize(entries) // 8)
+        os.truncate(rows, self.count * self.row_bytes)   # a row a crash left without its entry
+        os.truncate(entries, 8 * self.count)             # half an entry
+        self.shard = np.full(num_samples, -1, np.int32)  # (N,) the shard holding image i's row, -1: none
+        self.row = np.zeros(num_samples, np.int64)       # (N,) its row there
+        self.seen = {}                                   # shard -> index entries taken in so far
+        if dist.is_initialized():
+            dist.barrier()                               # every shard trimmed before any rank reads it
+        self.refresh()
+
+    def path(self, shard, kind):
+        return os.path.join(self.folder, f"rank{shard}.{kind}")
+
+    def refresh(self):
+        """Take in the index entries every shard gained since the last look; an image's later entry
+        replaces an earlier one (a recomputed row replaces a bad one)."""
+        for name in sorted(os.listdir(self.folder)):
+            if not (name.startswith("rank") and name.endswith(".index") and name[4:-6].isdigit()):
+                continue
+            shard = int(name[4:-6])
+            start = self.seen.get(shard, 0)
+            with open(os.path.join(self.folder, name), "rb") as f:
+                f.seek(8 * start)
+                raw = f.read()
+            new = np.frombuffer(raw[:len(raw) // 8 * 8], np.int64)   # a half-written entry waits for the next look
+            last = len(new) - 1 - np.unique(new[::-1], return_index=True)[1]   # each image's latest entry
+            last = last[(new[last] >= 0) & (new[last] < len(self.shard))]
+            self.shard[new[last]], self.row[new[last]] = shard, start + last
+            self.seen[shard] = start + len(new)
+
+    def read(self, idx):
+        """(B, D) float32 rows of images idx (B,); NaN where there is no row or it cannot be read whole."""
+        out = np.full((len(idx), self.dim), np.nan, np.float32)
+        shards = self.shard[idx]
+        for shard in np.unique(shards[shards >= 0]):
+            with open(self.path(shard, "rows"), "rb") as f:
+                for j in np.flatnonzero(shards == shard):
+                    f.seek(self.row_bytes * int(self.row[idx[j]]))
+                    raw = f.read(self.row_bytes)
+                    if len(raw) == self.row_bytes:
+                        out[j] = np.frombuffer(raw, np.float16)
+        return out
+
+    def append(self, idx, rows):
+        """Store rows (n, D) of images idx (n,) in this rank's shard: the rows, then, once they are
+        on disk, their index entries."""
+        append_durable(self.path(self.rank, "rows"), rows.astype(np.float16).tobytes())
+        append_durable(self.path(self.rank, "index"), idx.astype(np.int64).tobytes())
+        self.shard[idx], self.row[idx] = self.rank, self.count + np.arange(len(idx))
+        self.count += len(idx)
 
     def __call__(self, index, ok, teacher_images, teacher):
-        """Embeddings (B, D) for a batch: cached rows read, missing rows computed and stored.
+        """Embeddings (B, D) for a batch: cached rows read, missing or bad rows computed and stored.
         Placeholders of unreadable images are computed but never stored."""
         idx = index.numpy()
-        todo = torch.from_numpy(~self.filled[idx])                                       # (B,) bool
-        out = torch.from_numpy(np.asarray(self.emb[idx], dtype=np.float32)).to(teacher_images.device)
+        if (self.shard[idx] < 0).any():
+            self.refresh()                               # another rank may have stored them since the last look
+        rows = self.read(idx)                                                          # (B, D)
+        todo = torch.from_numpy(~(np.isfinite(rows).all(1) & (rows != 0).any(1)))    # (B,) missing, zero, NaN
+        out = torch.from_numpy(rows).to(teacher_images.device)
         if todo.any():
             out[todo.to(out.device)] = teacher(teacher_images[todo.to(out.device)]).half().float()  # as stored
             store = (todo & ok).numpy()
-            self.emb[idx[store]] = out[torch.from_numpy(store).to(out.device)].cpu().numpy()
-            self.filled[idx[store]] = True
+            if store.any():
+                self.append(idx[store], out[torch.from_numpy(store).to(out.device)].cpu().numpy())
         return out
 
 
@@ -224,13 +413,18 @@ def set_trainable(model: SAMCLIP, stage):
 
 def param_groups(model: SAMCLIP, cfg: TrainConfig):
     """AdamW groups: HeadCLIP at lr, backbone and mask decoder at lr * backbone_lr_ratio (App. A);
-    weight decay on matrices, none on biases, norms and 1-d tables."""
+    weight decay only on the weights of linear and convolution layers, none on biases, norms,
+    position tables, relative-position tables, tokens and embeddings (ViT-Det/MAE practice).
+    Decided by the layer a parameter belongs to, not its shape: pos_embed, rel_pos_h/w and the
+    IoU/mask tokens are matrices too."""
+    decayed = {id(m.weight) for m in model.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))}
     groups = []
     for module, lr in ((model.head_clip, cfg.lr), (model.encoder, cfg.lr * cfg.backbone_lr_ratio),
                        (model.head_sam, cfg.lr * cfg.backbone_lr_ratio)):
         params = [p for p in module.parameters() if p.requires_grad]
         for decay in (True, False):
-            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            chosen = [p for p in params if (id(p) in decayed) == decay]
             if chosen:
                 groups.append({"params": chosen, "base_lr": lr, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
     return groups
@@ -241,6 +435,8 @@ def locate(sampler, micro, max_epochs=None):
     epoch = 0
     while max_epochs is None or epoch < max_epochs:
         n = len(sampler.plan(epoch))
+        if n == 0 and max_epochs is None:
+            raise ValueError(empty_plan(sampler, epoch))
         if micro < n:
             return epoch, micro
         micro, epoch = micro - n, epoch + 1
@@ -252,10 +448,17 @@ def stream(loader, sampler, start_micro, max_epochs=None):
     (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
     epoch, skip = locate(sampler, start_micro, max_epochs)
     while max_epochs is None or epoch < max_epochs:
+        if max_epochs is None and not sampler.plan(epoch):    # an endless stream of empty epochs never yields
+            raise ValueError(empty_plan(sampler, epoch))
         sampler.set_epoch(epoch, skip)
         for batch in loader:
             yield epoch, batch
         epoch, skip = epoch + 1, 0
+
+
+def empty_plan(sampler, epoch):
+    return (f"epoch {epoch} of an endless batch stream holds no batch: {sampler.num_samples} samples, fewer than "
+            f"one global batch of {sampler.num_replicas} x {sampler.batch_size(min(sampler.resolutions))}")
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -279,7 +482,12 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
             raise SystemExit(f"train.py: --{flag.replace('_', '-')} {per} must be divisible by "
                              f"world size x --accum-steps = {world * cfg.accum_steps}")
     clip_ds = data.CLIPImages(cfg.clip_data, teacher_size=cfg.teacher_size, seed=cfg.seed,
-                              fixed_crops=bool(cfg.cache_teacher))  # a cached target needs the same crop every epoch
+                              fixed_crops=bool(cfg.cache_teacher),   # a cached target needs the same crop every epoch
+                              native_size=model.cfg.encoder.img_size)   # at 1024 px: SAM's padded frame (Table 5)
+    if len(clip_ds) < cfg.clip_batch:   # otherwise no epoch holds a step and the stage "finishes" untrained
+        raise SystemExit(f"train.py: --clip-data {cfg.clip_data} holds {len(clip_ds)} images; one step takes "
+                         f"{cfg.clip_batch} (--clip-batch, at {min(cfg.resolutions)} px)")
+    clip_ds.check_readable()
     clip_sampler = data.VariableResolutionSampler(len(clip_ds), cfg.clip_batch // (world * cfg.accum_steps),
                                                   cfg.resolutions, None, world, rank, cfg.seed)
     cache = None
@@ -295,7 +503,12 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     if uses_sam:
         sam_ds = data.SA1B(cfg.sam_data, img_size=model.cfg.encoder.img_size, masks_per_image=cfg.masks_per_image,
                            seed=cfg.seed)
-        sam_sampler = data.FixedBatchSampler(len(sam_ds), cfg.sam_batch // (world * cfg.accum_steps), world, rank, cfg.seed)
+        sam_per_rank = cfg.sam_batch // (world * cfg.accum_steps)
+        fits = len(sam_ds) >= sam_per_rank * world     # else drop_last would leave no batch at all: wrap instead
+        if not fits:
+            log0(rank, f"stage {cfg.stage}: --sam-data {cfg.sam_data} holds {len(sam_ds)} images, fewer than one "
+                       f"D_SAM batch of {sam_per_rank * world}: every batch repeats images")
+        sam_sampler = data.FixedBatchSampler(len(sam_ds), sam_per_rank, world, rank, cfg.seed, drop_last=fits)
         sam_loader = torch.utils.data.DataLoader(sam_ds, batch_sampler=sam_sampler, num_workers=cfg.workers,
                                                  collate_fn=data.collate_sam, pin_memory=device.type == "cuda")
 
@@ -321,12 +534,21 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         if rank == 0:
             weights.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
                                  "stage": cfg.stage, "step": step, "done": done}, ckpt_path)
+        if world > 1:   # no rank may leave while rank 0 writes: torchrun tears down the group when one rank exits
+            dist.barrier()
+
+    def end_epoch(epoch, counts):
+        """Report the epoch's unreadable D_CLIP images; stop, saved, if not one of them could be read."""
+        if report_skipped(epoch, counts, rank, world, device):
+            save()
+            raise SystemExit(f"train.py: --clip-data {cfg.clip_data}: no image could be read in epoch {epoch}; "
+                             f"checkpoint {ckpt_path} saved at step {step}, continue with --resume once they can")
 
     # --- the loop: one optimizer step = accum_steps micro-batches of (D_CLIP batch, D_SAM batch)
     clip_it = stream(clip_loader, clip_sampler, step * cfg.accum_steps, cfg.epochs)
     sam_it = stream(sam_loader, sam_sampler, step * cfg.accum_steps) if uses_sam else None
     bar = tqdm(total=last, initial=step, disable=rank != 0, desc=cfg.stage, dynamic_ncols=True, mininterval=2)
-    skipped, cur_epoch = [0, []], None
+    skipped, cur_epoch = [0, [], 0], None            # this epoch's unreadable images, their paths, images seen
     while step < last:
         t0, logs, n_clip, n_sam = time.time(), {}, 0, 0
         for g in opt.param_groups:
@@ -334,10 +556,11 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         for micro in range(cfg.accum_steps):
             epoch, cb = next(clip_it)
             if epoch != cur_epoch:
-                report_skipped(cur_epoch, skipped, rank, world, device)
-                cur_epoch, skipped = epoch, [0, []]
+                end_epoch(cur_epoch, skipped)
+                cur_epoch, skipped = epoch, [0, [], 0]
             skipped[0] += int((~cb["ok"]).sum())
             skipped[1] += cb["bad_paths"]
+            skipped[2] += len(cb["ok"])
             with torch.no_grad(), autocast():                       # frozen teachers
                 timg, ok = cb["teacher"].to(device, non_blocking=True), cb["ok"].to(device)
                 target = cache(cb["index"], cb["ok"], timg, teacher_clip.visual) if cache else teacher_clip.visual(timg)
@@ -345,8 +568,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
                 if uses_sam:
                     _, sb = next(sam_it)
                     sb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in sb.items()}
-                    t_masks, t_iou, _ = sam_prompts_forward(sam_head, sam_enc(sb["image"]), sb)
-                    st = (t_masks.float(), t_iou.float())
+                    st = sam_teacher_targets(sam_head, sam_enc(sb["image"]), sb, cfg.sam_rounds)
             sync = micro == cfg.accum_steps - 1 or world == 1
             with (contextlib.nullcontext() if sync else student.no_sync()), autocast():
                 out = student(cb["student"].to(device, non_blocking=True), target.float(), ok, sb, st)
@@ -380,10 +602,12 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
                        "continue with --resume")
             raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
     bar.close()
-    report_skipped(cur_epoch, skipped, rank, world, device)
+    end_epoch(cur_epoch, skipped)
     save(done=step >= total)
     if rank == 0:
         model.save(os.path.join(cfg.out, "samclip.pt"), stage=cfg.stage, step=step)
+    if world > 1:
+        dist.barrier()                               # as in save(): all ranks leave once samclip.pt is written
     log0(rank, f"stage {cfg.stage}: done at step {step}/{total}; merged model in {os.path.join(cfg.out, 'samclip.pt')}")
     return model
 
@@ -413,12 +637,15 @@ def agree(flag, world, device):
 
 
 def report_skipped(epoch, skipped, rank, world, device):
-    """At the end of an epoch: how many unreadable images were skipped (all ranks), and which."""
+    """At the end of an epoch: how many unreadable images were skipped (all ranks), and which.
+    `skipped` = [unreadable, their paths, images seen] on this rank. -> True if none was readable."""
     if epoch is None:
-        return
-    n = int(all_mean(torch.tensor(float(skipped[0]), device=device), world) * world + 0.5)
+        return False
+    n, seen = (int(all_mean(torch.tensor(float(x), device=device), world) * world + 0.5)   # sums over ranks
+               for x in (skipped[0], skipped[2]))
     if n:
         print(f"[train] epoch {epoch}: skipped {n} unreadable image(s) (rank {rank} saw: {skipped[1][:5]})", flush=True)
+    return n == seen > 0
 
 
 def trim_metrics(cfg, step, rank):
@@ -467,13 +694,15 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="stop a stage after this many optimizer steps (smoke runs)")
     p.add_argument("--lr", type=float, help="HeadCLIP learning rate (default: the stage's, App. A)")
     p.add_argument("--backbone-lr-ratio", type=float, help="backbone and mask-decoder lr / HeadCLIP lr (0.1)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on weight matrices (0.05)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on linear/conv weights (0.05)")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps before the cosine decay (500)")
     p.add_argument("--clip-batch", type=int, help="global D_CLIP batch at the smallest resolution (2048)")
     p.add_argument("--resolutions", type=int, nargs="+", help="D_CLIP student resolutions, one drawn per step")
     p.add_argument("--teacher-size", type=int, help="CLIP teacher input side (224)")
     p.add_argument("--sam-batch", type=int, help="global D_SAM images per step (32)")
     p.add_argument("--masks-per-image", type=int, help="prompts per D_SAM image (32)")
+    p.add_argument("--sam-rounds", type=int, help="SAM's interactive rounds per prompt: the first prompt, then "
+                   "points from the error region plus the previous mask as the mask prompt (4; SAM uses 11)")
     p.add_argument("--lam", type=float, help="weight of L_SAM in L_CLIP + lam * L_SAM (10)")
     p.add_argument("--grad-clip", type=float, help="max gradient norm (1.0)")
     p.add_argument("--accum-steps", type=int, help="micro-batches per optimizer step (1)")

@@ -342,3 +342,57 @@ def test_synthetic_set_loads_end_to_end(tmp_path):
     before = {p: os.path.getmtime(p) for p in CLIPImages(clip_dir).paths}
     make_synthetic_data(str(tmp_path), seed=0, num_clip=6, num_sam=4)        # existing files are kept
     assert before == {p: os.path.getmtime(p) for p in CLIPImages(clip_dir).paths}
+
+
+def test_sa1b_low_res_gt_masks_in_the_padded_frame(sa1b_root):
+    # 200 x 100 image -> 160 x 80 in the 160 px frame (x 0.8); SAM's low-res grid is 40 x 40, 4 px a cell.
+    # Cell (r, c) is the original pixel under its centre ((c + 0.5) * 4, (r + 0.5) * 4) / 0.8, i.e.
+    # (5c + 2, 5r + 2); rows 20..39 lie in the padding (centres >= 80).
+    ds = SA1B(sa1b_root, img_size=160, point_prob=0.0, box_jitter=0.0, masks_per_image=4)
+    s = ds[(1, 0)]                                                     # sa_1.jpg
+    assert s["gt_masks"].shape == (4, 40, 40) and s["gt_masks"].dtype == torch.bool
+    expected = [torch.zeros(40, 40, dtype=torch.bool) for _ in range(3)]
+    expected[0][2:10, 4:12] = True     # rows 10..49 -> r with 5r+2 in [10, 50): 2..9; cols 20..59 -> c 4..11
+    expected[1][12:19, 2:30] = True    # rows 60..94 -> r 12..18; cols 10..149 -> c 2..29
+    disc = _sa1b_masks()[2]
+    expected[2][:20] = torch.from_numpy(disc[np.ix_(5 * np.arange(20) + 2, 5 * np.arange(40) + 2)])
+    # which mask each prompt came from: its (unjittered) box, scaled back by 1 / 0.8
+    boxes = [tuple(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float))
+             for xs, ys in ((np.nonzero(m)[1], np.nonzero(m)[0]) for m in _sa1b_masks())]
+    for k in range(3):
+        owner = boxes.index(tuple((s["boxes"][k].numpy() / 0.8).round(4)))
+        assert torch.equal(s["gt_masks"][k], expected[owner]), owner
+    assert not s["gt_masks"][3].any() and not s["gt_masks"][:, 20:].any()   # padding row, padding of the frame
+    # the draws that place follow-up points: uniform, fixed by (seed, epoch, index)
+    again, other = ds[(1, 0)], ds[(1, 1)]
+    assert s["error_draws"].shape == (4, 8) and 0 <= s["error_draws"].min() and s["error_draws"].max() < 1
+    assert torch.equal(s["error_draws"], again["error_draws"]) and not torch.equal(s["error_draws"], other["error_draws"])
+    b = collate_sam([ds[(0, 0)], s])
+    assert b["gt_masks"].shape == (2, 4, 40, 40) and torch.equal(b["gt_masks"][1], s["gt_masks"])
+    assert b["error_draws"].shape == (2, 4, 8)
+
+
+def test_native_resolution_student_sees_sam_padding_teacher_a_square(tmp_path):
+    from data import normalize_clip, normalize_sam, to_tensor
+    rng = np.random.default_rng(0)
+    # 40 x 20 and 20 x 40 with scale (1, 1): a crop of the whole area with aspect in 3/4..4/3 never fits
+    # (its short side would be >= 24), so the crop is the fallback centre crop of aspect 4/3 (3/4):
+    # 27 x 20 at x = (40 - 27) // 2 = 6, and 20 x 27 at y = 6. At the native 40 px its long side 27
+    # becomes 40 and its short side 20 * 40 / 27 = 29.6 -> 30, then zero padding to 40 x 40.
+    cases = {"tall.png": ((20, 40), (0, 6, 20, 33), (40, 30)), "wide.png": ((40, 20), (6, 0, 33, 20), (30, 40))}
+    for name, ((w, h), _, _) in cases.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    ds = CLIPImages(str(tmp_path), teacher_size=16, scale=(1.0, 1.0), native_size=40)
+    for i, path in enumerate(ds.paths):
+        img, (_, box, (h2, w2)) = Image.open(path).convert("RGB"), cases[os.path.basename(path)]
+        item = ds[(i, 40, 0)]
+        s = item["student"]                                             # (3, 40, 40)
+        assert (s[:, h2:] == 0).all() and (s[:, :, w2:] == 0).all()     # zero padding bottom-right, normalised space
+        assert (s[:, :h2, :w2] != 0).all()    # content: integer pixels never equal SAM's fractional means
+        crop = img.crop(box)
+        assert torch.allclose(s[:, :h2, :w2], normalize_sam(to_tensor(crop.resize((w2, h2), Image.BILINEAR))))
+        # the teacher keeps its square view of the same crop
+        assert torch.allclose(item["teacher"], normalize_clip(to_tensor(img.resize((16, 16), Image.BICUBIC, box=box))))
+        # below the native side the crop is squashed to a square, no padding
+        squashed = normalize_sam(to_tensor(img.resize((20, 20), Image.BICUBIC, box=box)))
+        assert torch.allclose(ds[(i, 20, 0)]["student"], squashed)

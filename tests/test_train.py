@@ -1,6 +1,7 @@
 # python -m pytest tests/test_train.py -q
 """train.py on the tiny preset: what trains and what stays frozen, the schedule, exact resume,
 SIGTERM, a 2-process torchrun run against a 1-process run, and skipped corrupt images."""
+import contextlib
 import json
 import os
 import signal
@@ -8,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import data
+import heads
 import train
 from conftest import ROOT
 
@@ -54,11 +57,11 @@ def test_what_trains_and_what_stays_frozen(stage, tiny_data):
     ds = data.SA1B(tiny_data[1], img_size=160, masks_per_image=4)
     sb = data.collate_sam([ds[(0, 0)], ds[(1, 0)]])
     with torch.no_grad():
-        t_masks, t_iou, _ = train.sam_prompts_forward(sam_head, sam_enc(sb["image"]), sb)
+        sam_targets = train.sam_teacher_targets(sam_head, sam_enc(sb["image"]), sb, rounds=3)
         target = teacher.visual(cb["teacher"])
     use_sam = stage == "distill"
     out = train.MultiTaskStep(model, 10.0)(cb["student"], target, cb["ok"], sb if use_sam else None,
-                                           (t_masks, t_iou) if use_sam else None)
+                                           sam_targets if use_sam else None)
     out["loss"].backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {n for n, _ in model.named_parameters() if n.split(".")[0] in ("encoder", "head_clip")
@@ -149,12 +152,12 @@ def test_teacher_cache_is_filled_then_reused(tmp_path, tiny_data):
     common = ["--stage", "probe", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--max-steps", "3",
               "--cache-teacher", cache]
     run([*common, "--out", str(tmp_path / "a")])                    # computes and stores the teacher rows
-    filled = np.load(os.path.join(cache, "teacher_filled.npy"))
-    assert 0 < filled.sum() < len(filled)
+    filled = np.fromfile(os.path.join(cache, "rank0.index"), np.int64)   # one entry per stored row
+    assert 0 < len(set(filled.tolist())) < len(os.listdir(tiny_data[0]))
     run([*common, "--out", str(tmp_path / "b")])                    # reads them back: same targets, same losses
     a, b = metrics(str(tmp_path / "a")), metrics(str(tmp_path / "b"))
     assert [m["loss_clip"] for m in a] == pytest.approx([m["loss_clip"] for m in b], rel=1e-6)
-    emb = np.load(os.path.join(cache, "teacher_emb.npy"), mmap_mode="r+")
+    emb = np.memmap(os.path.join(cache, "rank0.rows"), np.float16, "r+")
     emb[:] = -emb[:]                                                # a cache that is read changes the targets
     emb.flush()
     run([*common, "--out", str(tmp_path / "n")])
@@ -162,3 +165,348 @@ def test_teacher_cache_is_filled_then_reused(tmp_path, tiny_data):
     assert metrics(str(tmp_path / "n"))[0]["loss_clip"] == pytest.approx(2 - a[0]["loss_clip"], rel=1e-5)
     with pytest.raises(SystemExit, match="another teacher"):
         run([*common, "--out", str(tmp_path / "c"), "--seed", "1"])
+
+
+# ----------------------------------------------------------------------------- SAM's interactive rounds (App. A)
+
+class ScriptedHead:
+    """Stands in for SAM's head: call i returns logits +8 on script[i] (4, H', W') bool and -8
+    elsewhere, for every prompt set, and records the prompts it was given."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def all_outputs(self, image_embeddings, points=None, boxes=None, masks=None):
+        out = self.script[len(self.calls)]
+        self.calls.append({"points": points, "boxes": boxes, "masks": masks})
+        n = image_embeddings.shape[0]
+        return (torch.where(out, 8.0, -8.0).expand(n, -1, -1, -1).clone(), torch.zeros(n, 4))
+
+
+def test_follow_up_point_from_error_region_and_mask_prompt_from_previous_round():
+    # an 8 x 8 low-res grid (a 32 px frame, 4 px per cell) of an image resized to 32 (h) x 24 (w):
+    # columns 6 and 7 are padding. The object: rows 2-5, columns 1-4.
+    H = W = 8
+    gt = torch.zeros(H, W, dtype=torch.bool)
+    gt[2:6, 1:5] = True
+    near = gt.clone()                       # round 0's best multimask output: misses (2, 1), adds (6, 2) and,
+    near[2, 1], near[6, 2], near[0, 7] = False, True, True     # in the padding, (0, 7), which must not count
+    everything, nothing = torch.ones(H, W, dtype=torch.bool), torch.zeros(H, W, dtype=torch.bool)
+    round0 = torch.stack([everything, nothing, near, nothing])    # token 0 (single mask) and multimask tokens 1-3
+    round1 = torch.stack([gt, nothing, nothing, nothing])         # token 0 now matches the object exactly
+    for draw, cell, label in ((0.25, (2, 1), 1), (0.75, (6, 2), 0)):   # 2 error cells, row-major: k = 0, then 1
+        head = ScriptedHead([round0, round1, round1])
+        batch = {"has_box": torch.tensor([[False]]), "valid": torch.tensor([[True]]), "boxes": torch.zeros(1, 1, 4),
+                 "point_coords": torch.tensor([[[[10.0, 14.0]]]]), "point_labels": torch.tensor([[[1]]]),
+                 "gt_masks": gt[None, None], "input_size": torch.tensor([[32, 24]]),
+                 "error_draws": torch.full((1, 1, data.SAM_POINT_ROUNDS), draw)}
+        (group,) = train.sam_teacher_targets(head, torch.zeros(1, 1, 1, 1), batch, rounds=3)
+        r, c = cell
+        # one point prompt: the first point, then 2 follow-up slots (SAM's padding -1 until drawn)
+        assert group["labels"][:, 0].tolist() == [[1, -1, -1], [1, label, -1], [1, label, -1]]
+        # the cell's centre, (c + 0.5) * 4, minus SA1B's 0.5 (the prompt encoder adds it back)
+        assert group["coords"][1, 0, 1].tolist() == [(c + 0.5) * 4 - 0.5, (r + 0.5) * 4 - 0.5]
+        assert group["coords"][2, 0, 2].tolist() == [0.0, 0.0]    # round 1 matched the object: no new point
+        # the mask prompt: none in round 0, then the previous round's chosen logits (token 2, then token 0)
+        masks = [call["masks"] for call in head.calls]
+        assert masks[0] is None
+        assert torch.equal(masks[1][0, 0], torch.where(near, 8.0, -8.0))
+        assert torch.equal(masks[2][0, 0], torch.where(gt, 8.0, -8.0))
+        assert torch.equal(group["mask_inputs"][:, 0, 0], torch.stack([masks[1][0, 0], masks[2][0, 0]]))
+        for i, call in enumerate(head.calls):             # the teacher saw exactly the prompts it returns
+            assert torch.equal(call["points"][0], group["coords"][i]) and torch.equal(call["points"][1], group["labels"][i])
+
+
+def _tiny_setup(tiny_data, images=4):
+    torch.manual_seed(0)
+    sam_enc, sam_head, teacher = train.build_teachers(train.parse_args(["--preset", "tiny"]))
+    model = train.SAMCLIP.from_modules(sam_enc, sam_head, teacher)   # the tiny student starts as the teacher
+    ds = data.SA1B(tiny_data[1], img_size=160, masks_per_image=4)
+    sb = data.collate_sam([ds[(i, 0)] for i in range(images)])
+    cb = data.collate([data.CLIPImages(tiny_data[0], teacher_size=64)[(i, 48, 0)] for i in range(2)])
+    with torch.no_grad():
+        clip_target = teacher.visual(cb["teacher"])
+    return sam_enc, sam_head, model, sb, cb, clip_target
+
+
+def test_student_and_teacher_get_identical_prompts_every_round(tiny_data, monkeypatch):
+    sam_enc, sam_head, model, sb, cb, clip_target = _tiny_setup(tiny_data)
+    calls, original = [], heads.HeadSAM.all_outputs
+
+    def record(self, image_embeddings, points=None, boxes=None, masks=None):
+        out = original(self, image_embeddings, points, boxes, masks)
+        calls.append({"head": self, "points": points, "boxes": boxes, "masks": masks, "out": out})
+        return out
+    monkeypatch.setattr(heads.HeadSAM, "all_outputs", record)
+    R = 4
+    with torch.no_grad():
+        emb = sam_enc(sb["image"])
+        torch.manual_seed(1)
+        groups = train.sam_teacher_targets(sam_head, emb, sb, R)
+        torch.manual_seed(2)                                    # no global random state: the same targets again
+        again = train.sam_teacher_targets(sam_head, emb, sb, R)
+    assert len(groups) == 2 and groups[0]["boxes"] is not None and groups[1]["boxes"] is None   # both prompt kinds
+    for g, h in zip(groups, again):
+        assert all(torch.equal(g[k], h[k]) for k in ("coords", "labels", "mask_inputs", "logits"))
+    assert any((g["labels"][-1] >= 0).sum() > (g["labels"][0] >= 0).sum() for g in groups)   # follow-up points drawn
+    teacher_calls = calls[:2 * R]
+    calls.clear()
+    train.MultiTaskStep(model, 10.0)(cb["student"], clip_target, cb["ok"], sb, groups)
+    student_calls = calls
+    assert all(c["head"] is sam_head for c in teacher_calls) and all(c["head"] is model.head_sam for c in student_calls)
+    assert len(student_calls) == 2 * len(groups)               # per prompt kind: round 0, then rounds 1.. in one call
+
+    def prompts(c):
+        return [c["points"][0], c["points"][1], c["boxes"], c["masks"]]
+    for j, g in enumerate(groups):
+        rounds = teacher_calls[j * R:(j + 1) * R]
+        first, later = student_calls[2 * j], student_calls[2 * j + 1]
+        for s, t in zip(prompts(first), prompts(rounds[0])):
+            assert (s is None and t is None) or torch.equal(s, t)
+        for i, (s, t) in enumerate(zip(prompts(later), zip(*[prompts(c) for c in rounds[1:]]))):
+            assert (s is None and t[0] is None) or torch.equal(s, torch.cat(t)), i   # round-major, as flattened
+        for r in range(1, R):                  # round r's mask prompt: one of round r-1's outputs (token 0 after round 0)
+            prev, mask = rounds[r - 1]["out"][0], rounds[r]["masks"][:, 0]
+            if r > 1:
+                assert torch.equal(mask, prev[:, 0])
+            else:
+                assert all(any(torch.equal(mask[i], prev[i, k]) for k in range(4)) for i in range(len(mask)))
+
+
+def test_loss_sam_vanishes_over_all_rounds_when_student_equals_teacher(tiny_data):
+    sam_enc, sam_head, model, sb, cb, clip_target = _tiny_setup(tiny_data)
+    with torch.no_grad():
+        emb = sam_enc(sb["image"])
+        targets = {R: train.sam_teacher_targets(sam_head, emb, sb, R) for R in (1, 4)}
+    step = train.MultiTaskStep(model, 10.0)
+    for R in (1, 4):
+        out = step(cb["student"], clip_target, cb["ok"], sb, targets[R])
+        assert out["loss_sam"].abs() < 1e-6 and out["loss_sam_iou"] < 1e-10, R
+    with torch.no_grad():    # a different mask-prompt path in the student changes only the rounds with a mask prompt
+        for p in model.head_sam.prompt_encoder.mask_downscaling.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert step(cb["student"], clip_target, cb["ok"], sb, targets[1])["loss_sam"].abs() < 1e-6
+    assert step(cb["student"], clip_target, cb["ok"], sb, targets[4])["loss_sam"] > 1e-4
+
+
+# ----------------------------------------------------------------------------- weight decay, data sizes, cache, save
+
+def test_weight_decay_only_on_linear_and_conv_weights():
+    model = train.build_samclip("tiny")
+    train.set_trainable(model, "distill")
+    groups = train.param_groups(model, train.TrainConfig(weight_decay=0.05))
+    name = {id(p): n for n, p in model.named_parameters()}
+    decayed = [name[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    kept = [name[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert sorted(decayed + kept) == sorted(n for n, p in model.named_parameters() if p.requires_grad)   # each once
+    # by hand: the trainable matrices that are tables or tokens, not layer weights (tiny: 4 encoder blocks, 3 in HeadCLIP)
+    tables = {"encoder.pos_embed", "head_sam.mask_decoder.iou_token.weight", "head_sam.mask_decoder.mask_tokens.weight"}
+    tables |= {f"encoder.blocks.{i}.attn.rel_pos_{a}" for i in range(4) for a in "hw"}
+    tables |= {f"head_clip.blocks.{i}.attn.rel_pos_{a}" for i in range(3) for a in "hw"}
+    matrices = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
+    assert tables <= matrices
+    assert set(decayed) == matrices - tables       # every other matrix is a layer weight; biases and norms are 1-d
+    for n in ("encoder.patch_embed.proj.weight", "encoder.neck.0.weight", "encoder.blocks.0.attn.qkv.weight",
+              "head_sam.mask_decoder.output_upscaling.0.weight", "head_clip.mlp.0.weight"):   # conv, linear, conv-T
+        assert n in decayed
+
+
+def _copy(names, src, dst):
+    import shutil
+    os.makedirs(dst, exist_ok=True)
+    for name in names:
+        shutil.copy(os.path.join(src, name), dst)
+    return str(dst)
+
+
+def _broken_folder(folder, n):
+    os.makedirs(folder)
+    for i in range(n):
+        with open(os.path.join(folder, f"broken_{i}.jpg"), "wb") as f:
+            f.write(b"not a jpeg at all")
+    return str(folder)
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Turn a hang into a failure: SIGALRM raises in the main thread after `seconds`."""
+    def fail(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_sam_folder_smaller_than_a_batch_trains_with_what_there_is(tmp_path, tiny_data, capsys, monkeypatch):
+    one = _copy(sorted(os.listdir(tiny_data[1]))[:2], tiny_data[1], tmp_path / "sa1b")   # sa_N.jpg + sa_N.json
+    native, real_init = [], data.CLIPImages.__init__
+
+    def spy(self, *args, **kwargs):                              # which native side train.py hands D_CLIP
+        native.append(kwargs.get("native_size"))
+        real_init(self, *args, **kwargs)
+    monkeypatch.setattr(data.CLIPImages, "__init__", spy)
+    out = str(tmp_path / "run")
+    with deadline(120):                                          # an empty D_SAM plan used to spin for ever
+        run(["--stage", "distill", "--out", out, "--clip-data", tiny_data[0], "--sam-data", one, "--max-steps", "1"])
+    assert "holds 1 images, fewer than one D_SAM batch of 2" in capsys.readouterr().out
+    assert [m["step"] for m in metrics(out)] == [1] and native == [160]   # tiny encoder: 160 px native
+    sampler = data.FixedBatchSampler(1, 2)                       # 1 image, batch 2, drop_last: no batch in any epoch
+    with deadline(10), pytest.raises(ValueError, match="holds no batch"):
+        next(train.stream([], sampler, 0))
+    with deadline(10), pytest.raises(ValueError, match="holds no batch"):
+        train.locate(sampler, 3)
+    # 1 sample, sizes 2 (resolution 1) or 1 (resolution 2): an epoch has a batch only when its first draw is 2
+    mixed = data.VariableResolutionSampler(1, 2, (1, 2), seed=6)
+    assert [len(mixed.plan(e)) for e in (0, 1)] == [1, 0]
+    endless = train.stream(mixed, mixed, 0)                      # the sampler is its own loader here
+    assert next(endless)[0] == 0
+    with deadline(10), pytest.raises(ValueError, match="epoch 1 of an endless batch stream holds no batch"):
+        next(endless)
+
+
+def test_too_few_or_unreadable_clip_images_stop_at_once(tmp_path, tiny_data):
+    few = _copy(sorted(os.listdir(tiny_data[0]))[:4], tiny_data[0], tmp_path / "few")
+    common = ["--stage", "probe", "--sam-data", tiny_data[1], "--clip-batch", "8"]
+    cases = ((few, r"--clip-data .*few holds 4 images; one step takes 8"),
+             (_broken_folder(tmp_path / "broken", 8), r"broken'?: none of the 8 images tried could be read"),
+             (_copy([], "", tmp_path / "empty"), r"empty'? holds no images"))   # an empty folder
+    for i, (folder, message) in enumerate(cases):
+        out = str(tmp_path / f"run{i}")
+        with pytest.raises(SystemExit, match=message) as e:
+            run([*common, "--out", out, "--clip-data", folder])
+        assert "\n" not in str(e.value) and not os.path.exists(os.path.join(out, "samclip.pt"))
+
+
+def test_epoch_without_one_readable_image_stops_saved(tmp_path, tiny_data, monkeypatch):
+    broken = _broken_folder(tmp_path / "broken", 8)
+    monkeypatch.setattr(data.CLIPImages, "check_readable", lambda self, tries=16: None)   # the start-up probe passed
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="no image could be read in epoch 0"):
+        run(["--stage", "probe", "--out", out, "--clip-data", broken, "--sam-data", tiny_data[1], "--clip-batch", "8",
+             "--resolutions", "48", "--epochs", "3"])                # one step per epoch
+    ckpt = torch.load(os.path.join(out, "ckpt_probe.pt"), weights_only=True)
+    assert ckpt["step"] == 1 and not ckpt["done"] and not os.path.exists(os.path.join(out, "samclip.pt"))
+
+
+class FakeTeacher:
+    """Embeds image i (all pixels (i + 1) / 4, see _teacher_images) as a row of (i + 1) / 4 + 1,
+    exact in float16, and records which images it was asked for."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __call__(self, images):
+        self.asked.append(sorted(int(v * 4 - 1) for v in images[:, 0, 0, 0]))
+        return images.flatten(1)[:, :4] + 1.0                                        # (B, 4)
+
+
+def _teacher_images(index):
+    return ((index.float() + 1) / 4)[:, None, None, None].expand(-1, 3, 2, 2)          # (B, 3, 2, 2)
+
+
+def test_teacher_cache_recomputes_zero_and_nan_rows(tmp_path):
+    folder, meta, teacher = str(tmp_path), {"data": "x"}, FakeTeacher()
+    idx, ok = torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool)
+    expected = (idx.float()[:, None] + 1) / 4 + 1.0 + torch.zeros(3, 4)
+    cache = train.TeacherCache(folder, 6, 4, meta, rank=0)
+    assert torch.equal(cache(idx, ok, _teacher_images(idx), teacher), expected) and teacher.asked == [[0, 1, 2]]
+    rows = np.memmap(os.path.join(folder, "rank0.rows"), np.float16, "r+").reshape(-1, 4)
+    rows[1], rows[2] = 0.0, np.nan              # the flags (index entries) of images 1 and 2 survive, their rows not
+    rows.flush()
+    del rows
+    assert torch.equal(cache(idx, ok, _teacher_images(idx), teacher), expected)
+    assert teacher.asked == [[0, 1, 2], [1, 2]]                                      # only the bad rows again
+    for rank in (0, 1):           # a restart, and rank 1 of another world size: the new rows win, nothing recomputed
+        again = train.TeacherCache(folder, 6, 4, meta, rank=rank)
+        assert torch.equal(again(idx, ok, _teacher_images(idx), teacher), expected)
+    assert teacher.asked == [[0, 1, 2], [1, 2]]
+
+
+def test_teacher_cache_row_is_on_disk_before_its_flag(tmp_path, monkeypatch):
+    folder, meta, teacher = str(tmp_path), {"data": "x"}, FakeTeacher()
+    rows_path = os.path.join(folder, "rank0.rows")
+    cache = train.TeacherCache(folder, 6, 4, meta, rank=0)
+    events, real_fsync, real_append = [], os.fsync, train.append_durable
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_flag(path, payload):
+        events.append(("append", os.path.basename(path)))
+        if path.endswith(".index"):                  # die just before the flags are written
+            raise Crash
+        real_append(path, payload)
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or real_fsync(fd))
+    monkeypatch.setattr(train, "append_durable", crash_at_flag)
+    idx01, ok = torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool)
+    with pytest.raises(Crash):
+        cache(idx01, ok, _teacher_images(idx01), teacher)
+    # the rows were written and synced before the flag write began
+    assert events == [("append", "rank0.rows"), ("fsync", os.stat(rows_path).st_ino), ("append", "rank0.index")]
+    assert os.path.getsize(rows_path) == 2 * 4 * 2                                   # 2 float16 rows of 4, unflagged
+    monkeypatch.setattr(train, "append_durable", real_append)
+    restart = train.TeacherCache(folder, 6, 4, meta, rank=0)     # cuts the unflagged rows off, so new rows line up
+    assert os.path.getsize(rows_path) == 0
+    idx23 = torch.tensor([2, 3])
+    restart(idx23, ok, _teacher_images(idx23), teacher)
+    later = train.TeacherCache(folder, 6, 4, meta, rank=0)
+    assert torch.equal(later(idx23, ok, _teacher_images(idx23), teacher), (idx23.float()[:, None] + 1) / 4 + 1.0
+                       + torch.zeros(2, 4))
+    later(idx01, ok, _teacher_images(idx01), teacher)             # images 0 and 1 were never flagged: computed
+    assert teacher.asked == [[0, 1], [2, 3], [0, 1]]
+
+
+SLOW_SAVE = """
+import sys, time
+sys.path.insert(0, {root!r})
+import train, weights
+real_save = weights.atomic_save
+def slow_save(obj, path):            # a large checkpoint on a slow filesystem
+    time.sleep({delay})
+    real_save(obj, path)
+weights.atomic_save = slow_save
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_on_two_ranks_waits_for_rank0_save(tmp_path, tiny_data):
+    """Both ranks get SIGTERM; rank 0's save takes 2 s. The launcher here tears the group down the
+    moment one rank exits (torchrun does so after a grace period, 30 s by default, which a big
+    checkpoint can outlast): the checkpoint must be complete by then, so rank 1 must wait."""
+    import socket
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE.format(root=ROOT, delay=2.0))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "run")
+    args = [sys.executable, str(script), "--preset", "tiny", "--stage", "probe", "--out", out, "--clip-data",
+            tiny_data[0], "--sam-data", tiny_data[1], "--save-every", "1000", "--epochs", "50"]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port))) for r in range(2)]
+    path, give_up = os.path.join(out, "metrics.jsonl"), time.time() + 120
+    try:
+        while not (os.path.exists(path) and os.path.getsize(path) > 0) and time.time() < give_up \
+                and all(p.poll() is None for p in procs):
+            time.sleep(0.1)
+        for p in procs:                                                # as a scheduler signals every process
+            p.send_signal(signal.SIGTERM)
+        while all(p.poll() is None for p in procs) and time.time() < give_up:
+            time.sleep(0.02)
+        first = [p.poll() for p in procs if p.poll() is not None]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()                                               # the rest go at once, no grace
+        errors = "".join(p.communicate()[1][-1500:] for p in procs)
+    assert first and first[0] == 128 + signal.SIGTERM, errors
+    ckpt = torch.load(os.path.join(out, "ckpt_probe.pt"), weights_only=True)
+    assert ckpt["step"] >= 1 and not ckpt["done"]
+    run(["--stage", "probe", "--out", out, "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+         "--epochs", "50", "--max-steps", str(ckpt["step"] + 1), "--resume"])
+    assert metrics(out)[-1]["step"] == ckpt["step"] + 1
