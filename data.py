@@ -10,7 +10,9 @@ Sections, in the order a sample meets them:
      without pycocotools); every chosen mask becomes a point or box prompt, as in SAM's training.
   4. Batch samplers (Sec. 4.1): the variable-resolution sampler of CVNets/MobileViT (Mehta et al.)
      for D_CLIP and a fixed-size one for D_SAM, both split across ranks and resumable mid-epoch.
-  5. A tiny synthetic D_CLIP + SA-1B set on disk, for the CPU demo run and tests.
+  5. The stream of batches training reads: epochs in a fixed (seed, epoch) order, resumable at any
+     micro-batch, and the on-disk cache of CLIP-teacher embeddings (--cache-teacher).
+  6. A tiny synthetic D_CLIP + SA-1B set on disk, for the CPU demo run and tests.
 
 A sample that cannot be read never raises: it comes back as zeros of the right shapes with
 ok=False, so every rank keeps the same batch size, and the training loop masks it out of the loss.
@@ -25,6 +27,7 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -465,7 +468,150 @@ class FixedBatchSampler(VariableResolutionSampler):
             yield [(i, e) for i, _, e in batch]
 
 
-# ----------------------------------------------------------------------------- 5. a synthetic set
+# ----------------------------------------------------------------------------- 5. the stream of batches
+
+def locate(sampler, micro, max_epochs=None):
+    """Which (epoch, step within it) the `micro`-th micro-batch of a stream of epochs falls on."""
+    epoch = 0
+    while max_epochs is None or epoch < max_epochs:
+        n = len(sampler.plan(epoch))
+        if n == 0 and max_epochs is None:
+            raise ValueError(empty_plan(sampler, epoch))
+        if micro < n:
+            return epoch, micro
+        micro, epoch = micro - n, epoch + 1
+    return epoch, 0
+
+
+def stream(loader, sampler, start_micro, max_epochs=None):
+    """Yield (epoch, batch) from `start_micro` on, over epochs; each epoch's order is fixed by
+    (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
+    epoch, skip = locate(sampler, start_micro, max_epochs)
+    while max_epochs is None or epoch < max_epochs:
+        if max_epochs is None and not sampler.plan(epoch):    # an endless stream of empty epochs never yields
+            raise ValueError(empty_plan(sampler, epoch))
+        sampler.set_epoch(epoch, skip)
+        for batch in loader:
+            yield epoch, batch
+        epoch, skip = epoch + 1, 0
+
+
+def empty_plan(sampler, epoch):
+    return (f"epoch {epoch} of an endless batch stream holds no batch: {sampler.num_samples} samples, fewer than "
+            f"one global batch of {sampler.num_replicas} x {sampler.batch_size(min(sampler.resolutions))}")
+
+
+def append_durable(path, payload):
+    """Append bytes to `path` and return once they are on disk (flush + fsync), so that a write
+    which depends on them (a cache row's index entry) can never reach the disk before them."""
+    with open(path, "ab") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class TeacherCache:
+    """CLIP-teacher embeddings on disk (--cache-teacher), because the ViT-L/14 teacher costs more
+    than the student. Caching fixes each image's crop (drawn with epoch 0) so a stored embedding
+    stays the right target in every epoch.
+
+    Each rank appends only to its own shard: rank<r>.rows (float16 rows of D values) and
+    rank<r>.index (int64, the image of each row). An index entry is its row's "filled" flag and is
+    appended only once the row is on disk, so no flag outlives its row; rows a crash left without
+    an entry are cut off when the rank reopens its shard. No two writers share a file, so ranks on
+    different nodes of a network filesystem cannot overwrite each other's pages. Every rank reads
+    every shard (it looks for new entries when a batch holds an image it has no row for), so a cache
+    made with another world size is read as it is and grows by the current ranks' shards. A row read
+    back zero or non-finite (lost, or not yet visible on this node) counts as missing and is
+    recomputed: a zero target trains nothing, since 1 - cos(x, 0) has no gradient."""
+
+    def __init__(self, folder, num_samples, dim, meta, rank):
+        os.makedirs(folder, exist_ok=True)
+        meta = {**meta, "dim": dim, "layout": "rank shards"}    # a cache of the old single-file layout is refused
+        meta_path = os.path.join(folder, "meta.json")
+        if rank == 0 and not os.path.exists(meta_path):
+            with open(meta_path + ".tmp", "w") as f:
+                json.dump(meta, f)
+            os.replace(meta_path + ".tmp", meta_path)
+        if dist.is_initialized():
+            dist.barrier()
+        with open(meta_path) as f:
+            if json.load(f) != meta:
+                raise ValueError(f"--cache-teacher {folder} was made for another teacher, data, seed or "
+                                 "cache layout; use a new folder")
+        self.folder, self.dim, self.rank, self.row_bytes = folder, dim, rank, 2 * dim   # float16 rows
+        rows, entries = self.path(rank, "rows"), self.path(rank, "index")
+        for path in (rows, entries):
+            open(path, "ab").close()
+        self.count = min(os.path.getsize(rows) // self.row_bytes, os.path.getsize(entries) // 8)
+        os.truncate(rows, self.count * self.row_bytes)   # a row a crash left without its entry
+        os.truncate(entries, 8 * self.count)             # half an entry
+        self.shard = np.full(num_samples, -1, np.int32)  # (N,) the shard holding image i's row, -1: none
+        self.row = np.zeros(num_samples, np.int64)       # (N,) its row there
+        self.seen = {}                                   # shard -> index entries taken in so far
+        if dist.is_initialized():
+            dist.barrier()                               # every shard trimmed before any rank reads it
+        self.refresh()
+
+    def path(self, shard, kind):
+        return os.path.join(self.folder, f"rank{shard}.{kind}")
+
+    def refresh(self):
+        """Take in the index entries every shard gained since the last look; an image's later entry
+        replaces an earlier one (a recomputed row replaces a bad one)."""
+        for name in sorted(os.listdir(self.folder)):
+            if not (name.startswith("rank") and name.endswith(".index") and name[4:-6].isdigit()):
+                continue
+            shard = int(name[4:-6])
+            start = self.seen.get(shard, 0)
+            with open(os.path.join(self.folder, name), "rb") as f:
+                f.seek(8 * start)
+                raw = f.read()
+            new = np.frombuffer(raw[:len(raw) // 8 * 8], np.int64)   # a half-written entry waits for the next look
+            last = len(new) - 1 - np.unique(new[::-1], return_index=True)[1]   # each image's latest entry
+            last = last[(new[last] >= 0) & (new[last] < len(self.shard))]
+            self.shard[new[last]], self.row[new[last]] = shard, start + last
+            self.seen[shard] = start + len(new)
+
+    def read(self, idx):
+        """(B, D) float32 rows of images idx (B,); NaN where there is no row or it cannot be read whole."""
+        out = np.full((len(idx), self.dim), np.nan, np.float32)
+        shards = self.shard[idx]
+        for shard in np.unique(shards[shards >= 0]):
+            with open(self.path(shard, "rows"), "rb") as f:
+                for j in np.flatnonzero(shards == shard):
+                    f.seek(self.row_bytes * int(self.row[idx[j]]))
+                    raw = f.read(self.row_bytes)
+                    if len(raw) == self.row_bytes:
+                        out[j] = np.frombuffer(raw, np.float16)
+        return out
+
+    def append(self, idx, rows):
+        """Store rows (n, D) of images idx (n,) in this rank's shard: the rows, then, once they are
+        on disk, their index entries."""
+        append_durable(self.path(self.rank, "rows"), rows.astype(np.float16).tobytes())
+        append_durable(self.path(self.rank, "index"), idx.astype(np.int64).tobytes())
+        self.shard[idx], self.row[idx] = self.rank, self.count + np.arange(len(idx))
+        self.count += len(idx)
+
+    def __call__(self, index, ok, teacher_images, teacher):
+        """Embeddings (B, D) for a batch: cached rows read, missing or bad rows computed and stored.
+        Placeholders of unreadable images are computed but never stored."""
+        idx = index.numpy()
+        if (self.shard[idx] < 0).any():
+            self.refresh()                               # another rank may have stored them since the last look
+        rows = self.read(idx)                                                          # (B, D)
+        todo = torch.from_numpy(~(np.isfinite(rows).all(1) & (rows != 0).any(1)))    # (B,) missing, zero, NaN
+        out = torch.from_numpy(rows).to(teacher_images.device)
+        if todo.any():
+            out[todo.to(out.device)] = teacher(teacher_images[todo.to(out.device)]).half().float()  # as stored
+            store = (todo & ok).numpy()
+            if store.any():
+                self.append(idx[store], out[torch.from_numpy(store).to(out.device)].cpu().numpy())
+        return out
+
+
+# ----------------------------------------------------------------------------- 6. a synthetic set
 
 def make_synthetic_data(folder, seed=0, num_clip=24, num_sam=6, size=(160, 120)):
     """Write a tiny D_CLIP folder and SA-1B folder of random ellipses and boxes on noise (for

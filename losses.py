@@ -20,11 +20,20 @@ because here the target is the teacher's probability t = sigmoid(z), not a 0/1 m
     SAM-CLIP kept it. We distil it (MSE to the teacher's IoU predictions, weight 1), which also
     gives every mask-decoder parameter a gradient (DDP needs no find_unused_parameters).
 
-Shape legend: B batch, D embedding size, M masks (prompts x outputs), h w low-res mask grid.
+The second half of the file makes the targets both losses are computed against, once for the
+training step, the benchmark (bench.py) and the tests: `teacher_targets` runs the frozen CLIP image
+tower on the D_CLIP batch (Eq. 1's EncCLIP(x)) and the frozen SAM over SAM's interactive prompt
+rounds on the D_SAM batch (Eq. 2's z for every prompt g, SAM App. A), and `sam_prompts_forward`
+runs the student's HeadSAM on exactly those prompts.
+
+Shape legend: B batch, D embedding size, M masks (prompts x outputs), h w low-res mask grid,
+R prompt rounds, n prompt slots of one kind, N points per prompt.
 """
 
 import torch
 import torch.nn.functional as F
+
+import data
 
 LAM = 10.0            # Sec. 4.1: L_CLIP : L_SAM = 1 : 10
 FOCAL_WEIGHT = 20.0   # SAM: focal : dice = 20 : 1
@@ -84,3 +93,147 @@ def masked_mean(values, valid=None):
         return values.mean()
     w = valid.to(values.dtype)
     return (values * w).sum() / w.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- the targets
+
+@torch.no_grad()
+def teacher_targets(teachers, clip_batch, sam_batch=None, sam_rounds=1, cache=None):
+    """What the student is distilled towards in one step, from the frozen teachers (Sec. 3).
+    teachers = (SAM encoder, SAM head, CLIP); clip_batch from data.collate, sam_batch from
+    data.collate_sam (or None when the stage has no L_SAM); cache: a data.TeacherCache or None.
+    -> (EncCLIP(x) of the teacher's crops (B, D) float32, the SAM prompt groups of
+    sam_teacher_targets or None)."""
+    sam_encoder, sam_head, teacher_clip = teachers
+    images = clip_batch["teacher"]
+    if cache is not None:
+        clip_target = cache(clip_batch["index"].cpu(), clip_batch["ok"].cpu(), images, teacher_clip.visual)
+    else:
+        clip_target = teacher_clip.visual(images)                                       # (B, D)
+    sam_target = None
+    if sam_batch is not None:
+        sam_target = sam_teacher_targets(sam_head, sam_encoder(sam_batch["image"]), sam_batch, sam_rounds)
+    return clip_target.float(), sam_target
+
+
+def sam_prompt_args(coords, labels, boxes=None, mask_inputs=None):
+    """HeadSAM's keyword arguments for one prompt group, the same for teacher and student. A box
+    with no follow-up points passes no points: SAM's box-only prompt is its 2 corner tokens."""
+    return dict(points=(coords, labels) if coords.shape[1] else None, boxes=boxes, masks=mask_inputs)
+
+
+def sample_error_points(pred, gt, inside, draws, stride):
+    """SAM App. A: the next point is drawn uniformly from the error region between the previous
+    mask and the ground truth, foreground (1) where the mask misses the object (false negative),
+    background (0) where it spills over (false positive). pred, gt, inside (n, H', W') bool on SAM's
+    low-res grid (inside: cells of the resized image, not the padding); draws (n,) in [0, 1).
+    -> coords (n, 2) x, y in the input frame, labels (n,). Where the mask already matches the ground
+    truth there is nothing to correct: the point is SAM's padding token (label -1), and the round
+    keeps only its mask prompt, like SAM's mask-only rounds."""
+    n, H, W = gt.shape
+    error = ((pred ^ gt) & inside).flatten(1)                                    # (n, H'*W')
+    count = error.sum(1)                                                          # (n,)
+    k = torch.minimum((draws * count).long(), (count - 1).clamp(min=0))          # (n,) which error cell, 0-based
+    # the k-th error cell: the first position whose running count of error cells reaches k + 1
+    idx = torch.searchsorted(error.cumsum(1), (k + 1)[:, None]).squeeze(1).clamp(max=H * W - 1)  # (n,)
+    r, c = idx // W, idx % W
+    # cell (r, c) covers input pixels [stride * c, stride * (c + 1)), centre (c + 0.5) * stride; SA1B's
+    # points are pixel centre - 0.5 (SAM's prompt encoder adds the 0.5 back), so the point hits the centre
+    coords = torch.stack([(c + 0.5) * stride - 0.5, (r + 0.5) * stride - 0.5], dim=-1).float()   # (n, 2)
+    labels = gt.flatten(1).gather(1, idx[:, None]).squeeze(1).long()            # in the object: missed -> 1
+    empty = count == 0
+    return coords.masked_fill(empty[:, None], 0.0), labels.masked_fill(empty, -1)
+
+
+@torch.no_grad()
+def sam_teacher_targets(head, embeddings, batch, rounds):
+    """The frozen SAM's targets z of Eq. 2 under SAM's interactive training recipe (SAM App. A,
+    "Training algorithm"); the one definition the training step, train-speed and the tests share.
+    Round 0 is the D_SAM prompt (1-3 points or a box). Every later round gets the previous round's
+    low-res logits as the mask prompt and, for the first SAM_POINT_ROUNDS of them, one more point
+    from the error region of the previous mask (sample_error_points); rounds after those add no
+    point (SAM's 2 mask-only rounds; SAM puts one of them at a random round, here both come last).
+    The previous mask follows SAM: for one prompt (a box or a single point) SAM predicts 3 masks and
+    trains the one with the lowest loss, here the one with the highest IoU with the ground truth;
+    for more prompts it is the single-mask output (token 0).
+
+    embeddings (B, C, h, w) from the teacher's encoder; batch from data.collate_sam; rounds R >= 1.
+    Box slots and point slots are different token counts (SAM's prompt encoder adds one padding
+    point when there is no box), so they form two groups. A group's point list is as long as in its
+    last round, the points of later rounds being SAM's padding token (label -1) until drawn, so all
+    its rounds have the same token count and the student runs them in one call (R = 1: exactly the
+    first prompts). Returns one dict per group present, n slots each:
+      "image" (n,) row of `embeddings`, "valid" (n,), "boxes" (n, 4) or None,
+      "coords" (R, n, N, 2), "labels" (R, n, N): every round's points, N = P + F for point slots and
+        F for box slots, F = min(R - 1, SAM_POINT_ROUNDS) follow-up points,
+      "mask_inputs" (R-1, n, 1, 4h, 4w): the mask prompt of rounds 1.. (None when R = 1),
+      "logits" (R, n, 4, 4h, 4w), "iou" (R, n, 4): the teacher's outputs, every output token."""
+    if rounds < 1:
+        raise ValueError(f"--sam-rounds must be at least 1, got {rounds}")
+    B, K = batch["has_box"].shape
+    F = min(rounds - 1, data.SAM_POINT_ROUNDS)
+    dev, stride = embeddings.device, data.LOW_RES_STRIDE
+    gt = batch["gt_masks"].flatten(0, 1)                                          # (B*K, 4h, 4w)
+    H, W = gt.shape[-2:]
+    # no follow-up point may land in the padding: keep cells whose centre lies in the resized image
+    h2, w2 = batch["input_size"].repeat_interleave(K, 0).unbind(1)               # (B*K,) each
+    rows, cols = (torch.arange(H, device=dev) + 0.5) * stride, (torch.arange(W, device=dev) + 0.5) * stride
+    inside = (rows[None, :, None] < h2[:, None, None]) & (cols[None, None, :] < w2[:, None, None])  # (B*K, 4h, 4w)
+    image = torch.arange(B, device=dev).repeat_interleave(K)                     # (B*K,) image of each slot
+    coords, labels = batch["point_coords"].flatten(0, 1), batch["point_labels"].flatten(0, 1)  # (B*K, P, 2), (B*K, P)
+    boxes, has_box = batch["boxes"].flatten(0, 1), batch["has_box"].flatten()   # (B*K, 4), (B*K,)
+    draws, valid = batch["error_draws"].flatten(0, 1), batch["valid"].flatten()  # (B*K, SAM_POINT_ROUNDS), (B*K,)
+    groups = []
+    for box_kind in (True, False):
+        sel = torch.nonzero(has_box == box_kind).squeeze(1)                       # (n,) slots of this kind
+        n = len(sel)
+        if n == 0:
+            continue
+        pad_xy, pad_lab = coords.new_zeros(n, F, 2), labels.new_full((n, F), -1)
+        if box_kind:
+            xy, lab, box = pad_xy, pad_lab, boxes[sel]                            # (n, F, 2), (n, F), (n, 4)
+            single = torch.ones(n, dtype=torch.bool, device=dev)
+        else:
+            xy, lab, box = torch.cat([coords[sel], pad_xy], 1), torch.cat([labels[sel], pad_lab], 1), None  # N = P+F
+            single = (labels[sel] >= 0).sum(1) == 1
+        first = xy.shape[1] - F                                                   # index of the first follow-up point
+        emb, gt_sel, inside_sel = embeddings[image[sel]], gt[sel], inside[sel]
+        xys, labs, logits, ious, mask_inputs, mask_input = [], [], [], [], [], None
+        for r in range(rounds):
+            if 1 <= r <= F:
+                xy, lab = xy.clone(), lab.clone()
+                xy[:, first + r - 1], lab[:, first + r - 1] = sample_error_points(
+                    prev > 0, gt_sel, inside_sel, draws[sel, r - 1], stride)
+            m, i = head.all_outputs(emb, **sam_prompt_args(xy, lab, box, mask_input))  # (n, 4, 4h, 4w), (n, 4)
+            xys.append(xy), labs.append(lab), logits.append(m), ious.append(i)
+            choice = torch.zeros(n, dtype=torch.long, device=dev)                # token 0: the single-mask output
+            if r == 0:   # one prompt: of the 3 multimask outputs (tokens 1..3), the closest to the ground truth
+                pred, target = m[:, 1:] > 0, gt_sel[:, None]                     # (n, 3, 4h, 4w), (n, 1, 4h, 4w)
+                iou_gt = (pred & target).flatten(2).sum(-1) / (pred | target).flatten(2).sum(-1).clamp(min=1)  # (n, 3)
+                choice = torch.where(single, 1 + iou_gt.argmax(1), choice)
+            prev = m[torch.arange(n, device=dev), choice]                        # (n, 4h, 4w) unthresholded logits
+            mask_input = prev[:, None]                                           # (n, 1, 4h, 4w) next round's mask prompt
+            if r < rounds - 1:
+                mask_inputs.append(mask_input)
+        groups.append({"image": image[sel], "valid": valid[sel], "boxes": box, "coords": torch.stack(xys),
+                       "labels": torch.stack(labs), "mask_inputs": torch.stack(mask_inputs) if mask_inputs else None,
+                       "logits": torch.stack(logits), "iou": torch.stack(ious)})
+    return groups
+
+
+def sam_prompts_forward(head, embeddings, group):
+    """The student's HeadSAM on one group's prompts from sam_teacher_targets, every round. They are
+    fixed in advance, so no round waits for the one before: round 0 (no mask prompt, SAM's
+    no_mask_embed) is one call, rounds 1.. (a mask prompt each) one more.
+    embeddings (B, C, h, w) -> logits (R, n, 4, 4h, 4w), IoU (R, n, 4), in the teacher's order."""
+    R, n = group["labels"].shape[:2]
+    emb, coords, labels, boxes = embeddings[group["image"]], group["coords"], group["labels"], group["boxes"]
+    masks, iou = head.all_outputs(emb, **sam_prompt_args(coords[0], labels[0], boxes))   # (n, 4, 4h, 4w), (n, 4)
+    if R == 1:
+        return masks[None], iou[None]
+    # rounds 1..R-1 as one batch: (R-1, n, ...) -> ((R-1)*n, ...), round-major as emb.repeat lays it out
+    later_masks, later_iou = head.all_outputs(emb.repeat(R - 1, 1, 1, 1), **sam_prompt_args(
+        coords[1:].flatten(0, 1), labels[1:].flatten(0, 1), None if boxes is None else boxes.repeat(R - 1, 1),
+        group["mask_inputs"].flatten(0, 1)))
+    return (torch.cat([masks[None], later_masks.unflatten(0, (R - 1, n))]),        # (R, n, 4, 4h, 4w)
+            torch.cat([iou[None], later_iou.unflatten(0, (R - 1, n))]))            # (R, n, 4)

@@ -20,6 +20,7 @@ Shape legend: B batch, H W token grid, C channels (embed_dim), nh heads, hd head
 size, nW windows per image, N = H*W tokens.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,15 @@ PRESETS = {
     "tiny": ViTDetConfig(img_size=160, embed_dim=64, depth=4, num_heads=4, out_chans=32, window_size=4,
                          global_attn_indexes=(1, 3)),
 }
+
+
+def scaled_side(side, cfg: ViTDetConfig):
+    """A resolution of the paper (stated for the 1024 px ViT-B) for an encoder of native side S:
+    side * S / 1024, rounded up to a multiple of the patch size. The identity for the paper's
+    model; for the tiny preset (160 px) 224 -> 48, 336 -> 64, 448 -> 80, 1024 -> 160. Training,
+    evaluation and the demo read every resolution of the paper through it."""
+    S, p = cfg.img_size, cfg.patch_size
+    return max(p, math.ceil(side * S / 1024 / p) * p)
 
 
 # ----------------------------------------------------------------------------- building blocks

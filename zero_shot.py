@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import clip
 import data
 import heads
+import vit_det
 
 # CLIP's 80 ImageNet prompt templates (Radford et al. 2021, Sec. 3.1.4; OpenAI's notebook
 # "Prompt_Engineering_for_ImageNet.ipynb"), in the notebook's order. SAM-CLIP uses them for
@@ -121,17 +122,9 @@ def dense_logits(model, images, class_emb):
     return _cosine_logits(model, model.clip_features(images)[1], class_emb)
 
 
-def scaled_side(side, encoder_cfg):
-    """A resolution of the paper (stated for the 1024 px ViT-B) for an encoder of native side S:
-    side * S / 1024, rounded up to a multiple of the patch size. The identity for the paper's
-    model; for the tiny preset (160 px) 224 -> 48, 336 -> 64, 448 -> 80, 1024 -> 160."""
-    S, p = encoder_cfg.img_size, encoder_cfg.patch_size
-    return max(p, math.ceil(side * S / 1024 / p) * p)
-
-
 def clip_mode_side(model):
     """The square input side of the CLIP-head pipeline: the paper's 448 px (a 28 x 28 grid)."""
-    return scaled_side(CLIP_SEMSEG_SIDE, model.cfg.encoder)
+    return vit_det.scaled_side(CLIP_SEMSEG_SIDE, model.cfg.encoder)
 
 
 def draw_points(prob, threshold, max_points, generator=None, patch_size=16, valid=None):

@@ -15,6 +15,7 @@ import torch
 
 import data
 import heads
+import losses
 import train
 from conftest import ROOT
 
@@ -57,7 +58,7 @@ def test_what_trains_and_what_stays_frozen(stage, tiny_data):
     ds = data.SA1B(tiny_data[1], img_size=160, masks_per_image=4)
     sb = data.collate_sam([ds[(0, 0)], ds[(1, 0)]])
     with torch.no_grad():
-        sam_targets = train.sam_teacher_targets(sam_head, sam_enc(sb["image"]), sb, rounds=3)
+        sam_targets = losses.sam_teacher_targets(sam_head, sam_enc(sb["image"]), sb, rounds=3)
         target = teacher.visual(cb["teacher"])
     use_sam = stage == "distill"
     out = train.MultiTaskStep(model, 10.0)(cb["student"], target, cb["ok"], sb if use_sam else None,
@@ -116,8 +117,10 @@ def test_sigterm_saves_and_resume_finishes(tmp_path, tiny_data):
 
 def test_two_processes_match_one(tmp_path, tiny_data):
     """torchrun, gloo, 2 ranks with half the batch each == 1 process with the whole global batch."""
+    # 48 and 96 px: the batch at 96 px is exactly a quarter (2 of 8), so it splits the same on 1 or 2
+    # ranks; with the tiny preset's own 80 px, round(8 * 0.36) = 3 on one rank but 2 x round(4 * 0.36) = 2
     common = ["--preset", "tiny", "--stage", "distill", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
-              "--max-steps", "2"]
+              "--max-steps", "2", "--resolutions", "48", "96"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run([*common[2:], "--out", one])
     r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -200,7 +203,7 @@ def test_follow_up_point_from_error_region_and_mask_prompt_from_previous_round()
                  "point_coords": torch.tensor([[[[10.0, 14.0]]]]), "point_labels": torch.tensor([[[1]]]),
                  "gt_masks": gt[None, None], "input_size": torch.tensor([[32, 24]]),
                  "error_draws": torch.full((1, 1, data.SAM_POINT_ROUNDS), draw)}
-        (group,) = train.sam_teacher_targets(head, torch.zeros(1, 1, 1, 1), batch, rounds=3)
+        (group,) = losses.sam_teacher_targets(head, torch.zeros(1, 1, 1, 1), batch, rounds=3)
         r, c = cell
         # one point prompt: the first point, then 2 follow-up slots (SAM's padding -1 until drawn)
         assert group["labels"][:, 0].tolist() == [[1, -1, -1], [1, label, -1], [1, label, -1]]
@@ -242,9 +245,9 @@ def test_student_and_teacher_get_identical_prompts_every_round(tiny_data, monkey
     with torch.no_grad():
         emb = sam_enc(sb["image"])
         torch.manual_seed(1)
-        groups = train.sam_teacher_targets(sam_head, emb, sb, R)
+        groups = losses.sam_teacher_targets(sam_head, emb, sb, R)
         torch.manual_seed(2)                                    # no global random state: the same targets again
-        again = train.sam_teacher_targets(sam_head, emb, sb, R)
+        again = losses.sam_teacher_targets(sam_head, emb, sb, R)
     assert len(groups) == 2 and groups[0]["boxes"] is not None and groups[1]["boxes"] is None   # both prompt kinds
     for g, h in zip(groups, again):
         assert all(torch.equal(g[k], h[k]) for k in ("coords", "labels", "mask_inputs", "logits"))
@@ -277,7 +280,7 @@ def test_loss_sam_vanishes_over_all_rounds_when_student_equals_teacher(tiny_data
     sam_enc, sam_head, model, sb, cb, clip_target = _tiny_setup(tiny_data)
     with torch.no_grad():
         emb = sam_enc(sb["image"])
-        targets = {R: train.sam_teacher_targets(sam_head, emb, sb, R) for R in (1, 4)}
+        targets = {R: losses.sam_teacher_targets(sam_head, emb, sb, R) for R in (1, 4)}
     step = train.MultiTaskStep(model, 10.0)
     for R in (1, 4):
         out = step(cb["student"], clip_target, cb["ok"], sb, targets[R])
@@ -356,13 +359,13 @@ def test_sam_folder_smaller_than_a_batch_trains_with_what_there_is(tmp_path, tin
     assert [m["step"] for m in metrics(out)] == [1] and native == [160]   # tiny encoder: 160 px native
     sampler = data.FixedBatchSampler(1, 2)                       # 1 image, batch 2, drop_last: no batch in any epoch
     with deadline(10), pytest.raises(ValueError, match="holds no batch"):
-        next(train.stream([], sampler, 0))
+        next(data.stream([], sampler, 0))
     with deadline(10), pytest.raises(ValueError, match="holds no batch"):
-        train.locate(sampler, 3)
+        data.locate(sampler, 3)
     # 1 sample, sizes 2 (resolution 1) or 1 (resolution 2): an epoch has a batch only when its first draw is 2
     mixed = data.VariableResolutionSampler(1, 2, (1, 2), seed=6)
     assert [len(mixed.plan(e)) for e in (0, 1)] == [1, 0]
-    endless = train.stream(mixed, mixed, 0)                      # the sampler is its own loader here
+    endless = data.stream(mixed, mixed, 0)                      # the sampler is its own loader here
     assert next(endless)[0] == 0
     with deadline(10), pytest.raises(ValueError, match="epoch 1 of an endless batch stream holds no batch"):
         next(endless)
@@ -412,7 +415,7 @@ def test_teacher_cache_recomputes_zero_and_nan_rows(tmp_path):
     folder, meta, teacher = str(tmp_path), {"data": "x"}, FakeTeacher()
     idx, ok = torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool)
     expected = (idx.float()[:, None] + 1) / 4 + 1.0 + torch.zeros(3, 4)
-    cache = train.TeacherCache(folder, 6, 4, meta, rank=0)
+    cache = data.TeacherCache(folder, 6, 4, meta, rank=0)
     assert torch.equal(cache(idx, ok, _teacher_images(idx), teacher), expected) and teacher.asked == [[0, 1, 2]]
     rows = np.memmap(os.path.join(folder, "rank0.rows"), np.float16, "r+").reshape(-1, 4)
     rows[1], rows[2] = 0.0, np.nan              # the flags (index entries) of images 1 and 2 survive, their rows not
@@ -421,7 +424,7 @@ def test_teacher_cache_recomputes_zero_and_nan_rows(tmp_path):
     assert torch.equal(cache(idx, ok, _teacher_images(idx), teacher), expected)
     assert teacher.asked == [[0, 1, 2], [1, 2]]                                      # only the bad rows again
     for rank in (0, 1):           # a restart, and rank 1 of another world size: the new rows win, nothing recomputed
-        again = train.TeacherCache(folder, 6, 4, meta, rank=rank)
+        again = data.TeacherCache(folder, 6, 4, meta, rank=rank)
         assert torch.equal(again(idx, ok, _teacher_images(idx), teacher), expected)
     assert teacher.asked == [[0, 1, 2], [1, 2]]
 
@@ -429,8 +432,8 @@ def test_teacher_cache_recomputes_zero_and_nan_rows(tmp_path):
 def test_teacher_cache_row_is_on_disk_before_its_flag(tmp_path, monkeypatch):
     folder, meta, teacher = str(tmp_path), {"data": "x"}, FakeTeacher()
     rows_path = os.path.join(folder, "rank0.rows")
-    cache = train.TeacherCache(folder, 6, 4, meta, rank=0)
-    events, real_fsync, real_append = [], os.fsync, train.append_durable
+    cache = data.TeacherCache(folder, 6, 4, meta, rank=0)
+    events, real_fsync, real_append = [], os.fsync, data.append_durable
 
     class Crash(Exception):
         pass
@@ -441,19 +444,19 @@ def test_teacher_cache_row_is_on_disk_before_its_flag(tmp_path, monkeypatch):
             raise Crash
         real_append(path, payload)
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or real_fsync(fd))
-    monkeypatch.setattr(train, "append_durable", crash_at_flag)
+    monkeypatch.setattr(data, "append_durable", crash_at_flag)
     idx01, ok = torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool)
     with pytest.raises(Crash):
         cache(idx01, ok, _teacher_images(idx01), teacher)
     # the rows were written and synced before the flag write began
     assert events == [("append", "rank0.rows"), ("fsync", os.stat(rows_path).st_ino), ("append", "rank0.index")]
     assert os.path.getsize(rows_path) == 2 * 4 * 2                                   # 2 float16 rows of 4, unflagged
-    monkeypatch.setattr(train, "append_durable", real_append)
-    restart = train.TeacherCache(folder, 6, 4, meta, rank=0)     # cuts the unflagged rows off, so new rows line up
+    monkeypatch.setattr(data, "append_durable", real_append)
+    restart = data.TeacherCache(folder, 6, 4, meta, rank=0)     # cuts the unflagged rows off, so new rows line up
     assert os.path.getsize(rows_path) == 0
     idx23 = torch.tensor([2, 3])
     restart(idx23, ok, _teacher_images(idx23), teacher)
-    later = train.TeacherCache(folder, 6, 4, meta, rank=0)
+    later = data.TeacherCache(folder, 6, 4, meta, rank=0)
     assert torch.equal(later(idx23, ok, _teacher_images(idx23), teacher), (idx23.float()[:, None] + 1) / 4 + 1.0
                        + torch.zeros(2, 4))
     later(idx01, ok, _teacher_images(idx01), teacher)             # images 0 and 1 were never flagged: computed
