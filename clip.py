@@ -78,6 +78,9 @@ PRESETS = {
     # the tiny fixture model of tests/fixtures/clip_tiny.pt
     "tiny": CLIPConfig(embed_dim=32, image_size=64, patch_size=16, vision_width=128,
                        vision_layers=2, text_width=64, text_layers=2),
+    # the toy CLIP teacher (toy/teachers.py, toy/weights/toy_clip.bin); the full BPE vocabulary
+    "toy": CLIPConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=128,
+                      vision_layers=4, text_width=64, text_layers=4),
 }
 
 
@@ -175,16 +178,21 @@ class VisionTower(nn.Module):
         grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)  # (1, C, gh, gw) -> (gh*gw, C)
         return torch.cat([pos[:1], grid], dim=0)
 
-    def forward(self, x, return_patch_tokens=False):
-        """(B, 3, H, W) -> (B, D): ln_post(class token) @ proj. With `return_patch_tokens` also the
-        patch tokens through the same ln_post and proj, (B, gh*gw, D); CLIP never trained these
-        to align with text, so they are a cheap by-product, not a dense CLIP feature."""
+    def forward_tokens(self, x):
+        """(B, 3, H, W) -> the last block's tokens (B, 1 + gh*gw, C), class token first, before
+        ln_post and proj: the frozen backbone's own features (what `evaluate.py probe` reads)."""
         x = self.conv1(x)  # (B, 3, H, W) -> (B, C, gh, gw)
         B, C, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, gh*gw, C)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, C)  # (C,) -> (B, 1, C)
         x = torch.cat([cls, x], dim=1) + self.position_embedding_for(gh, gw)  # (B, N, C)
-        x = self.transformer(self.ln_pre(x))
+        return self.transformer(self.ln_pre(x))
+
+    def forward(self, x, return_patch_tokens=False):
+        """(B, 3, H, W) -> (B, D): ln_post(class token) @ proj. With `return_patch_tokens` also the
+        patch tokens through the same ln_post and proj, (B, gh*gw, D); CLIP never trained these
+        to align with text, so they are a cheap by-product, not a dense CLIP feature."""
+        x = self.forward_tokens(x)  # (B, N, C)
         x = self.ln_post(x) @ self.proj  # per-token LN, so equal to pooling first: (B, N, C) -> (B, N, D)
         return (x[:, 0], x[:, 1:]) if return_patch_tokens else x[:, 0]
 

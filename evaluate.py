@@ -7,17 +7,23 @@ One subcommand per protocol; each prints a table and, with --out, writes a JSON 
             by HeadCLIP; classes are the 80 OpenAI templates averaged through the frozen text tower.
             -> top1, top5 (percent).
   retrieve  zero-shot image-text retrieval (Table 1: Flickr30K, COCO; the paper reports
-            text-to-image R@1). -> t2i_R@1/5/10 and i2t_R@1/5/10 (percent).
+            text-to-image R@1), at --resolution (paper, Sec. 4.2: 336 px, as classification).
+            -> t2i_R@1/5/10 and i2t_R@1/5/10 (percent).
   semseg    zero-shot semantic segmentation (Table 2: VOC, Pascal Context, ADE20k, COCO-Stuff):
             square resize to 448 px, 28x28 HeadCLIP patch logits against the 80-template class
             embeddings, bilinear upsampling to the label map, argmax, mIoU from one confusion matrix
             accumulated over the dataset. `--refine sam` is Table 5: one 1024 px forward, HeadCLIP's
             coarse map prompts HeadSAM per class. -> mIoU, per_class_IoU, pixel_accuracy (percent).
   instseg   box-prompted instance segmentation (Table 1: COCO, LVIS mask AP): each box (ground truth
-            or a detector's) prompts HeadSAM at the native 1024 px, one mask per box. COCO-style mask
-            AP computed here (no pycocotools). -> AP, AP50, AP75, mIoU_prompted (percent).
-  probe     linear probing of frozen features (Tables 3 and 4, linear head only) for the merged
-            model, SAM's encoder or a CLIP tower. -> top1/top5 (--task cls) or mIoU (--task seg).
+            or a detector's) prompts HeadSAM at the native 1024 px, one mask per box. Mask AP by
+            COCOeval's rules (segm, all areas, 100 detections per image and category, crowds ignored),
+            computed here without pycocotools; --save-predictions FILE writes the masks as a COCO
+            results JSON to score with COCOeval. LVIS (federated AP) is not scored here: its files
+            need --save-predictions and the LVIS API. -> AP, AP50, AP75, mIoU_prompted (percent).
+  probe     linear probing of frozen backbones (Tables 3 and 4, linear head only): the merged
+            encoder, SAM's encoder or a CLIP image tower, each probed on its last transformer block's
+            tokens (mean of the patch tokens for cls, per patch for seg).
+            -> top1/top5 (--task cls) or mIoU (--task seg).
   speed     the paper's inference-cost claim: one 1024 px SAM-CLIP forward serving both heads vs
             SAM ViT-B plus the CLIP ViT-L/14 tower run separately; random weights, no data.
   train-speed  training throughput (images/s of D_CLIP and D_SAM, s/step) and memory of one
@@ -28,8 +34,8 @@ Run (every flag has --help):
   python evaluate.py retrieve --checkpoint m.pt --data flickr30k/ --out ret.json
   python evaluate.py semseg   --checkpoint m.pt --data VOCdevkit/VOC2012 --layout voc --out voc.json
   python evaluate.py semseg   --checkpoint m.pt --data ade/ --layout generic [--refine sam]
-  python evaluate.py instseg  --checkpoint m.pt --data coco_val/ [--detections dets.json]
-  python evaluate.py probe    --checkpoint m.pt --data voc_generic/ --task seg --features sam
+  python evaluate.py instseg  --checkpoint m.pt --data coco_val/ [--detections dets.json] [--save-predictions p.json]
+  python evaluate.py probe    --checkpoint m.pt --data voc_generic/ --task seg --features sam --sam-checkpoint s.pth
   python evaluate.py speed    [--preset tiny] [--repeats 3]
   python evaluate.py train-speed [--preset tiny] [--clip-batch 4] [--sam-batch 1] [--masks 8]
 Every data subcommand also takes --limit N, --batch-size, --visualize K (K side-by-side PNGs
@@ -47,7 +53,8 @@ Dataset layouts (a missing part is reported in one line naming it; exit code 2):
   semseg --layout generic,      DIR/images/*.jpg|png, DIR/labels/<same stem>.png (one channel, class
   probe --task seg              index per pixel, 255 ignored), DIR/classes.txt (line i = class i).
   instseg                       DIR/images/ + COCO instances JSON (default DIR/instances.json), masks as
-                                polygons or RLE; crowd objects (iscrowd=1) are left out entirely.
+                                polygons or RLE; crowd objects (iscrowd=1) are never prompted and are
+                                ignored ground truth, as in COCOeval.
 
 Choices the paper leaves open, made here:
   - VOC background (semseg): GroupViT's rule. The 20 foreground logits are softmaxed per pixel and a
@@ -57,11 +64,17 @@ Choices the paper leaves open, made here:
   - --refine sam: HeadSAM decodes every class (zero_shot.refine_with_sam), but only classes that win a
     pixel of HeadCLIP's own 1024 px map compete in the per-pixel argmax; a pixel that no refined
     mask covers (logit <= 0) is background on VOC and keeps HeadCLIP's label on other layouts.
-  - instseg with ground-truth boxes: one mask per object, ranked by HeadSAM's predicted IoU. Crowd
-    objects are dropped from prompts and matching (a detection on a crowd counts as a false
-    positive, where COCO would ignore it). Polygons are filled by PIL, not pycocotools.
-  - probe: features standardised with the training images' statistics, AdamW (weight decay 1e-4)
-    on batches of 1024 rows, the split by image (seeded), labels per patch by majority vote.
+  - instseg with ground-truth boxes: one mask per object, ranked by HeadSAM's predicted IoU.
+  - instseg crowds, as COCOeval: a detection's IoU with a crowd region is intersection / its own
+    area; a detection matches the best regular object first and falls to a crowd only if none
+    reaches the threshold; one that lands on a crowd is neither a true nor a false positive, and
+    recall counts regular objects only. Polygons are filled by PIL, whose boundary pixels differ
+    slightly from pycocotools' (RLE ground truth gives COCOeval's AP exactly).
+  - probe: the same feature for every backbone, its last transformer block's output tokens (the
+    paper probes "frozen image backbones" without naming the layer); image features are the mean
+    of the patch tokens. Features standardised with the training images' statistics, AdamW (weight
+    decay 1e-4) on batches of 1024 rows, the split by image (seeded), labels per patch by majority
+    vote.
 
 Resolutions are given in the paper's pixels for the 1024 px vit_b model; smaller presets scale them
 (`scaled`), so the tiny preset (160 px native) reads 448 as 80 and 336 as 64.
@@ -143,40 +156,58 @@ def miou(conf):
     return iou.nanmean().item(), iou
 
 
-def mask_iou(a, b):
-    """bool masks a (N, H, W), b (G, H, W) -> (N, G) IoU; 0 where both masks are empty."""
+def mask_iou(a, b, crowd=None):
+    """bool masks a (N, H, W), b (G, H, W) -> (N, G) IoU in float64, 0 where both masks are empty.
+    Against a crowd ground truth (crowd: bool (G,)) the score is intersection / area(a), COCO's
+    crowd rule: a detection lying inside a crowd region scores 1 however large the region is."""
     a, b = a.flatten(1).float(), b.flatten(1).float()                    # (N, H*W), (G, H*W)
-    inter = a @ b.T                                                      # (N, G)
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    inter = (a @ b.T).double()                                           # (N, G), exact counts below 2^24 px
+    union = a.sum(1).double()[:, None] + b.sum(1).double()[None, :] - inter
+    if crowd is not None:
+        union = torch.where(torch.as_tensor(crowd, dtype=torch.bool)[None, :], a.sum(1).double()[:, None], union)
     return inter / union.clamp(min=1)
 
 
-def match_detections(scores, ious, threshold):
-    """COCO's greedy matching in one image and category: detections in descending score order
-    each take the unmatched ground truth of highest IoU if that IoU >= threshold.
-    scores (N,), ious (N, G) -> (scores sorted (N,), true-positive flags (N,))."""
+def match_detections(scores, ious, threshold, crowd=None):
+    """COCOeval.evaluateImg's greedy matching in one image and category. Detections in descending
+    score order (stable sort) each take, among the regular ground truths not yet taken, the one of
+    highest IoU >= threshold (of equal IoUs the later, as COCOeval's loop does); only if none
+    qualifies do they try the crowd ones (ignored ground truth), which any number of detections may
+    take. A detection that lands on a crowd is ignored: neither a true nor a false positive.
+    scores (N,), ious (N, G), crowd bool (G,) or None -> (scores sorted, true positive, ignored), (N,) each."""
+    G = ious.shape[1]
+    crowd = np.zeros(G, bool) if crowd is None else np.asarray(crowd, bool)
     order = np.argsort(-scores, kind="mergesort")
-    taken, tp = np.zeros(ious.shape[1], bool), np.zeros(len(order), bool)
+    taken = np.zeros(G, bool)
+    tp, ignored = np.zeros(len(order), bool), np.zeros(len(order), bool)
     for j, d in enumerate(order):
-        if ious.shape[1]:
-            cand = np.where(taken, -1.0, ious[d])
-            g = int(cand.argmax())
-            if cand[g] >= threshold:
-                taken[g], tp[j] = True, True
-    return scores[order], tp
+        for pool in (~crowd & ~taken, crowd):                             # regular ground truths first
+            cand = np.where(pool, ious[d], -1.0)                          # (G,)
+            if G and cand.max() >= threshold:
+                g = G - 1 - int(cand[::-1].argmax())                      # the last of equal bests
+                taken[g], tp[j], ignored[j] = not crowd[g], not crowd[g], crowd[g]
+                break
+    return scores[order], tp, ignored
 
 
 def average_precision(images, threshold, max_dets=100):
-    """COCO AP of one category at one IoU threshold. images: list of (scores (N,), ious (N, G)) per
-    image. Detections of all images are ranked by score; precision is made non-increasing (its
-    upper envelope) and read at the 101 recall points; a point past the largest recall reached
-    gives 0. Up to max_dets detections per image count. -> AP in 0..1, NaN without ground truth."""
+    """COCO AP of one category at one IoU threshold, as COCOeval.accumulate computes it. images: per
+    image (scores (N,), ious (N, G)) or (scores, ious, crowd (G,)). The max_dets best-scored
+    detections of each image (per category, as COCOeval with useCats) are matched; those on a crowd
+    are dropped; the rest of all images are ranked by score (ties in image order); precision is made
+    non-increasing (its upper envelope) and read at the 101 recall points, a point past the largest
+    recall reached giving 0. Recall counts regular ground truth only. -> AP in 0..1, NaN if there is
+    none (a category with only crowds is not scored, as in COCOeval)."""
     all_scores, all_tp, npos = [], [], 0
-    for scores, ious in images:
-        s, tp = match_detections(np.asarray(scores, float), np.asarray(ious, float), threshold)
-        all_scores.append(s[:max_dets])
-        all_tp.append(tp[:max_dets])
-        npos += ious.shape[1]
+    for scores, ious, *crowd in images:
+        ious = np.asarray(ious, float)
+        crowd = np.asarray(crowd[0], bool) if crowd else np.zeros(ious.shape[1], bool)
+        # matching is greedy in score order, so cutting after it equals COCOeval's cut before it
+        s, tp, ignored = match_detections(np.asarray(scores, float), ious, threshold, crowd)
+        keep = ~ignored[:max_dets]
+        all_scores.append(s[:max_dets][keep])
+        all_tp.append(tp[:max_dets][keep])
+        npos += int((~crowd).sum())
     if npos == 0:
         return float("nan")
     order = np.argsort(-np.concatenate(all_scores), kind="mergesort")
@@ -189,9 +220,9 @@ def average_precision(images, threshold, max_dets=100):
 
 
 def coco_mask_ap(records):
-    """records: {category: [(scores, ious) per image]} -> {"AP", "AP50", "AP75"} in percent and the
-    per-category AP (0..1): AP averaged over the 10 IoU thresholds, then over categories that have
-    ground truth."""
+    """records: {category: [(scores, ious[, crowd]) per image, in image id order]} -> {"AP", "AP50",
+    "AP75"} in percent and the per-category AP (0..1): AP averaged over the 10 IoU thresholds, then
+    over the categories that have regular (non-crowd) ground truth, as COCOeval.summarize does."""
     ap = np.array([[average_precision(imgs, t) for t in IOU_THRESHOLDS] for imgs in records.values()])
     ap = ap.reshape(len(records), len(IOU_THRESHOLDS))                  # (C, 10), NaN rows: no ground truth
     has_gt = np.isfinite(ap[:, 0])
@@ -212,8 +243,8 @@ def need(path, what):
 
 
 def scaled(res, m):
-    """A paper resolution for model or encoder `m` (zero_shot.scaled_side: the identity at full size)."""
-    return zero_shot.scaled_side(res, getattr(m.cfg, "encoder", m.cfg))
+    """A paper resolution for model or encoder `m` (vit_det.scaled_side: the identity at full size)."""
+    return vit_det.scaled_side(res, getattr(m.cfg, "encoder", m.cfg))
 
 
 def center_square(img):
@@ -410,9 +441,16 @@ def read_segmentation(root, layout, split):
     return pairs, names
 
 
-def read_instances(root, annotations):
-    """COCO instances JSON -> (images [{id, path, height, width}], non-crowd annotations per image
-    id, {category id: name})."""
+LVIS_IMAGE_KEYS = ("not_exhaustive_category_ids", "neg_category_ids")   # LVIS's federated annotation
+
+
+def read_instances(root, annotations, allow_lvis=False):
+    """COCO instances JSON -> (images [{id, path, height, width}] sorted by id, as COCOeval visits
+    them; annotations per image id, regular objects first and crowds (iscrowd=1) last, as COCOeval
+    orders them; {category id: name}; whether it is an LVIS file). LVIS files (per-image
+    not-exhaustive / negative category lists, per-category frequency) are refused unless
+    allow_lvis: their AP is federated, which COCO's rules do not compute. LVIS images without a
+    file_name are looked up by the file name of their coco_url."""
     need(root, "dataset folder")
     img_dir = need(os.path.join(root, "images"), "folder of the images named in the instances JSON")
     ann_file = annotations or os.path.join(root, "instances.json")
@@ -420,14 +458,20 @@ def read_instances(root, annotations):
     for key in ("images", "annotations", "categories"):
         if key not in js:
             raise LayoutError(f"{ann_file}: no '{key}' list")
+    lvis = any(k in im for im in js["images"] for k in LVIS_IMAGE_KEYS) or any("frequency" in c for c in js["categories"])
+    if lvis and not allow_lvis:
+        raise LayoutError(f"{ann_file}: an LVIS file, whose AP is federated (not-exhaustive and negative categories) "
+                          "and not computed here: add --save-predictions FILE and score FILE with the LVIS API "
+                          "(github.com/lvis-dataset/lvis-api)")
     anns = defaultdict(list)
     try:
-        images = [dict(im, path=need(os.path.join(img_dir, im["file_name"]), "image of the instances JSON"))
-                  for im in js["images"]]
-        for a in js["annotations"]:
-            if not a.get("iscrowd", 0):
-                anns[a["image_id"]].append({k: a[k] for k in ("category_id", "bbox", "segmentation")})
-        return images, anns, {c["id"]: c["name"] for c in js["categories"]}
+        name = lambda im: os.path.basename(im["coco_url"]) if lvis and "file_name" not in im else im["file_name"]
+        images = [dict(im, path=need(os.path.join(img_dir, name(im)), "image of the instances JSON"))
+                  for im in sorted(js["images"], key=lambda im: im["id"])]
+        for a in sorted(js["annotations"], key=lambda a: bool(a.get("iscrowd", 0))):    # stable: crowds last
+            anns[a["image_id"]].append({k: a[k] for k in ("category_id", "bbox", "segmentation")}
+                                       | {"iscrowd": bool(a.get("iscrowd", 0))})
+        return images, anns, {c["id"]: c["name"] for c in js["categories"]}, lvis
     except KeyError as e:
         raise LayoutError(f"{ann_file}: an entry has no {e} field") from None
 
@@ -471,8 +515,9 @@ def cmd_classify(args):
 
 @torch.no_grad()
 def cmd_retrieve(args):
-    """Table 1, zero-shot retrieval: one cosine matrix between all captions and all images, read
-    by rows (text -> image) and by columns (image -> text, right if any of its captions ranks)."""
+    """Table 1, zero-shot retrieval at --resolution (Sec. 4.2: 336 px, as classification): one cosine
+    matrix between all captions and all images, read by rows (text -> image) and by columns
+    (image -> text, right if any of its captions ranks)."""
     paths, caps, owner = read_captions(args.data)
     if args.limit:
         paths = paths[:args.limit]
@@ -569,8 +614,11 @@ def cmd_semseg(args):
 @torch.no_grad()
 def cmd_instseg(args):
     """Table 1, box-prompted instance segmentation: SAM's resize + pad to the native side, one
-    encoder forward per batch, then every box of an image through HeadSAM in one decoder call."""
-    images, anns, cats = read_instances(args.data, args.annotations)
+    encoder forward per batch, then every box of an image through HeadSAM in one decoder call.
+    Mask AP by COCOeval's rules (segm, all areas, 100 detections per image and category), crowd
+    regions as ignored ground truth. --save-predictions writes one mask per prompt as a COCO results
+    JSON, so pycocotools' COCOeval (or the LVIS API, for LVIS) can score the same masks."""
+    images, anns, cats, lvis = read_instances(args.data, args.annotations, allow_lvis=bool(args.save_predictions))
     images = images[:args.limit] if args.limit else images
     dets = None
     if args.detections:
@@ -581,17 +629,18 @@ def cmd_instseg(args):
             dets[d["image_id"]].append(d)
     m = load_model(args)
     S = m.cfg.encoder.img_size
-    records = {c: [] for c in cats}                  # category -> [(scores (N,), ious (N, G)) per image]
-    prompted, n_prompts, show = [], 0, visualizer(args)
+    records = {c: [] for c in cats}                  # category -> [(scores (N,), ious (N, G), crowd (G,)) per image]
+    prompted, predictions, show = [], [], visualizer(args)
     for chunk, imgs in batches(images, lambda im: data.load_image(im["path"]), args.batch_size, "instseg"):
         xs, sizes = zip(*[data.sam_preprocess(im, S) for im in imgs])   # (3, S, S), (h', w')
         emb = m.encoder(torch.stack(xs).to(args.device))                 # (B, C', h, w)
         for b, (info, img) in enumerate(zip(chunk, imgs)):
             H, W = img.height, img.width
-            gts = anns[info["id"]]
+            gts = anns[info["id"]]                                       # regular objects first, crowds last
+            crowd = torch.tensor([a["iscrowd"] for a in gts], dtype=torch.bool)  # (G,)
             gt_masks = torch.stack([decode_mask(a["segmentation"], H, W) for a in gts]) if gts else \
                 torch.zeros(0, H, W, dtype=torch.bool)                    # (G, H, W)
-            prompts = gts if dets is None else dets[info["id"]]
+            prompts = [a for a in gts if not a["iscrowd"]] if dets is None else dets[info["id"]]
             boxes = torch.tensor([p["bbox"] for p in prompts], dtype=torch.float32).reshape(-1, 4)  # (N, 4) XYWH
             boxes[:, 2:] += boxes[:, :2]                                 # -> x0, y0, x1, y1
             boxes *= torch.tensor([sizes[b][1] / W, sizes[b][0] / H] * 2)  # into the resized frame
@@ -599,26 +648,39 @@ def cmd_instseg(args):
                 low, iou = m.head_sam(emb[b:b + 1], boxes=boxes.to(args.device),
                                       multimask_output=False)            # (N, 1, 4h, 4w), (N, 1)
                 masks = heads.postprocess_masks(low, sizes[b], (H, W), img_size=S)[:, 0].cpu() > 0  # (N, H, W)
-                # with ground-truth boxes every object gets one mask; HeadSAM's IoU guess ranks them
-                scores = iou[:, 0].cpu() if dets is None else torch.tensor([p["score"] for p in prompts])
+                # with ground-truth boxes every object gets one mask; HeadSAM's IoU guess ranks them.
+                # float64 scores: the values COCOeval reads back from the results JSON
+                scores = iou[:, 0].cpu().double() if dets is None else \
+                    torch.tensor([p["score"] for p in prompts], dtype=torch.float64)
             else:
-                masks, scores = torch.zeros(0, H, W, dtype=torch.bool), torch.zeros(0)
-            ious = mask_iou(masks, gt_masks)                             # (N, G)
+                masks, scores = torch.zeros(0, H, W, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
+            ious = mask_iou(masks, gt_masks, crowd)                      # (N, G), crowd rule on crowd columns
             if dets is None:
-                prompted += ious.diagonal().tolist()
+                prompted += ious.diagonal().tolist()                     # prompt i is object i (regular first)
             p_cat = torch.tensor([p["category_id"] for p in prompts], dtype=torch.long)
             g_cat = torch.tensor([a["category_id"] for a in gts], dtype=torch.long)
             for c in set(p_cat.tolist()) | set(g_cat.tolist()):                 # per image and category
                 if c not in records:
                     raise LayoutError(f"category_id {c} (image {info['id']}) is not in the categories list")
-                records[c].append((scores[p_cat == c].numpy(), ious[p_cat == c][:, g_cat == c].numpy()))
-            n_prompts += len(prompts)
+                records[c].append((scores[p_cat == c].numpy(), ious[p_cat == c][:, g_cat == c].numpy(),
+                                   crowd[g_cat == c].numpy()))
+            predictions += [{"image_id": info["id"], "category_id": p["category_id"],
+                             "segmentation": data.rle_encode(mk.numpy()), "score": float(sc)}
+                            for p, mk, sc in zip(prompts, masks, scores)]
             show(str(info["id"]), [img, lambda: overlay(img, masks), lambda: overlay(img, gt_masks)])
-    ap, per_cat = coco_mask_ap(records)
-    results = ap | {"mIoU_prompted": 100 * float(np.mean(prompted)) if prompted else float("nan"),
-                    "per_category_AP": {cats[c]: 100 * float(v) for c, v in per_cat.items()},
-                    "num_images": len(images), "num_prompts": n_prompts,
-                    "boxes": "detections" if dets is not None else "ground truth", "resolution": S}
+    results = {"mIoU_prompted": 100 * float(np.mean(prompted)) if prompted else float("nan"),
+               "num_images": len(images), "num_prompts": len(predictions),
+               "boxes": "detections" if dets is not None else "ground truth", "resolution": S}
+    if args.save_predictions:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_predictions)), exist_ok=True)
+        with open(args.save_predictions, "w") as f:
+            json.dump(predictions, f)
+        print(f"wrote {len(predictions)} predictions to {args.save_predictions}")
+    if lvis:                                                             # never COCO-style AP on LVIS
+        results["AP"] = f"not computed: LVIS is scored federated; run the LVIS API on {args.save_predictions}"
+    else:
+        ap, per_cat = coco_mask_ap(records)
+        results = ap | results | {"per_category_AP": {cats[c]: 100 * float(v) for c, v in per_cat.items()}}
     return finish(args, results, f"box-prompted instance segmentation, {args.data}")
 
 
@@ -633,8 +695,14 @@ def patch_labels(label, side, grid):
 
 
 def feature_extractor(args, m, task):
-    """The frozen features to probe -> (input side, patch size, fn(list of PIL) -> features):
-    (B, F) for cls, (B, g, g, F) per patch for seg. Classification inputs are centre-cropped."""
+    """The frozen image backbone's features (Sec. 4.3 probes the backbones), the same kind for every
+    --features choice: the tokens out of the last transformer block, before any neck, head or
+    projection. samclip: the merged encoder's forward_tokens; sam: the same of SAM's encoder; clip:
+    the image tower's last block before ln_post and proj (its class token dropped). Width C: the
+    backbone's (768 for ViT-B, 1024 for CLIP ViT-L/14), not the text-embedding size nor SAM's
+    256-channel neck. cls: the mean of the patch tokens, (B, C); one pooling rule for all three, as
+    ViT-Det has no class token. seg: per patch, (B, g, g, C). Classification inputs are centre-cropped.
+    -> (input side, patch size, fn(list of PIL) -> features)."""
     dev = args.device
     crop = center_square if task == "cls" else (lambda im: im)
     if args.features == "clip":
@@ -643,22 +711,24 @@ def feature_extractor(args, m, task):
         teacher = clip.load_clip(args.clip_checkpoint)
         tower, side, p = teacher.visual.to(dev), teacher.config.image_size, teacher.config.patch_size
 
-        def fn(imgs):                                                    # at CLIP's own native size
+        def tokens(imgs):                                                # at CLIP's own native size
             x = torch.stack([data.square_resize(crop(im), side, data.normalize_clip) for im in imgs]).to(dev)
-            pooled, patches = tower(x, return_patch_tokens=True)         # (B, D), (B, g*g, D)
-            return pooled if task == "cls" else patches.reshape(len(imgs), side // p, side // p, -1)  # -> (B, g, g, D)
-        return side, p, fn
-    side, p = scaled(args.resolution or (224 if task == "cls" else 448), m), m.cfg.encoder.patch_size
-    enc = vit_det.load_sam_encoder(args.sam_checkpoint).to(dev) if args.sam_checkpoint else m.encoder
+            t = tower.forward_tokens(x)[:, 1:]                           # (B, 1 + g*g, C) -> (B, g*g, C)
+            return t.reshape(len(imgs), side // p, side // p, -1)        # (B, g*g, C) -> (B, g, g, C)
+    else:
+        if args.features == "sam" and not args.sam_checkpoint:
+            raise ValueError("--features sam needs --sam-checkpoint (an official SAM file, e.g. sam_vit_b_01ec64.pth)")
+        enc = vit_det.load_sam_encoder(args.sam_checkpoint).to(dev) if args.features == "sam" else m.encoder
+        side, p = scaled(args.resolution or (224 if task == "cls" else 448), enc), enc.cfg.patch_size
 
-    def fn(imgs):
-        x = torch.stack([data.square_resize(crop(im), side) for im in imgs]).to(dev)  # (B, 3, side, side)
-        if args.features == "samclip":
-            pooled, dense = m.clip_features(x)                           # (B, D), (B, g, g, D)
-            return pooled if task == "cls" else dense
-        neck = enc(x)                                                    # (B, 256, g, g)
-        return neck.mean((2, 3)) if task == "cls" else neck.permute(0, 2, 3, 1)  # (B, 256) or (B, g, g, 256)
-    return side, p, fn
+        def tokens(imgs):
+            x = torch.stack([data.square_resize(crop(im), side) for im in imgs]).to(dev)  # (B, 3, side, side)
+            return enc.forward_tokens(x)                                 # (B, g, g, C)
+
+    def extract(imgs):
+        f = tokens(imgs)                                                 # (B, g, g, C)
+        return f.mean((1, 2)) if task == "cls" else f                    # cls: (B, g, g, C) -> (B, C)
+    return side, p, extract
 
 
 @torch.no_grad()
@@ -825,6 +895,7 @@ def cmd_train_speed(args):
     random inputs; fp32 on the CPU. vit_b: the paper's sizes with a small batch (--clip-batch
     images at 224 px, fewer at 448 at constant pixels; --sam-batch images at 1024 px with
     --masks prompts each); tiny: the tiny preset's own settings."""
+    import losses
     import train
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -849,7 +920,11 @@ def cmd_train_speed(args):
                  "point_coords": torch.rand(B, K, P, 2, generator=g) * S,
                  "point_labels": torch.randint(0, 2, (B, K, P), generator=g),
                  "boxes": torch.tensor([0.1, 0.1, 0.6, 0.7]).repeat(B, K, 1) * S,
-                 "has_box": torch.arange(K).repeat(B, 1) % 2 == 0, "valid": torch.ones(B, K, dtype=torch.bool)}
+                 "has_box": torch.arange(K).repeat(B, 1) % 2 == 0, "valid": torch.ones(B, K, dtype=torch.bool),
+                 "input_size": torch.tensor([S, S]).repeat(B, 1), "error_draws": torch.rand(B, K, data.SAM_POINT_ROUNDS, generator=g),
+                 "gt_masks": torch.zeros(B, K, S // 4, S // 4, dtype=torch.bool)}
+    sam_batch["gt_masks"][..., S // 16:S // 8, S // 16:S // 6] = True    # an object for follow-up points to correct
+    rounds = cfg.sam_rounds                                             # SAM's interactive rounds, as train.py runs them
     resolutions = (48, 96) if tiny else (224, 448)
     print(f"train-speed: one distill step (teachers + student forward/backward + AdamW), fp32, "
           f"{torch.get_num_threads()} CPU threads, median of {args.repeats} after 1 warm-up\n"
@@ -862,12 +937,12 @@ def cmd_train_speed(args):
         def one_step():
             with torch.no_grad():
                 target = teacher.visual(clip_teacher)
-                t_masks, t_iou, _ = train.sam_prompts_forward(sam_head, sam_enc(sam_batch["image"]), sam_batch)
-            out = step_module(clip_student, target, torch.ones(n, dtype=torch.bool), sam_batch, (t_masks, t_iou))
+                sam_targets = losses.sam_teacher_targets(sam_head, sam_enc(sam_batch["image"]), sam_batch, rounds)
+            out = step_module(clip_student, target, torch.ones(n, dtype=torch.bool), sam_batch, sam_targets)
             out["loss"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        row = measure(f"distill: {n} x {r} px D_CLIP + {B} x {S} px D_SAM ({K} prompts)", one_step, args.repeats,
+        row = measure(f"distill: {n} x {r} px D_CLIP + {B} x {S} px D_SAM ({K} prompts x {rounds} rounds)", one_step, args.repeats,
                       sum(p.numel() for p in student.parameters() if p.requires_grad), grad=True)
         row |= {"clip_img_per_s": n / row["latency_s"], "sam_img_per_s": B / row["latency_s"], "resolution": r}
         print(f"  {'':<46} {row['clip_img_per_s']:8.2f} D_CLIP img/s, {row['sam_img_per_s']:.2f} D_SAM img/s")
@@ -903,7 +978,7 @@ def main(argv=None):
         return p
 
     command("classify", cmd_classify, "zero-shot classification on DIR/<class>/*.jpg (Table 1)", 336)
-    command("retrieve", cmd_retrieve, "zero-shot image-text retrieval, DIR/images + DIR/captions.json (Table 1)", 224)
+    command("retrieve", cmd_retrieve, "zero-shot image-text retrieval, DIR/images + DIR/captions.json (Table 1)", 336)
     p = command("semseg", cmd_semseg,
                 "zero-shot semantic segmentation, 448 px HeadCLIP (Table 2) or --refine sam (Table 5)", 448)
     p.add_argument("--layout", choices=["voc", "generic"], default="generic", help="dataset layout (see docstring)")
@@ -920,16 +995,21 @@ def main(argv=None):
     p.add_argument("--annotations", help="COCO instances JSON (default DIR/instances.json)")
     p.add_argument("--detections",
                    help="COCO results JSON (image_id, category_id, bbox XYWH, score); default: GT boxes")
-    p = command("probe", cmd_probe, "linear probe of frozen features (Tables 3, 4)", None)
+    p.add_argument("--save-predictions",
+                   help="write a COCO results JSON here (image_id, category_id, segmentation as RLE with string "
+                        "counts, score; one entry per prompt) to score with pycocotools' COCOeval or the LVIS API; "
+                        "required for LVIS files, whose federated AP is not computed here")
+    p = command("probe", cmd_probe, "linear probe of a frozen backbone's last-block tokens (Tables 3, 4)", None)
     p.add_argument("--task", choices=["cls", "seg"], default="cls",
                    help="cls: image folder, seg: generic segmentation layout")
     p.add_argument("--features", choices=["samclip", "sam", "clip"], default="samclip",
-                   help="samclip: HeadCLIP; sam: mean-pooled (cls) or per-patch (seg) SAM neck output; "
-                        "clip: a CLIP tower (--clip-checkpoint)")
+                   help="whose frozen backbone: the merged encoder, SAM's encoder (--sam-checkpoint) or a CLIP "
+                        "image tower (--clip-checkpoint); always its last transformer block's tokens (no neck, "
+                        "head or projection), mean of the patch tokens for cls, per patch for seg")
     p.add_argument("--resolution", type=int, default=None,
                    help="input side in the paper's pixels (default 224 cls, 448 seg)")
     p.add_argument("--clip-checkpoint", help="OpenCLIP / OpenAI CLIP file for --features clip (run at its native size)")
-    p.add_argument("--sam-checkpoint", help="official SAM file for --features sam (default: the merged encoder)")
+    p.add_argument("--sam-checkpoint", help="official SAM file for --features sam")
     p.add_argument("--train-fraction", type=float, default=0.5,
                    help="share of the images (seeded split) to train the probe on")
     p.add_argument("--epochs", type=int, default=100, help="passes over the training features")

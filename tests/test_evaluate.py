@@ -1,6 +1,7 @@
 # python -m pytest tests/test_evaluate.py -q
 """evaluate.py: the metrics against hand-computed cases, and every subcommand end to end on the
 tiny preset with small datasets generated here in each layout (no downloads)."""
+import argparse
 import json
 import os
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+import clip
 import data
 import evaluate as ev
 import model
+import vit_det
 from conftest import FIXTURES
 
 
@@ -75,6 +78,33 @@ def test_average_precision_by_hand():
     # a false positive ranked first: precision 0 then 1/2, envelope 1/2 at every recall point
     assert ev.average_precision([(np.array([0.8, 0.9]), np.array([[1.0], [0.0]]))], 0.5) == 0.5
     assert np.isnan(ev.average_precision([(np.array([0.5]), np.zeros((1, 0)))], 0.5))  # no ground truth
+
+
+def test_crowd_regions_are_ignored_ground_truth_by_hand():
+    det = torch.zeros(1, 4, 4, dtype=torch.bool)
+    det[0, :2, :2] = True                                        # 4 pixels inside a 16-pixel crowd
+    crowd_region = torch.ones(1, 4, 4, dtype=torch.bool)
+    assert ev.mask_iou(det, crowd_region).item() == 0.25
+    assert ev.mask_iou(det, crowd_region, crowd=[True]).item() == 1.0      # intersection / area(det)
+    # objects 0 and 1, a crowd 2. 0.9 lies on the crowd only; 0.8 finds object 0; 0.7 lies on object 0
+    # (taken) and the crowd; 0.6 finds object 1 although it overlaps the crowd more
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    ious = np.array([[0.0, 0.0, 0.9], [0.8, 0.0, 0.3], [0.9, 0.0, 0.6], [0.0, 0.55, 0.95]])
+    crowd = np.array([False, False, True])
+    _, tp, ignored = ev.match_detections(scores, ious, 0.5, crowd)
+    assert tp.tolist() == [False, True, False, True] and ignored.tolist() == [True, False, True, False]
+    _, tp, ignored = ev.match_detections(scores, ious, 0.6, crowd)          # 0.6 now falls to the crowd
+    assert tp.tolist() == [False, True, False, False] and ignored.tolist() == [True, False, True, True]
+    # AP: the detections on the crowd are neither TP nor FP, and the crowd is not a miss. At 0.5: TP,
+    # TP of 2 objects -> 1 (as false positives the crowd's detections would give 1/2 everywhere);
+    # at 0.6: one TP of 2 -> precision 1 up to recall 0.5, the 51 points 0..0.50
+    assert ev.average_precision([(scores, ious, crowd)], 0.5) == 1.0
+    assert ev.average_precision([(scores, ious, crowd)], 0.6) == pytest.approx(51 / 101)
+    # a category whose only ground truth is a crowd is not scored (COCOeval: no regular object)
+    assert np.isnan(ev.average_precision([(np.array([0.9]), np.array([[1.0]]), np.array([True]))], 0.5))
+    # COCOeval's loop keeps the LAST of equal IoUs: 0.9 takes object 1, so 0.8 (only on object 1) misses
+    _, tp, _ = ev.match_detections(np.array([0.9, 0.8]), np.array([[0.7, 0.7], [0.0, 0.7]]), 0.5)
+    assert tp.tolist() == [True, False]
 
 
 def test_perfect_masks_give_ap_100():
@@ -206,6 +236,7 @@ def test_retrieve(root):
     for key in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"):
         assert 0 <= res[key] <= 100
     assert res["t2i_R@5"] == 100.0 and (res["num_images"], res["num_texts"]) == (3, 6)   # only 3 images
+    assert res["resolution"] == 64                                       # Sec. 4.2's 336 px, scaled for tiny
     assert len(os.listdir(root / "out" / "ret_vis")) == 1
 
 
@@ -242,6 +273,112 @@ def test_instseg_with_detections(root):
     assert res["num_prompts"] == 3 and res["mIoU_prompted"] is None and 0 <= res["AP"] <= 100
 
 
+class BoxOracle(torch.nn.Module):
+    """Stands in for HeadSAM: each box's mask is exactly its rectangle, so AP can be worked out by hand."""
+
+    def __init__(self, side):
+        super().__init__()
+        self.side = side
+
+    def forward(self, emb, boxes, multimask_output=False):
+        ys, xs = torch.arange(self.side)[:, None], torch.arange(self.side)[None, :]
+        x0, y0, x1, y1 = boxes[:, :, None, None].unbind(1)               # (N, 4, 1, 1) -> 4 x (N, 1, 1)
+        inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)         # (N, S, S)
+        return torch.where(inside, 10.0, -10.0)[:, None], torch.ones(len(boxes), 1)  # (N, 1, S, S), (N, 1)
+
+
+def rect(x, y, w, h, side=160):
+    m = np.zeros((side, side), bool)
+    m[y:y + h, x:x + w] = True
+    return m
+
+
+# detections of the crowd test: (image, category, XYWH box, score); each box is its own mask
+CROWD_DETS = [(1, 1, [90, 90, 20, 20], 0.92),   # inside image 1's crowd: ignored
+              (1, 1, [10, 10, 40, 40], 0.9),    # object A exactly: TP
+              (1, 1, [10, 10, 40, 40], 0.7),    # A again, off the crowd: FP
+              (1, 2, [100, 10, 40, 29], 0.6),   # object B with IoU 1160 / 1600 = 0.725
+              (2, 1, [0, 0, 40, 40], 0.95),     # object A2 exactly: TP
+              (2, 2, [50, 50, 10, 10], 0.99)]   # no object of category 2 in image 2: FP
+
+
+@pytest.fixture(scope="module")
+def crowd_data(root):
+    """160 x 160 images (the tiny model's native side: boxes need no rescaling) with a crowd region."""
+    d = root / "crowd"
+    os.makedirs(d / "images")
+    for i in (1, 2):
+        picture(np.random.default_rng(i), 160, 160).save(d / "images" / f"{i}.png")
+    ann = lambda i, img, cat, mask, crowd=0: {"id": i, "image_id": img, "category_id": cat, "iscrowd": crowd,
+                                              "bbox": [0, 0, 1, 1], "segmentation": data.rle_encode(mask)}
+    inst = {"images": [{"id": i, "file_name": f"{i}.png", "height": 160, "width": 160} for i in (2, 1)],
+            "annotations": [ann(1, 1, 1, rect(10, 10, 40, 40)),                               # A
+                            dict(ann(2, 1, 1, rect(80, 80, 80, 80), 1),                        # crowd, COCO's
+                                 segmentation={"size": [160, 160], "counts": rle_counts(rect(80, 80, 80, 80))}),
+                            ann(3, 1, 2, rect(100, 10, 40, 40)),                               # B
+                            ann(4, 2, 1, rect(0, 0, 40, 40))],                                 # A2
+            "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}]}
+    (d / "instances.json").write_text(json.dumps(inst))
+    dets = [{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in CROWD_DETS]
+    (d / "dets.json").write_text(json.dumps(dets))
+    return d
+
+
+@pytest.fixture
+def box_oracle(monkeypatch):
+    load = ev.load_model
+
+    def with_oracle(args):
+        m = load(args)
+        m.head_sam = BoxOracle(m.cfg.encoder.img_size)
+        return m
+    monkeypatch.setattr(ev, "load_model", with_oracle)
+
+
+def test_instseg_crowd_detection_is_not_a_false_positive(root, crowd_data, box_oracle, tmp_path):
+    # category 1 (2 objects; the crowd is no object): 0.95 TP, 0.92 ignored, 0.9 TP, 0.7 FP -> AP 1 at
+    # every threshold (as an FP, 0.92 would give (51 + 50 * 2/3) / 101). Category 2 (1 object): 0.99 FP,
+    # then 0.6 TP while the threshold <= 0.725 -> precision 1/2 at every recall point: 0.5 at 5 of the
+    # 10 thresholds, 0 at the others. AP = (1 + 0.25) / 2, AP50 = (1 + 0.5) / 2, AP75 = (1 + 0) / 2
+    res = run(root, "instseg", "--data", str(crowd_data), "--detections", str(crowd_data / "dets.json"),
+              "--save-predictions", str(tmp_path / "p.json"))
+    assert res["AP"] == pytest.approx(62.5) and res["AP50"] == pytest.approx(75.0) and res["AP75"] == pytest.approx(50.0)
+    assert res["per_category_AP"] == {"one": pytest.approx(100.0), "two": pytest.approx(25.0)}
+
+
+def test_instseg_save_predictions_decode_to_the_masks(root, crowd_data, box_oracle, tmp_path):
+    run(root, "instseg", "--data", str(crowd_data), "--detections", str(crowd_data / "dets.json"),
+        "--save-predictions", str(tmp_path / "p.json"))
+    preds = json.loads((tmp_path / "p.json").read_text())
+    assert len(preds) == len(CROWD_DETS)                                 # one entry per prompt
+    got = {(p["image_id"], p["category_id"], p["score"]): p for p in preds}
+    for img, cat, (x, y, w, h), score in CROWD_DETS:
+        p = got[(img, cat, score)]
+        assert set(p) == {"image_id", "category_id", "segmentation", "score"}
+        assert isinstance(p["segmentation"]["counts"], str) and p["segmentation"]["size"] == [160, 160]
+        assert np.array_equal(data.rle_decode(p["segmentation"]), rect(x, y, w, h))
+
+
+def test_instseg_refuses_lvis_without_save_predictions(root, crowd_data, tmp_path, capsys):
+    inst = json.loads((crowd_data / "instances.json").read_text())
+    for im in inst["images"]:
+        im |= {"not_exhaustive_category_ids": [], "neg_category_ids": [2]}
+    for c in inst["categories"]:
+        c["frequency"] = "f"
+    lvis = tmp_path / "lvis.json"
+    lvis.write_text(json.dumps(inst))
+    with pytest.raises(SystemExit) as e:
+        run(root, "instseg", "--data", str(crowd_data), "--annotations", str(lvis))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert str(lvis) in err and "github.com/lvis-dataset/lvis-api" in err and "--save-predictions" in err
+    # with --save-predictions the masks are written, and no COCO-style AP is reported
+    res = run(root, "instseg", "--data", str(crowd_data), "--annotations", str(lvis),
+              "--save-predictions", str(tmp_path / "p.json"))
+    assert len(json.loads((tmp_path / "p.json").read_text())) == 3          # 3 regular objects, GT boxes
+    assert res["AP"].startswith("not computed") and "AP50" not in res and "per_category_AP" not in res
+
+
 def test_decode_mask_polygon_and_rle_agree():
     poly = ev.decode_mask([[2, 1, 6, 1, 6, 4, 2, 4]], 8, 10)                  # x 2..6, y 1..4 inclusive
     assert poly.sum() == 5 * 4 and poly[1:5, 2:7].all()
@@ -259,14 +396,18 @@ def test_classnames_one_per_line_follow_sorted_folders(tmp_path):
     assert names == ["cat", "dog"] and [k for _, k in items] == [0, 1]
 
 
+def fixture_file(tmp_path, name):
+    """The tiny official-layout SAM or CLIP fixture as a checkpoint file -> its path."""
+    sd = torch.load(os.path.join(FIXTURES, f"{name}_tiny.pt"), weights_only=True)["state_dict"]
+    torch.save(sd, tmp_path / f"{name}.pt")
+    return str(tmp_path / f"{name}.pt")
+
+
 @pytest.mark.parametrize("task,features", [("cls", "samclip"), ("cls", "sam"), ("seg", "clip")])
 def test_probe(root, tmp_path, task, features):
     out = root / "out" / f"probe_{task}_{features}.json"
-    extra = []
-    if features == "clip":
-        tiny_clip = torch.load(os.path.join(FIXTURES, "clip_tiny.pt"), weights_only=True)["state_dict"]
-        torch.save(tiny_clip, tmp_path / "c.pt")
-        extra = ["--clip-checkpoint", str(tmp_path / "c.pt")]
+    extra = {"samclip": [], "sam": ["--sam-checkpoint", fixture_file(tmp_path, "sam")],
+             "clip": ["--clip-checkpoint", fixture_file(tmp_path, "clip")]}[features]
     folder = str(root / ("cls" if task == "cls" else "gen"))
     run(root, "probe", "--task", task, "--features", features, "--data", folder,
         "--epochs", "3", "--out", str(out), "--visualize", "1", *extra)
@@ -274,6 +415,38 @@ def test_probe(root, tmp_path, task, features):
     assert res["num_train"] + res["num_test"] == (6 if task == "cls" else 4)
     assert 0 <= res["top1" if task == "cls" else "mIoU"] <= 100
     assert len(os.listdir(root / "out" / f"probe_{task}_{features}_vis")) == 1
+
+
+def test_probe_features_are_each_backbones_last_block_tokens(root, tmp_path):
+    """Every --features choice gives its backbone's last-block tokens, of the backbone's width: tiny
+    SAM-CLIP and SAM 64 (not the 32-d text space of HeadCLIP or the 32-channel neck), tiny CLIP 128
+    (not its 32-d projection)."""
+    m = model.SAMCLIP.load(str(root / "m.pt"))
+    img = picture(np.random.default_rng(1), 40, 52)
+    sam_file, clip_file = fixture_file(tmp_path, "sam"), fixture_file(tmp_path, "clip")
+    args = lambda features, sam=sam_file: argparse.Namespace(device="cpu", features=features, resolution=None,
+                                                             sam_checkpoint=sam, clip_checkpoint=clip_file)
+    sam_enc, pooled = vit_det.load_sam_encoder(sam_file), {}
+    for features, enc in [("samclip", m.encoder), ("sam", sam_enc)]:
+        side, p, seg = ev.feature_extractor(args(features), m, "seg")
+        assert (side, p) == (80, 16)                                     # 448 px scaled for tiny
+        want = enc.forward_tokens(data.square_resize(img, 80)[None])     # (1, 5, 5, 64)
+        assert want.shape == (1, 5, 5, 64) and torch.allclose(seg([img]), want)
+        _, _, cls = ev.feature_extractor(args(features), m, "cls")       # 224 px -> 48: a 3 x 3 grid
+        want = enc.forward_tokens(data.square_resize(ev.center_square(img), 48)[None]).mean((1, 2))
+        pooled[features] = cls([img])
+        assert want.shape == (1, 64) and torch.allclose(pooled[features], want)
+    assert not torch.allclose(pooled["samclip"], pooled["sam"])          # --sam-checkpoint is another model
+    tower = clip.load_clip(clip_file).visual
+    side, p, seg = ev.feature_extractor(args("clip"), m, "seg")
+    dense = seg([img])
+    assert (side, p) == (64, 16) and dense.shape == (1, 4, 4, 128)
+    # they are the tokens ln_post + proj turn into the tower's projected patch outputs
+    _, projected = tower(data.square_resize(img, 64, data.normalize_clip)[None], return_patch_tokens=True)
+    assert torch.allclose(tower.ln_post(dense.reshape(1, 16, 128)) @ tower.proj, projected, atol=1e-5)
+    assert ev.feature_extractor(args("clip"), m, "cls")[2]([img]).shape == (1, 128)
+    with pytest.raises(ValueError, match="--sam-checkpoint"):
+        ev.feature_extractor(args("sam", sam=None), m, "cls")
 
 
 def test_probe_seg_is_deterministic(root):
