@@ -24,10 +24,7 @@ One subcommand per protocol; each prints a table and, with --out, writes a JSON 
             encoder, SAM's encoder or a CLIP image tower, each probed on its last transformer block's
             tokens (mean of the patch tokens for cls, per patch for seg).
             -> top1/top5 (--task cls) or mIoU (--task seg).
-  speed     the paper's inference-cost claim: one 1024 px SAM-CLIP forward serving both heads vs
-            SAM ViT-B plus the CLIP ViT-L/14 tower run separately; random weights, no data.
-  train-speed  training throughput (images/s of D_CLIP and D_SAM, s/step) and memory of one
-            distill step, per D_CLIP resolution; random weights, no data.
+The benchmarks of speed and memory are in bench.py, the metrics themselves in metrics.py.
 
 Run (every flag has --help):
   python evaluate.py classify --checkpoint m.pt --data imagenet_val/ --out cls.json
@@ -36,8 +33,6 @@ Run (every flag has --help):
   python evaluate.py semseg   --checkpoint m.pt --data ade/ --layout generic [--refine sam]
   python evaluate.py instseg  --checkpoint m.pt --data coco_val/ [--detections dets.json] [--save-predictions p.json]
   python evaluate.py probe    --checkpoint m.pt --data voc_generic/ --task seg --features sam --sam-checkpoint s.pth
-  python evaluate.py speed    [--preset tiny] [--repeats 3]
-  python evaluate.py train-speed [--preset tiny] [--clip-batch 4] [--sam-batch 1] [--masks 8]
 Every data subcommand also takes --limit N, --batch-size, --visualize K (K side-by-side PNGs
 "image | prediction | ground truth" in <out stem>_vis/ next to the JSON), --device and --seed.
 
@@ -84,16 +79,11 @@ image) size, S the encoder's native side, N prompts (boxes) or texts, G ground-t
 """
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import os
-import resource
-import statistics
 import sys
 import textwrap
-import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -106,129 +96,11 @@ from tqdm import tqdm
 import clip
 import data
 import heads
+import metrics
 import model
 import vit_det
 import weights
 import zero_shot
-
-# ----------------------------------------------------------------------------- metrics (pure)
-
-RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)     # COCO's 101 recall points
-IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)        # COCO's 0.50:0.05:0.95
-
-
-def topk_accuracy(logits, labels, ks=(1, 5)):
-    """logits (N, K), labels (N,) -> {k: percent of rows whose label is in the top k}; k is capped
-    at K (with 3 classes, top-5 is 100%)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices     # (N, k_max)
-    hit = top == labels[:, None]                                        # (N, k_max)
-    return {k: 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
-
-
-def recall_at_k(sim, gt, ks=(1, 5, 10)):
-    """sim (N_query, N_item) scores; gt: (N_query,) index of the one right item per query, or a bool
-    (N_query, N_item) matrix of right pairs (a query may have several, e.g. an image's 5 captions).
-    -> {k: percent of queries with a right item among their k best}."""
-    if gt.dtype != torch.bool:
-        gt = F.one_hot(gt, sim.shape[1]).bool()                          # (N_query,) -> (N_query, N_item)
-    top = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices            # (N_query, k_max)
-    hit = gt.gather(1, top)                                              # (N_query, k_max)
-    return {k: 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
-
-
-def confusion_matrix(pred, gt, num_classes, ignore_index=255):
-    """Integer label maps of any equal shape -> (K, K) int64 counts, rows ground truth, columns
-    prediction. Pixels with gt == ignore_index (or outside 0..K-1) are not counted."""
-    pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long()
-    keep = (gt != ignore_index) & (gt >= 0) & (gt < num_classes)
-    idx = gt[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
-    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)  # (K*K,) -> (K, K)
-
-
-def miou(conf):
-    """(K, K) confusion -> (mean IoU, per-class IoU (K,)), fractions. IoU = TP / (TP + FP + FN). A
-    class absent from both ground truth and prediction has no IoU (NaN) and is left out of the mean
-    (mmsegmentation's nanmean); a class predicted but never present scores 0 and counts."""
-    conf = conf.double()
-    tp = conf.diagonal()
-    union = conf.sum(0) + conf.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-    return iou.nanmean().item(), iou
-
-
-def mask_iou(a, b, crowd=None):
-    """bool masks a (N, H, W), b (G, H, W) -> (N, G) IoU in float64, 0 where both masks are empty.
-    Against a crowd ground truth (crowd: bool (G,)) the score is intersection / area(a), COCO's
-    crowd rule: a detection lying inside a crowd region scores 1 however large the region is."""
-    a, b = a.flatten(1).float(), b.flatten(1).float()                    # (N, H*W), (G, H*W)
-    inter = (a @ b.T).double()                                           # (N, G), exact counts below 2^24 px
-    union = a.sum(1).double()[:, None] + b.sum(1).double()[None, :] - inter
-    if crowd is not None:
-        union = torch.where(torch.as_tensor(crowd, dtype=torch.bool)[None, :], a.sum(1).double()[:, None], union)
-    return inter / union.clamp(min=1)
-
-
-def match_detections(scores, ious, threshold, crowd=None):
-    """COCOeval.evaluateImg's greedy matching in one image and category. Detections in descending
-    score order (stable sort) each take, among the regular ground truths not yet taken, the one of
-    highest IoU >= threshold (of equal IoUs the later, as COCOeval's loop does); only if none
-    qualifies do they try the crowd ones (ignored ground truth), which any number of detections may
-    take. A detection that lands on a crowd is ignored: neither a true nor a false positive.
-    scores (N,), ious (N, G), crowd bool (G,) or None -> (scores sorted, true positive, ignored), (N,) each."""
-    G = ious.shape[1]
-    crowd = np.zeros(G, bool) if crowd is None else np.asarray(crowd, bool)
-    order = np.argsort(-scores, kind="mergesort")
-    taken = np.zeros(G, bool)
-    tp, ignored = np.zeros(len(order), bool), np.zeros(len(order), bool)
-    for j, d in enumerate(order):
-        for pool in (~crowd & ~taken, crowd):                             # regular ground truths first
-            cand = np.where(pool, ious[d], -1.0)                          # (G,)
-            if G and cand.max() >= threshold:
-                g = G - 1 - int(cand[::-1].argmax())                      # the last of equal bests
-                taken[g], tp[j], ignored[j] = not crowd[g], not crowd[g], crowd[g]
-                break
-    return scores[order], tp, ignored
-
-
-def average_precision(images, threshold, max_dets=100):
-    """COCO AP of one category at one IoU threshold, as COCOeval.accumulate computes it. images: per
-    image (scores (N,), ious (N, G)) or (scores, ious, crowd (G,)). The max_dets best-scored
-    detections of each image (per category, as COCOeval with useCats) are matched; those on a crowd
-    are dropped; the rest of all images are ranked by score (ties in image order); precision is made
-    non-increasing (its upper envelope) and read at the 101 recall points, a point past the largest
-    recall reached giving 0. Recall counts regular ground truth only. -> AP in 0..1, NaN if there is
-    none (a category with only crowds is not scored, as in COCOeval)."""
-    all_scores, all_tp, npos = [], [], 0
-    for scores, ious, *crowd in images:
-        ious = np.asarray(ious, float)
-        crowd = np.asarray(crowd[0], bool) if crowd else np.zeros(ious.shape[1], bool)
-        # matching is greedy in score order, so cutting after it equals COCOeval's cut before it
-        s, tp, ignored = match_detections(np.asarray(scores, float), ious, threshold, crowd)
-        keep = ~ignored[:max_dets]
-        all_scores.append(s[:max_dets][keep])
-        all_tp.append(tp[:max_dets][keep])
-        npos += int((~crowd).sum())
-    if npos == 0:
-        return float("nan")
-    order = np.argsort(-np.concatenate(all_scores), kind="mergesort")
-    tp = np.concatenate(all_tp)[order]
-    tpc, fpc = np.cumsum(tp), np.cumsum(~tp)
-    recall, precision = tpc / npos, tpc / np.maximum(tpc + fpc, 1)
-    precision = np.maximum.accumulate(precision[::-1])[::-1]             # envelope from the right
-    idx = np.searchsorted(recall, RECALL_THRESHOLDS, side="left")
-    return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
-
-
-def coco_mask_ap(records):
-    """records: {category: [(scores, ious[, crowd]) per image, in image id order]} -> {"AP", "AP50",
-    "AP75"} in percent and the per-category AP (0..1): AP averaged over the 10 IoU thresholds, then
-    over the categories that have regular (non-crowd) ground truth, as COCOeval.summarize does."""
-    ap = np.array([[average_precision(imgs, t) for t in IOU_THRESHOLDS] for imgs in records.values()])
-    ap = ap.reshape(len(records), len(IOU_THRESHOLDS))                  # (C, 10), NaN rows: no ground truth
-    has_gt = np.isfinite(ap[:, 0])
-    pct = lambda a: 100.0 * float(a[has_gt].mean()) if has_gt.any() else float("nan")
-    return {"AP": pct(ap.mean(1)), "AP50": pct(ap[:, 0]), "AP75": pct(ap[:, 5])}, dict(zip(records, ap.mean(1)))
-
 
 # ----------------------------------------------------------------------------- shared helpers
 
@@ -508,7 +380,7 @@ def cmd_classify(args):
         for im, (path, k), p in zip(imgs, chunk, lg.argmax(1).tolist()):
             stem = os.path.splitext(os.path.basename(path))[0]
             show(f"{k:03d}_{stem}", [im, text_panel(names[p]), text_panel(names[k])])
-    acc = topk_accuracy(torch.cat(logits), torch.tensor(labels))
+    acc = metrics.topk_accuracy(torch.cat(logits), torch.tensor(labels))
     return finish(args, {"top1": acc[1], "top5": acc[5], "num_images": len(labels), "num_classes": len(names),
                          "resolution": res}, f"zero-shot classification, {args.data}")
 
@@ -535,7 +407,7 @@ def cmd_retrieve(args):
         txt_emb.append(F.normalize(m.encode_text(tok.to(args.device)).float(), dim=-1).cpu())
     sim = torch.cat(txt_emb) @ torch.cat(img_emb).T                          # (N_text, N_img)
     right = F.one_hot(torch.tensor(owner), len(paths)).bool()                # (N_text, N_img)
-    t2i, i2t = recall_at_k(sim, right), recall_at_k(sim.T, right.T)
+    t2i, i2t = metrics.recall_at_k(sim, right), metrics.recall_at_k(sim.T, right.T)
     show = visualizer(args)
     for i, im in enumerate(pics):
         show(f"{i:04d}", [im, text_panel(caps[int(sim[:, i].argmax())]), text_panel(caps[owner.index(i)])],
@@ -594,14 +466,14 @@ def cmd_semseg(args):
                 # a pixel no refined mask claims (logit <= 0): background on VOC, else HeadCLIP's label
                 pred = torch.where(best > 0, idx + 1, 0) if voc else torch.where(best > 0, idx, coarse_pred)
             pred = pred.cpu()
-            conf += confusion_matrix(pred, gt, K)
+            conf += metrics.confusion_matrix(pred, gt, K)
             stem = os.path.splitext(os.path.basename(img_path))[0]
             if args.save_predictions:
                 os.makedirs(args.save_predictions, exist_ok=True)
                 Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(
                     os.path.join(args.save_predictions, stem + ".png"))
             show(stem, [img, colorize(pred), colorize(gt)])
-    mean, per_class = miou(conf)
+    mean, per_class = metrics.miou(conf)
     results = {"mIoU": 100 * mean, "pixel_accuracy": 100 * conf.diagonal().sum().item() / max(1, conf.sum().item()),
                "per_class_IoU": {n: 100 * float(v) for n, v in zip(names, per_class)},
                "num_images": len(pairs), "layout": args.layout, "refine": args.refine,
@@ -654,7 +526,7 @@ def cmd_instseg(args):
                     torch.tensor([p["score"] for p in prompts], dtype=torch.float64)
             else:
                 masks, scores = torch.zeros(0, H, W, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
-            ious = mask_iou(masks, gt_masks, crowd)                      # (N, G), crowd rule on crowd columns
+            ious = metrics.mask_iou(masks, gt_masks, crowd)                      # (N, G), crowd rule on crowd columns
             if dets is None:
                 prompted += ious.diagonal().tolist()                     # prompt i is object i (regular first)
             p_cat = torch.tensor([p["category_id"] for p in prompts], dtype=torch.long)
@@ -679,7 +551,7 @@ def cmd_instseg(args):
     if lvis:                                                             # never COCO-style AP on LVIS
         results["AP"] = f"not computed: LVIS is scored federated; run the LVIS API on {args.save_predictions}"
     else:
-        ap, per_cat = coco_mask_ap(records)
+        ap, per_cat = metrics.coco_mask_ap(records)
         results = ap | results | {"per_category_AP": {cats[c]: 100 * float(v) for c, v in per_cat.items()}}
     return finish(args, results, f"box-prompted instance segmentation, {args.data}")
 
@@ -778,179 +650,16 @@ def cmd_probe(args):
             gt = read_label(items[i][1], K)
             lg = logits[j].T.reshape(1, K, g, g)                         # (g*g, K) -> (1, K, g, g)
             pred = F.interpolate(lg, gt.shape, mode="bilinear", align_corners=False)[0].argmax(0)  # (H, W)
-            conf += confusion_matrix(pred, gt, K)
+            conf += metrics.confusion_matrix(pred, gt, K)
             panels = [colorize(pred), colorize(gt)]
         show(f"{j:04d}", [lambda: data.load_image(items[i][0])] + panels)
     if cls:
-        acc = topk_accuracy(torch.cat(logits), torch.cat([targets[i] for i in test]))
+        acc = metrics.topk_accuracy(torch.cat(logits), torch.cat([targets[i] for i in test]))
         results |= {"top1": acc[1], "top5": acc[5]}
     else:
-        mean, per_class = miou(conf)
+        mean, per_class = metrics.miou(conf)
         results |= {"mIoU": 100 * mean, "per_class_IoU": {n: 100 * float(v) for n, v in zip(names, per_class)}}
     return finish(args, results, f"linear probe ({args.task}, {args.features} features), {args.data}")
-
-
-# -- speed: the inference-cost claim (Sec. 1 and 4.4: one backbone serves both heads)
-
-def _status_kb(field):
-    """A field of /proc/self/status in KB (VmRSS: resident now, VmHWM: peak resident), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return None
-
-
-def _reset_peak():
-    """Hand freed heap back to the OS (glibc's malloc_trim), so the memory a previous model left in
-    the allocator cannot hide the next one's peak, then reset the kernel's peak-RSS mark (VmHWM)
-    to the current RSS by writing 5 to /proc/self/clear_refs (Linux 4.0+). -> False if unavailable."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def measure(name, forward, repeats, params, grad=False):
-    """Median latency of `forward()` over `repeats` runs after one warm-up, and memory: the peak
-    RSS during the runs and its rise over the RSS just before (activations and workspace; the
-    weights are already resident). Torch's CPU tensors come from malloc, which tracemalloc does
-    not see, so the kernel's counters are read instead. Without the VmHWM reset (not Linux) the
-    process's high-water mark ru_maxrss is reported and the rise is unknown."""
-    gc.collect()
-    exact = _reset_peak()
-    rss0 = _status_kb("VmRSS")
-    with torch.enable_grad() if grad else torch.no_grad():
-        forward()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            forward()
-            times.append(time.perf_counter() - t)
-    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
-    row = {"name": name, "latency_s": statistics.median(times), "times_s": times, "params_M": params / 1e6,
-           "peak_rss_MB": peak / 1024,
-           "forward_MB": (peak - rss0) / 1024 if exact and rss0 else None}
-    print(f"  {name:<46} {row['latency_s']:8.3f} s {row['params_M']:8.1f} M {row['peak_rss_MB']:8.0f} MB"
-          + (f" {row['forward_MB']:+8.0f} MB" if row["forward_MB"] is not None else ""))
-    return row
-
-
-def cmd_speed(args):
-    """Random weights (speed does not depend on them), batch 1, fp32, eval, no_grad, CPU."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    enc_name, head_name, clip_name = ("tiny",) * 3 if args.preset == "tiny" else ("vit_b", "sam", "openclip_vit_l_14")
-    count = lambda *mods: sum(p.numel() for mod in mods for p in mod.parameters())
-    print(f"speed: batch 1, fp32, {torch.get_num_threads()} CPU threads, median of {args.repeats} after 1 warm-up\n"
-          f"  {'':<46} {'latency':>10} {'params':>10} {'peak RSS':>11} {'forward':>11}")
-    rows = []
-    enc = vit_det.build_vit_det(enc_name).eval()
-    S = enc.cfg.img_size
-    for side in (S, scaled(448, enc)):
-        x = torch.randn(1, 3, side, side)
-        rows.append(measure(f"{enc_name} encoder @ {side} px", lambda: enc(x), args.repeats, count(enc)))
-    x, box = torch.randn(1, 3, S, S), torch.tensor([[0.1, 0.1, 0.6, 0.7]]) * S  # one box prompt, x0 y0 x1 y1
-    head = heads.build_head_sam(head_name).eval()
-    rows.append(measure(f"SAM {enc_name}: encoder + head @ {S} px", lambda: head(enc(x), boxes=box),
-                        args.repeats, count(enc, head)))
-    del enc, head
-    teacher = clip.build_clip(clip_name)
-    tower, side = teacher.visual.eval(), teacher.config.image_size
-    del teacher                                                          # keep the image tower only
-    xc = torch.randn(1, 3, side, side)
-    rows.append(measure(f"CLIP {clip_name} image tower @ {side} px", lambda: tower(xc), args.repeats, count(tower)))
-    del tower
-    merged = model.SAMCLIP(model.PRESETS[args.preset]()).eval()
-    del merged.text                                                      # not part of an image forward
-    rows.append(measure(f"SAM-CLIP: encoder + HeadCLIP + HeadSAM @ {S} px", lambda: merged(x, boxes=box),
-                        args.repeats, count(merged)))
-    sam, teacher_row, samclip = rows[2], rows[3], rows[4]
-    summary = {"separate_latency_s": sam["latency_s"] + teacher_row["latency_s"],
-               "separate_params_M": sam["params_M"] + teacher_row["params_M"]}
-    summary |= {"latency_ratio_separate_over_samclip": summary["separate_latency_s"] / samclip["latency_s"],
-                "params_ratio_separate_over_samclip": summary["separate_params_M"] / samclip["params_M"]}
-    print(f"  {'SAM + CLIP run separately':<46} {summary['separate_latency_s']:8.3f} s "
-          f"{summary['separate_params_M']:8.1f} M\n"
-          f"  separate / SAM-CLIP: latency x{summary['latency_ratio_separate_over_samclip']:.2f}, "
-          f"parameters x{summary['params_ratio_separate_over_samclip']:.2f}\n"
-          f"  peak RSS: the whole process; forward: its rise during the forwards (activations)")
-    results = {"preset": args.preset, "threads": torch.get_num_threads(), "repeats": args.repeats,
-               "rows": rows, **summary}
-    if args.out:
-        write_json(args.out, results)
-    return results
-
-
-def cmd_train_speed(args):
-    """Training throughput of one distill step (the costliest stage: both frozen teachers, the
-    student's CLIP and SAM branches, backward, AdamW), per D_CLIP resolution. Random weights and
-    random inputs; fp32 on the CPU. vit_b: the paper's sizes with a small batch (--clip-batch
-    images at 224 px, fewer at 448 at constant pixels; --sam-batch images at 1024 px with
-    --masks prompts each); tiny: the tiny preset's own settings."""
-    import losses
-    import train
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tiny = args.preset == "tiny"
-    if tiny:
-        sam_enc, sam_head, teacher = train.build_teachers(train.parse_args(["--preset", "tiny"]))
-    else:
-        sam_enc, sam_head, teacher = vit_det.build_vit_det("vit_b"), heads.build_head_sam("sam"), \
-            clip.build_clip("openclip_vit_l_14")
-    for t in (sam_enc, sam_head, teacher):
-        t.requires_grad_(False).eval()
-    student = model.SAMCLIP.from_modules(sam_enc, sam_head, teacher)
-    train.set_trainable(student, "distill")
-    step_module = train.MultiTaskStep(student, 10.0)
-    cfg = train.TrainConfig(lr=4e-5)
-    opt = torch.optim.AdamW(train.param_groups(student, cfg))
-    S, T = student.cfg.encoder.img_size, teacher.config.image_size
-    B, K, P = args.sam_batch, args.masks, 3
-    g = torch.Generator().manual_seed(0)
-    sam_batch = {"image": torch.randn(B, 3, S, S, generator=g),
-                 "point_coords": torch.rand(B, K, P, 2, generator=g) * S,
-                 "point_labels": torch.randint(0, 2, (B, K, P), generator=g),
-                 "boxes": torch.tensor([0.1, 0.1, 0.6, 0.7]).repeat(B, K, 1) * S,
-                 "has_box": torch.arange(K).repeat(B, 1) % 2 == 0, "valid": torch.ones(B, K, dtype=torch.bool),
-                 "input_size": torch.tensor([S, S]).repeat(B, 1), "error_draws": torch.rand(B, K, data.SAM_POINT_ROUNDS, generator=g),
-                 "gt_masks": torch.zeros(B, K, S // 4, S // 4, dtype=torch.bool)}
-    sam_batch["gt_masks"][..., S // 16:S // 8, S // 16:S // 6] = True    # an object for follow-up points to correct
-    rounds = cfg.sam_rounds                                             # SAM's interactive rounds, as train.py runs them
-    resolutions = (48, 96) if tiny else (224, 448)
-    print(f"train-speed: one distill step (teachers + student forward/backward + AdamW), fp32, "
-          f"{torch.get_num_threads()} CPU threads, median of {args.repeats} after 1 warm-up\n"
-          f"  {'':<46} {'s/step':>10} {'params':>10} {'peak RSS':>11} {'step':>11}")
-    rows = []
-    for r in resolutions:
-        n = max(1, round(args.clip_batch * (resolutions[0] / r) ** 2))    # constant pixels per batch
-        clip_student, clip_teacher = torch.randn(n, 3, r, r, generator=g), torch.randn(n, 3, T, T, generator=g)
-
-        def one_step():
-            with torch.no_grad():
-                target = teacher.visual(clip_teacher)
-                sam_targets = losses.sam_teacher_targets(sam_head, sam_enc(sam_batch["image"]), sam_batch, rounds)
-            out = step_module(clip_student, target, torch.ones(n, dtype=torch.bool), sam_batch, sam_targets)
-            out["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        row = measure(f"distill: {n} x {r} px D_CLIP + {B} x {S} px D_SAM ({K} prompts x {rounds} rounds)", one_step, args.repeats,
-                      sum(p.numel() for p in student.parameters() if p.requires_grad), grad=True)
-        row |= {"clip_img_per_s": n / row["latency_s"], "sam_img_per_s": B / row["latency_s"], "resolution": r}
-        print(f"  {'':<46} {row['clip_img_per_s']:8.2f} D_CLIP img/s, {row['sam_img_per_s']:.2f} D_SAM img/s")
-        rows.append(row)
-    results = {"preset": args.preset, "threads": torch.get_num_threads(), "rows": rows}
-    if args.out:
-        write_json(args.out, results)
-    return results
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1014,21 +723,6 @@ def main(argv=None):
                    help="share of the images (seeded split) to train the probe on")
     p.add_argument("--epochs", type=int, default=100, help="passes over the training features")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the linear layer")
-    p = sub.add_parser("speed", help="latency / memory / parameters, SAM-CLIP vs SAM + CLIP (random weights)")
-    p.set_defaults(func=cmd_speed)
-    p.add_argument("--preset", choices=["vit_b", "tiny"], default="vit_b", help="model sizes (tiny: a smoke run)")
-    p.add_argument("--repeats", type=int, default=3, help="timed forwards per model (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--out", help="write the results as JSON here")
-    p = sub.add_parser("train-speed", help="training throughput and memory of one distill step (random weights)")
-    p.set_defaults(func=cmd_train_speed)
-    p.add_argument("--preset", choices=["vit_b", "tiny"], default="vit_b", help="model sizes (tiny: the tiny preset)")
-    p.add_argument("--clip-batch", type=int, default=4, help="D_CLIP images per step at the smallest resolution")
-    p.add_argument("--sam-batch", type=int, default=1, help="D_SAM images per step at the native resolution")
-    p.add_argument("--masks", type=int, default=8, help="prompts per D_SAM image (the paper: 32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per resolution (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     try:
         return args.func(args)

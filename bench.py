@@ -1,0 +1,275 @@
+"""Speed and memory of SAM-CLIP: the inference-cost claim (Sec. 1, 4.4) and one training step (Sec. 4.1).
+
+    python bench.py speed        [--preset vit_b|tiny] [--device cpu|cuda] [--dtype fp32|bf16] [--repeats 3]
+    python bench.py train-speed  [--preset vit_b|tiny] [--clip-batch 4] [--sam-batch 1] [--masks 8] [--dtype ...]
+
+speed: one 1024 px SAM-CLIP forward serving both heads against SAM ViT-B plus the CLIP ViT-L/14 image
+tower run separately (the paper's argument for merging), and the encoder alone at 1024 and 448 px.
+train-speed: one distill step (both frozen teachers via losses.teacher_targets, the student's CLIP and
+SAM branches over SAM's interactive rounds, backward, AdamW) per D_CLIP resolution, at constant
+pixels per batch as the variable-resolution sampler keeps them.
+
+Weights and inputs are random: speed does not depend on them, and no download is needed. Each row
+reports the median of --repeats timed runs after one warm-up, the parameter count and the peak
+memory. Peak memory, measured the standard way for the device:
+  - cuda: torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats (tensors only).
+  - cpu: the process's peak resident set (getrusage ru_maxrss, weights and Python included). It
+    is a high-water mark that cannot be reset, so by default every row runs in a fresh process
+    (multiprocessing, spawn) and the peak is that row's alone; "rise" is the growth of the mark
+    over its value once the model is built (activations and workspace). --in-process runs every
+    row in this process (faster, for smoke runs): the mark then only grows, and later rows
+    inherit earlier peaks.
+--dtype bf16 runs the forwards (and the training step) under torch.autocast with bfloat16.
+"""
+
+import argparse
+import functools
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+import clip
+import data
+import heads
+import losses
+import model as samclip_model
+import train
+import vit_det
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- measuring one row
+
+def peak_rss_mb():
+    """The process's peak resident set so far (Linux reports ru_maxrss in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(build, repeats, device, dtype):
+    """build() -> (name, parameter count, fn, grad): fn runs one forward (or step). Runs fn once to
+    warm up, then `repeats` times, timed; returns the row as a dict."""
+    cuda = device.type == "cuda"
+    name, params, fn, grad = build(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    built = torch.cuda.memory_allocated(device) / 2 ** 20 if cuda else peak_rss_mb()
+    autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None)
+    times = []
+    with torch.enable_grad() if grad else torch.no_grad(), autocast:
+        for i in range(repeats + 1):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else peak_rss_mb()
+    row = {"name": name, "latency_s": statistics.median(times[1:]), "times_s": times[1:], "params_M": params / 1e6,
+           "peak_MB": peak, "rise_MB": peak - built, "device": str(device), "dtype": dtype}
+    print(f"  {name:<58} {row['latency_s']:8.3f} s {row['params_M']:8.1f} M {peak:9.0f} MB {peak - built:+9.0f} MB",
+          flush=True)
+    return row
+
+
+def run_row(build, args):
+    """One row, in a fresh process unless --in-process (see the docstring: a clean CPU peak)."""
+    device = torch.device(args.device)
+    if args.in_process:
+        return measure(build, args.repeats, device, args.dtype)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child, build, args.repeats, args.device, args.dtype, args.threads).result()
+
+
+def _child(build, repeats, device, dtype, threads):
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return measure(build, repeats, torch.device(device), dtype)
+
+
+def count(*modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------- speed: the rows
+# Module-level functions (not closures), so a spawned process can unpickle them by name.
+
+NAMES = {"vit_b": ("vit_b", "sam", "openclip_vit_l_14"), "tiny": ("tiny", "tiny", "tiny")}
+
+
+def build_encoder(preset, side, device):
+    enc = vit_det.build_vit_det(NAMES[preset][0]).eval().to(device)
+    x = torch.randn(1, 3, side, side, device=device)
+    return f"{NAMES[preset][0]} encoder @ {side} px", count(enc), lambda: enc(x), False
+
+
+def build_sam(preset, device):
+    enc = vit_det.build_vit_det(NAMES[preset][0]).eval().to(device)
+    head = heads.build_head_sam(NAMES[preset][1]).eval().to(device)
+    S = enc.cfg.img_size
+    x, box = torch.randn(1, 3, S, S, device=device), torch.tensor([[0.1, 0.1, 0.6, 0.7]], device=device) * S
+    return f"SAM {NAMES[preset][0]}: encoder + head @ {S} px", count(enc, head), lambda: head(enc(x), boxes=box), False
+
+
+def build_clip_tower(preset, device):
+    tower = clip.build_clip(NAMES[preset][2]).visual.eval().to(device)       # the image tower alone
+    side = tower.conv1.kernel_size[0] * round((tower.positional_embedding.shape[0] - 1) ** 0.5)
+    x = torch.randn(1, 3, side, side, device=device)
+    return f"CLIP {NAMES[preset][2]} image tower @ {side} px", count(tower), lambda: tower(x), False
+
+
+def build_samclip(preset, device):
+    merged = samclip_model.SAMCLIP(samclip_model.PRESETS[preset]()).eval()
+    del merged.text                                                          # not part of an image forward
+    merged.to(device)
+    S = merged.cfg.encoder.img_size
+    x, box = torch.randn(1, 3, S, S, device=device), torch.tensor([[0.1, 0.1, 0.6, 0.7]], device=device) * S
+    return (f"SAM-CLIP: encoder + HeadCLIP + HeadSAM @ {S} px", count(merged),
+            lambda: merged(x, boxes=box), False)
+
+
+def cmd_speed(args):
+    """Batch 1, eval, no_grad. Rows: encoder @ native and @ 448 px, SAM, CLIP tower, SAM-CLIP."""
+    S = vit_det.PRESETS[NAMES[args.preset][0]].img_size
+    header(args, f"speed: batch 1, {args.dtype} on {args.device}", "latency")
+    builds = [functools.partial(build_encoder, args.preset, S),
+              functools.partial(build_encoder, args.preset, vit_det.scaled_side(448, vit_det.PRESETS[NAMES[args.preset][0]])),
+              functools.partial(build_sam, args.preset), functools.partial(build_clip_tower, args.preset),
+              functools.partial(build_samclip, args.preset)]
+    rows = [run_row(b, args) for b in builds]
+    sam, tower, samclip = rows[2], rows[3], rows[4]
+    summary = {"separate_latency_s": sam["latency_s"] + tower["latency_s"],
+               "separate_params_M": sam["params_M"] + tower["params_M"]}
+    summary |= {"latency_ratio_separate_over_samclip": summary["separate_latency_s"] / samclip["latency_s"],
+                "params_ratio_separate_over_samclip": summary["separate_params_M"] / samclip["params_M"]}
+    print(f"  {'SAM + CLIP run separately':<58} {summary['separate_latency_s']:8.3f} s "
+          f"{summary['separate_params_M']:8.1f} M\n"
+          f"  separate / SAM-CLIP: latency x{summary['latency_ratio_separate_over_samclip']:.2f}, "
+          f"parameters x{summary['params_ratio_separate_over_samclip']:.2f}")
+    return finish(args, {"rows": rows, **summary})
+
+
+# ----------------------------------------------------------------------------- train-speed
+
+def build_distill_step(preset, resolution, clip_batch, sam_batch, masks, device):
+    """One distill step, as train.py takes it, on random weights and random inputs."""
+    torch.manual_seed(0)
+    enc_name, head_name, clip_name = NAMES[preset]
+    teachers = (vit_det.build_vit_det(enc_name), heads.build_head_sam(head_name), clip.build_clip(clip_name))
+    teachers = tuple(t.requires_grad_(False).eval().to(device) for t in teachers)
+    student = samclip_model.SAMCLIP.from_modules(*teachers).to(device)
+    train.set_trainable(student, "distill")
+    cfg = train.TrainConfig()                                                # the distill stage's settings
+    step = train.MultiTaskStep(student, cfg.lam)
+    opt = torch.optim.AdamW(train.param_groups(student, cfg))
+    S, T = student.cfg.encoder.img_size, teachers[2].config.image_size
+    base = vit_det.scaled_side(224, student.cfg.encoder)
+    n = max(1, round(clip_batch * (base / resolution) ** 2))                  # constant pixels per batch
+    g = torch.Generator().manual_seed(0)
+    clip_in = {"student": torch.randn(n, 3, resolution, resolution, generator=g),
+               "teacher": torch.randn(n, 3, T, T, generator=g),
+               "index": torch.arange(n), "ok": torch.ones(n, dtype=torch.bool)}
+    sam_in = random_sam_batch(sam_batch, masks, S, g)
+    clip_in, sam_in = train.to_device(clip_in, device), train.to_device(sam_in, device)
+
+    def one_step():
+        with torch.no_grad():
+            clip_target, sam_target = losses.teacher_targets(teachers, clip_in, sam_in, cfg.sam_rounds)
+        out = step(clip_in["student"], clip_target, clip_in["ok"], sam_in, sam_target)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    name = (f"distill: {n} x {resolution} px D_CLIP + {sam_batch} x {S} px D_SAM "
+            f"({masks} prompts x {cfg.sam_rounds} rounds)")
+    return name, sum(p.numel() for p in student.parameters() if p.requires_grad), one_step, True
+
+
+def random_sam_batch(B, K, S, g, P=3):
+    """A D_SAM batch with data.collate_sam's keys: half box prompts, half point prompts, and one
+    ground-truth object per prompt for the follow-up rounds to correct."""
+    batch = {"image": torch.randn(B, 3, S, S, generator=g),
+             "point_coords": torch.rand(B, K, P, 2, generator=g) * S,
+             "point_labels": torch.randint(0, 2, (B, K, P), generator=g),
+             "boxes": torch.tensor([0.1, 0.1, 0.6, 0.7]).repeat(B, K, 1) * S,
+             "has_box": torch.arange(K).repeat(B, 1) % 2 == 0, "valid": torch.ones(B, K, dtype=torch.bool),
+             "input_size": torch.tensor([S, S]).repeat(B, 1),
+             "error_draws": torch.rand(B, K, data.SAM_POINT_ROUNDS, generator=g),
+             "gt_masks": torch.zeros(B, K, S // 4, S // 4, dtype=torch.bool)}
+    batch["gt_masks"][..., S // 16:S // 8, S // 16:S // 6] = True
+    return batch
+
+
+def cmd_train_speed(args):
+    enc_cfg = vit_det.PRESETS[NAMES[args.preset][0]]
+    header(args, f"train-speed: one distill step (teachers + student forward/backward + AdamW), {args.dtype} "
+                 f"on {args.device}", "s/step")
+    rows = []
+    for r in (vit_det.scaled_side(224, enc_cfg), vit_det.scaled_side(448, enc_cfg)):
+        build = functools.partial(build_distill_step, args.preset, r, args.clip_batch, args.sam_batch, args.masks)
+        row = run_row(build, args)
+        n = max(1, round(args.clip_batch * (vit_det.scaled_side(224, enc_cfg) / r) ** 2))
+        row |= {"clip_img_per_s": n / row["latency_s"], "sam_img_per_s": args.sam_batch / row["latency_s"],
+                "resolution": r, "clip_images": n}
+        print(f"  {'':<58} {row['clip_img_per_s']:8.2f} D_CLIP img/s, {row['sam_img_per_s']:.2f} D_SAM img/s")
+        rows.append(row)
+    return finish(args, {"rows": rows})
+
+
+# ----------------------------------------------------------------------------- command line
+
+def header(args, title, unit):
+    print(f"{title}, {torch.get_num_threads()} CPU threads, median of {args.repeats} after 1 warm-up, "
+          f"{'in this process' if args.in_process else 'each row in a fresh process'}\n"
+          f"  {'':<58} {unit:>10} {'params':>10} {'peak':>12} {'rise':>12}")
+
+
+def finish(args, results):
+    results = {"preset": args.preset, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+               "repeats": args.repeats, **results}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}")
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, fn, help in (("speed", cmd_speed, "latency / memory / parameters, SAM-CLIP vs SAM + CLIP"),
+                           ("train-speed", cmd_train_speed, "throughput and memory of one distill step")):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=fn)
+        p.add_argument("--preset", choices=sorted(NAMES), default="vit_b", help="model sizes (tiny: a smoke run)")
+        p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or bf16 autocast (default fp32)")
+        p.add_argument("--repeats", type=int, default=3, help="timed runs per row, median reported (default 3)")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+        p.add_argument("--in-process", action="store_true",
+                       help="run every row in this process (quick; the CPU peak then accumulates over rows)")
+        p.add_argument("--out", help="write the results as JSON here")
+        if name == "train-speed":
+            p.add_argument("--clip-batch", type=int, default=4,
+                           help="D_CLIP images per step at the smallest resolution (default 4)")
+            p.add_argument("--sam-batch", type=int, default=1, help="D_SAM images per step (default 1)")
+            p.add_argument("--masks", type=int, default=8, help="prompts per D_SAM image (default 8; the paper: 32)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench.py: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        sys.exit(2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    main()
