@@ -107,6 +107,31 @@ def square_resize(img, size, normalize=normalize_sam):
     return normalize(to_tensor(img.resize((size, size), Image.BICUBIC)))
 
 
+# One colour per label for every picture the repository draws (the demo's overlay, evaluate.py's
+# --visualize panels, the toy world's figures): matplotlib's tab10 first, then fixed random colours;
+# 255, the "ignore" label of segmentation maps, is white.
+_TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = np.concatenate([np.array(_TAB10, np.uint8), np.random.default_rng(0).integers(0, 256, (246, 3), np.uint8)])
+PALETTE[255] = 255
+
+
+def paint(img, labels, alpha=0.55):
+    """The one overlay painter: RGB PIL image (W, H) and integer labels (H, W) -> a new RGB image
+    in which every pixel of label k >= 0 is blended with PALETTE[k] (alpha: the colour's weight);
+    label -1 leaves the pixel as it is."""
+    rgb = np.asarray(img, dtype=np.float32).copy()                           # (H, W, 3)
+    lab = np.asarray(labels, dtype=np.int64)
+    on = lab >= 0
+    rgb[on] = (1 - alpha) * rgb[on] + alpha * PALETTE[lab[on] % 256]         # (n, 3) painted pixels
+    return Image.fromarray(rgb.round().astype(np.uint8))
+
+
+def colorize(labels):
+    """(H, W) integer labels -> an RGB PIL image, label k in PALETTE[k]."""
+    return Image.fromarray(PALETTE[np.asarray(labels, dtype=np.int64) % 256])
+
+
 def _seed(*parts):
     """One 63-bit seed from a tuple of non-negative ints, e.g. (seed, epoch, index): the same on
     every machine and run (unlike Python's hash of a str), and well mixed, so neighbouring

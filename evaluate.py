@@ -37,9 +37,9 @@ Every data subcommand also takes --limit N, --batch-size, --visualize K (K side-
 "image | prediction | ground truth" in <out stem>_vis/ next to the JSON), --device and --seed.
 
 Dataset layouts (a missing part is reported in one line naming it; exit code 2):
-  classify / probe --task cls   DIR/<class folder>/*.jpg|png, optional DIR/classnames.txt: either
-                                "folder<TAB>readable name" per line, or one readable name per line
-                                in sorted folder order. Without it the folder name is the class name.
+  classify / probe --task cls   DIR/<class folder>/*.jpg|png, optional DIR/classnames.txt: one
+                                readable name per line, in sorted folder order (as classes.txt:
+                                line i = class i). Without it the folder name is the class name.
   retrieve                      DIR/images/*, DIR/captions.json = {"images": [{"id", "file_name"}],
                                 "annotations": [{"image_id", "caption"}]} (COCO captions style).
   semseg --layout voc           DIR/JPEGImages/<id>.jpg, DIR/SegmentationClass/<id>.png (palette
@@ -184,22 +184,13 @@ def finish(args, results, title):
 
 # -- pictures for --visualize: panels side by side, each titled
 
-# colour i of label i (0 black, 255 "ignore" white, the rest fixed random colours)
-PALETTE = np.random.default_rng(0).integers(0, 256, (256, 3), dtype=np.uint8)
-PALETTE[0], PALETTE[255] = 0, 255
-
-
-def colorize(labels):
-    """(H, W) integer labels -> RGB PIL image in PALETTE colours."""
-    return Image.fromarray(PALETTE[np.asarray(labels, dtype=np.int64) % 256])
-
-
 def overlay(img, masks):
-    """Blend bool masks (N, H, W) onto an RGB image, instance i in PALETTE colour i + 1."""
-    out = np.asarray(img, dtype=np.float32).copy()
+    """Bool instance masks (N, H, W) painted onto an RGB image, instance i in colour i (a later mask
+    over an earlier one)."""
+    labels = np.full(np.shape(masks)[1:], -1, np.int64)                     # (H, W), -1: no instance
     for i, mk in enumerate(np.asarray(masks, dtype=bool)):
-        out[mk] = 0.5 * out[mk] + 0.5 * PALETTE[1 + i % 254]
-    return Image.fromarray(out.astype(np.uint8))
+        labels[mk] = i
+    return data.paint(img, labels)
 
 
 def text_panel(text, size=(256, 256)):
@@ -248,18 +239,12 @@ def read_image_folder(root):
     names = [c.replace("_", " ") for c in folders]
     txt = os.path.join(root, "classnames.txt")
     if os.path.isfile(txt):
-        lines = [l.rstrip("\n") for l in open(txt, encoding="utf-8") if l.strip()]
-        if lines and all("\t" in l for l in lines):
-            table = dict(l.split("\t", 1) for l in lines)
-            missing = [c for c in folders if c not in table]
-            if missing:
-                raise LayoutError(f"{txt}: no readable name for class folder {missing[0]!r}")
-            names = [table[c].strip() for c in folders]
-        elif len(lines) == len(folders):
-            names = [l.strip() for l in lines]
-        else:
-            raise LayoutError(f"{txt}: {len(lines)} names for {len(folders)} class folders "
-                              "(want one per folder, or 'folder<TAB>name' lines)")
+        # one format for every class list of the repository (classes.txt too): line i names class i
+        lines = [l.strip() for l in open(txt, encoding="utf-8") if l.strip()]
+        if len(lines) != len(folders):
+            raise LayoutError(f"{txt}: {len(lines)} names for {len(folders)} class folders (want one readable "
+                              "name per line, in the sorted order of the folders)")
+        names = lines
     return [(p, k) for _, k, p in sorted(items)], names
 
 
@@ -472,7 +457,7 @@ def cmd_semseg(args):
                 os.makedirs(args.save_predictions, exist_ok=True)
                 Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(
                     os.path.join(args.save_predictions, stem + ".png"))
-            show(stem, [img, colorize(pred), colorize(gt)])
+            show(stem, [img, data.colorize(pred), data.colorize(gt)])
     mean, per_class = metrics.miou(conf)
     results = {"mIoU": 100 * mean, "pixel_accuracy": 100 * conf.diagonal().sum().item() / max(1, conf.sum().item()),
                "per_class_IoU": {n: 100 * float(v) for n, v in zip(names, per_class)},
@@ -651,7 +636,7 @@ def cmd_probe(args):
             lg = logits[j].T.reshape(1, K, g, g)                         # (g*g, K) -> (1, K, g, g)
             pred = F.interpolate(lg, gt.shape, mode="bilinear", align_corners=False)[0].argmax(0)  # (H, W)
             conf += metrics.confusion_matrix(pred, gt, K)
-            panels = [colorize(pred), colorize(gt)]
+            panels = [data.colorize(pred), data.colorize(gt)]
         show(f"{j:04d}", [lambda: data.load_image(items[i][0])] + panels)
     if cls:
         acc = metrics.topk_accuracy(torch.cat(logits), torch.cat([targets[i] for i in test]))

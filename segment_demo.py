@@ -46,12 +46,6 @@ import zero_shot
 from model import SAMCLIP
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "tiny", "samclip.pt")
-# One colour per prompt (matplotlib's tab10), cycled after ten prompts.
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-ALPHA = 0.55  # weight of the mask colour in the overlay
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Segment an image by text prompts with a merged SAM-CLIP model.")
     p.add_argument("image", help="any image PIL opens (grayscale, RGBA, palette, 16-bit, EXIF-rotated)")
@@ -84,13 +78,8 @@ def load_model(path, device):
 
 def draw_overlay(img, labels, prompts):
     """img PIL RGB (W, H), labels (H, W) in -1..K-1 -> a new RGB picture: the image with each
-    prompt's pixels blended with its colour, and below it a legend strip, prompt -> colour."""
-    rgb = np.asarray(img, dtype=np.float32)                                 # (H, W, 3)
-    lab = labels.numpy()
-    for k in range(len(prompts)):
-        colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
-        rgb[lab == k] = (1 - ALPHA) * rgb[lab == k] + ALPHA * colour       # (n_k, 3) pixels of prompt k
-    tinted = Image.fromarray(rgb.round().astype(np.uint8))
+    prompt's pixels blended with its colour (data.paint), and below it a legend strip, prompt -> colour."""
+    tinted = data.paint(img, labels)
     font = ImageFont.load_default()
     row = 14                                                               # legend line height, px
     widths = [int(font.getlength(q)) for q in prompts]
@@ -99,7 +88,7 @@ def draw_overlay(img, labels, prompts):
     draw = ImageDraw.Draw(canvas)
     for k, q in enumerate(prompts):
         y = img.height + 2 + row * k
-        draw.rectangle((4, y + 2, 14, y + 12), fill=PALETTE[k % len(PALETTE)], outline="black")
+        draw.rectangle((4, y + 2, 14, y + 12), fill=tuple(int(c) for c in data.PALETTE[k]), outline="black")
         draw.text((20, y + 1), q, fill="black", font=font)
     return canvas
 

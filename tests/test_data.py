@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import clip
+import data
 from data import (SA1B, SAM_PIXEL_MEAN, SAM_PIXEL_STD, CLIPImages, FixedBatchSampler, VariableResolutionSampler,
                   collate, collate_sam, list_images, rle_decode, rle_encode)
 
@@ -396,3 +397,13 @@ def test_native_resolution_student_sees_sam_padding_teacher_a_square(tmp_path):
         # below the native side the crop is squashed to a square, no padding
         squashed = normalize_sam(to_tensor(img.resize((20, 20), Image.BICUBIC, box=box)))
         assert torch.allclose(ds[(i, 20, 0)]["student"], squashed)
+
+
+def test_paint_blends_each_label_and_leaves_minus_one():
+    img = Image.fromarray(np.full((2, 2, 3), 100, np.uint8))
+    out = np.asarray(data.paint(img, np.array([[0, -1], [1, 255]]), alpha=0.5)).astype(int)
+    assert out[0, 1].tolist() == [100, 100, 100]                          # -1: untouched
+    assert out[0, 0].tolist() == [66, 110, 140]                           # (100 + tab10 blue (31, 119, 180)) / 2, rounded
+    assert out[1, 0].tolist() == [178, 114, 57]                           # tab10 orange (255, 127, 14)
+    assert out[1, 1].tolist() == [178, 178, 178]                          # 255: white
+    assert np.asarray(data.colorize(np.array([[2]])))[0, 0].tolist() == [44, 160, 44]
