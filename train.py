@@ -161,7 +161,7 @@ def build_teachers(args):
     else:
         if not args.sam_checkpoint or not args.clip_checkpoint:
             raise SystemExit("train.py: --sam-checkpoint and --clip-checkpoint are required for real runs "
-                             "(see README, 'Real weights'), or use --preset tiny")
+                             "(see README, 'Using the real weights'), or use --preset tiny")
         sam_sd = weights.read_state_dict(args.sam_checkpoint, "SAM checkpoint")
         sam_enc = vit_det.load_sam_encoder(sam_sd, source=args.sam_checkpoint)
         sam_head = heads.load_sam_head(sam_sd, source=args.sam_checkpoint)
