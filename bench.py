@@ -168,7 +168,7 @@ def build_distill_step(preset, resolution, clip_batch, sam_batch, masks, device)
     student = samclip_model.SAMCLIP.from_modules(*teachers).to(device)
     train.set_trainable(student, "distill")
     cfg = train.TrainConfig()                                                # the distill stage's settings
-    step = train.MultiTaskStep(student, cfg.lam)
+    step = losses.MultiTaskLoss(student, cfg.lam)
     opt = torch.optim.AdamW(train.param_groups(student, cfg))
     S, T = student.cfg.encoder.img_size, teachers[2].config.image_size
     base = vit_det.scaled_side(224, student.cfg.encoder)
@@ -178,7 +178,7 @@ def build_distill_step(preset, resolution, clip_batch, sam_batch, masks, device)
                "teacher": torch.randn(n, 3, T, T, generator=g),
                "index": torch.arange(n), "ok": torch.ones(n, dtype=torch.bool)}
     sam_in = random_sam_batch(sam_batch, masks, S, g)
-    clip_in, sam_in = train.to_device(clip_in, device), train.to_device(sam_in, device)
+    clip_in, sam_in = data.to_device(clip_in, device), data.to_device(sam_in, device)
 
     def one_step():
         with torch.no_grad():

@@ -132,6 +132,11 @@ def colorize(labels):
     return Image.fromarray(PALETTE[np.asarray(labels, dtype=np.int64) % 256])
 
 
+def to_device(batch, device):
+    """A collated batch's tensors to `device` (the rest, e.g. paths, as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _seed(*parts):
     """One 63-bit seed from a tuple of non-negative ints, e.g. (seed, epoch, index): the same on
     every machine and run (unlike Python's hash of a str), and well mixed, so neighbouring
@@ -198,9 +203,13 @@ class CLIPImages(torch.utils.data.Dataset):
         self.teacher_size, self.seed, self.scale, self.native_size = teacher_size, seed, scale, native_size
         self.fixed_crops = fixed_crops   # draw every epoch's crop as epoch 0 does (train.py's teacher cache)
 
-    def check_readable(self, tries=16):
-        """Raise ValueError when none of `tries` images spread over the list can be read: a source of
-        unreadable files would otherwise train on nothing but placeholders and save the result."""
+    def check_readable(self, min_images=1, tries=16):
+        """Raise ValueError when the source holds fewer than `min_images` (one training step's worth:
+        no epoch would hold a step) or none of `tries` images spread over the list can be read: a
+        source of unreadable files would otherwise train on nothing but placeholders."""
+        if len(self.paths) < min_images:
+            raise ValueError(f"image source {self.source!r} holds {len(self.paths)} images; one training step "
+                             f"takes {min_images} (--clip-batch)")
         picks = range(0, len(self.paths), max(1, len(self.paths) // tries))[:tries]   # spread over the list
         errors = []
         for i in picks:
@@ -486,6 +495,8 @@ class FixedBatchSampler(VariableResolutionSampler):
     resolution, `batch_size` per rank. Yields lists of (index, epoch), the items SA1B takes."""
 
     def __init__(self, num_samples, batch_size, num_replicas=1, rank=0, seed=0, drop_last=True):
+        # fewer samples than one global batch: drop_last would leave no batch at all, so wrap instead
+        drop_last = drop_last and num_samples >= batch_size * num_replicas
         super().__init__(num_samples, batch_size, (1,), None, num_replicas, rank, seed, drop_last)
 
     def batches(self, epoch, start_step=0):

@@ -20,8 +20,9 @@ because here the target is the teacher's probability t = sigmoid(z), not a 0/1 m
     SAM-CLIP kept it. We distil it (MSE to the teacher's IoU predictions, weight 1), which also
     gives every mask-decoder parameter a gradient (DDP needs no find_unused_parameters).
 
-The second half of the file makes the targets both losses are computed against, once for the
-training step, the benchmark (bench.py) and the tests: `teacher_targets` runs the frozen CLIP image
+MultiTaskLoss is the student's side of one training step (both terms, one forward). The rest of
+the file makes the targets both losses are computed against, once for the training step, the
+benchmark (bench.py) and the tests: `teacher_targets` runs the frozen CLIP image
 tower on the D_CLIP batch (Eq. 1's EncCLIP(x)) and the frozen SAM over SAM's interactive prompt
 rounds on the D_SAM batch (Eq. 2's z for every prompt g, SAM App. A), and `sam_prompts_forward`
 runs the student's HeadSAM on exactly those prompts.
@@ -93,6 +94,40 @@ def masked_mean(values, valid=None):
         return values.mean()
     w = valid.to(values.dtype)
     return (values * w).sum() / w.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- the student's step
+
+class MultiTaskLoss(torch.nn.Module):
+    """The student's side of a multi-task step (Sec. 3): L_CLIP + lam * L_SAM of the merged model
+    against teacher_targets, in one forward, so DDP sees one forward and one backward per step and
+    all-reduces the combined gradients once (train.py wraps this module). Returns each term by name."""
+
+    def __init__(self, model, lam=LAM):
+        super().__init__()
+        self.model, self.lam = model, lam
+
+    def forward(self, clip_images, clip_targets, clip_ok, sam_batch=None, sam_targets=None):
+        pooled, _ = self.model.clip_features(clip_images)                                 # (B, D)
+        out = {"loss_clip": loss_clip(pooled, clip_targets, clip_ok)}             # Eq. 1
+        out["loss"] = out["loss_clip"]
+        if sam_batch is not None:
+            emb = self.model.encoder(sam_batch["image"])                                 # (B, C, h, w)
+            student, teacher = [], []
+            for group in sam_targets:          # the teacher's prompts, every round, one group per prompt kind
+                masks, iou = sam_prompts_forward(self.model.head_sam, emb, group)  # (R, n, 4, 4h, 4w), (R, n, 4)
+                R = masks.shape[0]
+                student.append((masks.flatten(0, 1), iou.flatten(0, 1), group["valid"].repeat(R)))  # (R*n, ...)
+                teacher.append((group["logits"].flatten(0, 1), group["iou"].flatten(0, 1)))
+            masks, iou, valid = (torch.cat(x) for x in zip(*student))
+            t_masks, t_iou = (torch.cat(x) for x in zip(*teacher))
+            # Eq. 2, every round and prompt weighing the same
+            l_sam, parts = loss_sam(masks[valid], t_masks[valid], iou[valid], t_iou[valid])
+            if not valid.any():  # no readable D_SAM image on this rank: a zero loss that still touches every weight
+                l_sam = 0.0 * (masks.sum() + iou.sum())
+            out.update(loss_sam=l_sam, **{f"loss_sam_{k}": v for k, v in parts.items()})
+            out["loss"] = loss_total(out["loss_clip"], l_sam, self.lam)
+        return out
 
 
 # ----------------------------------------------------------------------------- the targets

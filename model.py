@@ -109,11 +109,7 @@ class SAMCLIP(nn.Module):
     def from_teachers(cls, sam_checkpoint, clip_checkpoint, verbose=True):
         """The starting point of training: encoder + HeadSAM from SAM, text tower and logit scale
         from CLIP, HeadCLIP fresh with each block a copy of SAM's last encoder block (App. A)."""
-        sam_sd = weights.read_state_dict(sam_checkpoint, "SAM checkpoint")  # read the file once
-        src = weights.source_name(sam_checkpoint)
-        enc = vit_det.load_sam_encoder(sam_sd, verbose=verbose, source=src)
-        head = heads.load_sam_head(sam_sd, verbose=verbose, source=src)
-        return cls.from_modules(enc, head, clip.load_clip(clip_checkpoint))
+        return cls.from_modules(*load_teachers(sam_checkpoint, clip_checkpoint, verbose))
 
     @classmethod
     def from_modules(cls, enc, head, teacher):
@@ -143,6 +139,19 @@ class SAMCLIP(nn.Module):
         weights.load_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
                              path, "SAM-CLIP")
         return model.eval()
+
+
+def load_teachers(sam_checkpoint, clip_checkpoint, verbose=True):
+    """The frozen teachers of Sec. 3 from the official files: SAM's image encoder and HeadSAM (the
+    targets of L_SAM and the student's initialisation) and CLIP (EncCLIP for L_CLIP; TextEncCLIP,
+    which the merged model keeps). -> (encoder, head, clip), no gradients, eval mode."""
+    sam_sd = weights.read_state_dict(sam_checkpoint, "SAM checkpoint")    # read the file once
+    src = weights.source_name(sam_checkpoint)
+    teachers = (vit_det.load_sam_encoder(sam_sd, verbose=verbose, source=src),
+                heads.load_sam_head(sam_sd, verbose=verbose, source=src), clip.load_clip(clip_checkpoint))
+    for teacher in teachers:
+        teacher.requires_grad_(False).eval()
+    return teachers
 
 
 def build_samclip(preset="tiny", seed=0):

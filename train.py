@@ -4,15 +4,11 @@
     distill  L_CLIP + lam * L_SAM on the backbone, HeadCLIP and the mask decoder
     adapt    HeadCLIP alone on L_CLIP at 224/448/1024 px, backbone frozen
 (learning rates, epochs and resolutions of each stage: the STAGES table below, App. A).
-Each distill step is one multi-task step (Sec. 4.1): a D_CLIP batch at the step's resolution
-(2048 images at 224 px, fewer at 448: pixels per batch constant) gives L_CLIP against the frozen
-CLIP ViT-L/14 image tower, a D_SAM batch (32 images at 1024 px, 32 prompts each) gives L_SAM
-against the frozen SAM, each prompt replayed over SAM's interactive rounds (--sam-rounds: points
-from the error region, the previous mask as the mask prompt, SAM App. A), and one optimizer step
-is taken on the summed gradients. The paper back-propagates the two terms separately and
-accumulates; one backward of their sum gives the same gradient. The losses and the teachers'
-targets are in losses.py, the data, its sampler, the resumable stream and the teacher cache in
-data.py; this file is the loop.
+A distill step (Sec. 4.1): a D_CLIP batch at the step's resolution (2048 images at 224 px, fewer
+at 448: constant pixels) gives L_CLIP against the frozen CLIP ViT-L/14 image tower, a D_SAM batch
+(32 images at 1024 px, 32 prompts each, replayed over SAM's interactive rounds) gives L_SAM against
+the frozen SAM; one backward of their sum (the paper's two accumulated backwards, same gradient),
+one optimizer step. Losses and targets: losses.py; data, samplers, stream, teacher cache: data.py.
 
 Run (one device, or torchrun; nccl on GPU, gloo on CPU):
     python train.py --preset tiny --out runs/tiny          # built-in default: no weights, no data, ~1 min CPU
@@ -40,11 +36,10 @@ from tqdm import tqdm
 
 import clip
 import data
-import heads
 import losses
 import vit_det
 import weights
-from model import SAMCLIP, build_samclip
+from model import SAMCLIP, build_samclip, load_teachers
 
 
 # ----------------------------------------------------------------------------- config
@@ -82,9 +77,7 @@ class TrainConfig:
     teacher_size: int = None          # CLIP teacher's input side (None: its native one, 224 for ViT-L/14)
     sam_batch: int = 32               # global D_SAM images per step, at the encoder's native 1024 px
     masks_per_image: int = 32         # prompts per D_SAM image (Sec. 4.1)
-    sam_rounds: int = 4               # SAM's interactive rounds per prompt (first prompt + follow-up points
-                                      # with the mask prompt); SAM trains with 11, each round adds a teacher and
-                                      # a student decoder pass: 4 already covers Table 5's points + mask prompt
+    sam_rounds: int = 4               # SAM's interactive prompt rounds (SAM App. A: 11); 4 covers points + mask prompt
     lam: float = losses.LAM           # L_CLIP + lam * L_SAM, 10 (Sec. 4.1)
     grad_clip: float = 1.0            # max global gradient norm
     accum_steps: int = 1              # micro-batches per optimizer step (reach the global batch on fewer GPUs)
@@ -114,61 +107,20 @@ def resolve_config(args, stage, encoder_cfg, teacher_cfg):
     return replace(cfg, **given)
 
 
-# ----------------------------------------------------------------------------- the multi-task step
-
-class MultiTaskStep(torch.nn.Module):
-    """The student's whole step as one forward, so DDP sees one forward and one backward per step
-    and all-reduces the combined gradients once. The targets come from losses.teacher_targets.
-    Returns each loss term by name."""
-
-    def __init__(self, model: SAMCLIP, lam):
-        super().__init__()
-        self.model, self.lam = model, lam
-
-    def forward(self, clip_images, clip_targets, clip_ok, sam_batch=None, sam_targets=None):
-        pooled, _ = self.model.clip_features(clip_images)                                 # (B, D)
-        out = {"loss_clip": losses.loss_clip(pooled, clip_targets, clip_ok)}             # Eq. 1
-        out["loss"] = out["loss_clip"]
-        if sam_batch is not None:
-            emb = self.model.encoder(sam_batch["image"])                                 # (B, C, h, w)
-            student, teacher = [], []
-            for group in sam_targets:          # the teacher's prompts, every round, one group per prompt kind
-                masks, iou = losses.sam_prompts_forward(self.model.head_sam, emb, group)  # (R, n, 4, 4h, 4w), (R, n, 4)
-                R = masks.shape[0]
-                student.append((masks.flatten(0, 1), iou.flatten(0, 1), group["valid"].repeat(R)))  # (R*n, ...)
-                teacher.append((group["logits"].flatten(0, 1), group["iou"].flatten(0, 1)))
-            masks, iou, valid = (torch.cat(x) for x in zip(*student))
-            t_masks, t_iou = (torch.cat(x) for x in zip(*teacher))
-            # Eq. 2, every round and prompt weighing the same
-            l_sam, parts = losses.loss_sam(masks[valid], t_masks[valid], iou[valid], t_iou[valid])
-            if not valid.any():  # no readable D_SAM image on this rank: a zero loss that still touches every weight
-                l_sam = 0.0 * (masks.sum() + iou.sum())
-            out.update(loss_sam=l_sam, **{f"loss_sam_{k}": v for k, v in parts.items()})
-            out["loss"] = losses.loss_total(out["loss_clip"], l_sam, self.lam)
-        return out
-
-
 # ----------------------------------------------------------------------------- teachers
 
 def build_teachers(args):
-    """The frozen teachers: SAM's encoder + head (for L_SAM and the initialisation) and CLIP
-    (EncCLIP for L_CLIP, TextEncCLIP for the merged model). Tiny: random weights, seeded."""
+    """The frozen teachers (model.load_teachers): SAM's encoder + head, CLIP. The tiny preset has
+    random ones, seeded like the student, which so starts as an exact copy of this SAM."""
     if args.preset == "tiny":
-        ref = build_samclip("tiny", seed=args.seed or 0)      # same seed -> student starts as the teacher
+        ref = build_samclip("tiny", seed=args.seed or 0)
         torch.manual_seed(args.seed or 0)
-        cl = clip.build_clip("tiny")
-        sam_enc, sam_head = ref.encoder, ref.head_sam
-    else:
-        if not args.sam_checkpoint or not args.clip_checkpoint:
-            raise SystemExit("train.py: --sam-checkpoint and --clip-checkpoint are required for real runs "
-                             "(see README, 'Using the real weights'), or use --preset tiny")
-        sam_sd = weights.read_state_dict(args.sam_checkpoint, "SAM checkpoint")
-        sam_enc = vit_det.load_sam_encoder(sam_sd, source=args.sam_checkpoint)
-        sam_head = heads.load_sam_head(sam_sd, source=args.sam_checkpoint)
-        cl = clip.load_clip(args.clip_checkpoint)
-    for m in (sam_enc, sam_head, cl):
-        m.requires_grad_(False).eval()
-    return sam_enc, sam_head, cl
+        teachers = (ref.encoder, ref.head_sam, clip.build_clip("tiny"))
+        return tuple(t.requires_grad_(False).eval() for t in teachers)
+    if not args.sam_checkpoint or not args.clip_checkpoint:
+        raise SystemExit("train.py: --sam-checkpoint and --clip-checkpoint are required for real runs "
+                         "(see README, 'Using the real weights'), or use --preset tiny")
+    return load_teachers(args.sam_checkpoint, args.clip_checkpoint)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -229,10 +181,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     clip_ds = data.CLIPImages(cfg.clip_data, teacher_size=cfg.teacher_size, seed=cfg.seed,
                               fixed_crops=bool(cfg.cache_teacher),   # a cached target needs the same crop every epoch
                               native_size=model.cfg.encoder.img_size)   # at 1024 px: SAM's padded frame (Table 5)
-    if len(clip_ds) < cfg.clip_batch:   # otherwise no epoch holds a step and the stage "finishes" untrained
-        raise SystemExit(f"train.py: --clip-data {cfg.clip_data} holds {len(clip_ds)} images; one step takes "
-                         f"{cfg.clip_batch} (--clip-batch, at {min(cfg.resolutions)} px)")
-    clip_ds.check_readable()
+    clip_ds.check_readable(min_images=cfg.clip_batch)   # else no step, or only placeholders, would train
     clip_sampler = data.VariableResolutionSampler(len(clip_ds), cfg.clip_batch // (world * cfg.accum_steps),
                                                   cfg.resolutions, None, world, rank, cfg.seed)
     clip_loader = torch.utils.data.DataLoader(clip_ds, batch_sampler=clip_sampler, num_workers=cfg.workers,
@@ -247,12 +196,11 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     if uses_sam:
         sam_ds = data.SA1B(cfg.sam_data, img_size=model.cfg.encoder.img_size, masks_per_image=cfg.masks_per_image,
                            seed=cfg.seed)
-        sam_per_rank = cfg.sam_batch // (world * cfg.accum_steps)
-        fits = len(sam_ds) >= sam_per_rank * world     # else drop_last would leave no batch at all: wrap instead
-        if not fits:
+        sam_sampler = data.FixedBatchSampler(len(sam_ds), cfg.sam_batch // (world * cfg.accum_steps), world, rank,
+                                             cfg.seed)
+        if not sam_sampler.drop_last:
             log0(rank, f"stage {cfg.stage}: --sam-data {cfg.sam_data} holds {len(sam_ds)} images, fewer than one "
-                       f"D_SAM batch of {sam_per_rank * world}: every batch repeats images")
-        sam_sampler = data.FixedBatchSampler(len(sam_ds), sam_per_rank, world, rank, cfg.seed, drop_last=fits)
+                       f"D_SAM batch of {cfg.sam_batch // cfg.accum_steps}: every batch repeats images")
         sam_loader = torch.utils.data.DataLoader(sam_ds, batch_sampler=sam_sampler, num_workers=cfg.workers,
                                                  collate_fn=data.collate_sam, pin_memory=device.type == "cuda")
 
@@ -266,7 +214,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         step = state["step"]
         log0(rank, f"stage {cfg.stage}: resumed from {ckpt_path} at step {step}")
     trim_metrics(cfg, step, rank)
-    student = MultiTaskStep(model, cfg.lam)
+    student = losses.MultiTaskLoss(model, cfg.lam)
     # Every parameter that requires grad is used in every step (the IoU and all mask tokens are
     # distilled; frozen modules have requires_grad False and DDP ignores them), so DDP needs no
     # find_unused_parameters; probe/adapt wrap only HeadCLIP's parameters this way.
@@ -283,7 +231,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
 
     def end_epoch(epoch, tally):
         """Report the epoch's unreadable D_CLIP images; stop, saved, if not one of them could be read."""
-        if report_skipped(epoch, tally, rank, world, device):
+        if epoch is not None and tally.report(epoch, rank, world, device):
             save()
             raise SystemExit(f"train.py: --clip-data {cfg.clip_data}: no image could be read in epoch {epoch}; "
                              f"checkpoint {ckpt_path} saved at step {step}, continue with --resume once they can")
@@ -305,8 +253,8 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
                 end_epoch(epoch, tally)
                 epoch, tally = batch_epoch, EpochTally()
             tally.count(clip_batch)
-            clip_batch = to_device(clip_batch, device)
-            sam_batch = to_device(next(sam_stream)[1], device) if uses_sam else None
+            clip_batch = data.to_device(clip_batch, device)
+            sam_batch = data.to_device(next(sam_stream)[1], device) if uses_sam else None
             # the frozen teachers' targets (Eq. 1: EncCLIP(x); Eq. 2: z for every prompt round)
             with torch.no_grad(), autocast():
                 clip_target, sam_target = losses.teacher_targets(teachers, clip_batch, sam_batch, cfg.sam_rounds, cache)
@@ -358,10 +306,6 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
 
 # ----------------------------------------------------------------------------- bookkeeping
 
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @dataclass
 class EpochTally:
     """This rank's D_CLIP images in the current epoch: how many it saw, how many were unreadable, which."""
@@ -373,6 +317,16 @@ class EpochTally:
         self.seen += len(clip_batch["ok"])
         self.unreadable += int((~clip_batch["ok"]).sum())
         self.unreadable_paths += clip_batch["bad_paths"]
+
+    def report(self, epoch, rank, world, device):
+        """At the end of an epoch: how many unreadable images were skipped (all ranks), and which.
+        -> True if not one image of the epoch was readable."""
+        unreadable, seen = (int(all_mean(torch.tensor(float(x), device=device), world) * world + 0.5)  # sums
+                            for x in (self.unreadable, self.seen))
+        if unreadable:
+            print(f"[train] epoch {epoch}: skipped {unreadable} unreadable image(s) "
+                  f"(rank {rank} saw: {self.unreadable_paths[:5]})", flush=True)
+        return unreadable == seen > 0
 
 
 def log0(rank, msg):
@@ -395,19 +349,6 @@ def agree(flag, world, device):
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def report_skipped(epoch, tally, rank, world, device):
-    """At the end of an epoch: how many unreadable images were skipped (all ranks), and which.
-    -> True if not one image of the epoch was readable."""
-    if epoch is None:
-        return False
-    unreadable, seen = (int(all_mean(torch.tensor(float(x), device=device), world) * world + 0.5)   # sums over ranks
-                        for x in (tally.unreadable, tally.seen))
-    if unreadable:
-        print(f"[train] epoch {epoch}: skipped {unreadable} unreadable image(s) "
-              f"(rank {rank} saw: {tally.unreadable_paths[:5]})", flush=True)
-    return unreadable == seen > 0
 
 
 def trim_metrics(cfg, step, rank):
@@ -447,8 +388,7 @@ def parse_args(argv=None):
     p.add_argument("--stage", default="all", choices=["probe", "distill", "adapt", "all"],
                    help="training stage; 'all' runs probe, distill and adapt in order (default all)")
     p.add_argument("--preset", default="vit_b", choices=["vit_b", "tiny"],
-                   help="vit_b: the paper's model from official weights; tiny: built-in CPU run, no weights or data "
-                        "(default vit_b)")
+                   help="vit_b: the paper's model, official weights; tiny: CPU run, no weights or data (default vit_b)")
     p.add_argument("--out", default=d.out, help=f"folder for checkpoints, metrics.jsonl and samclip.pt (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--sam-checkpoint", help="official SAM ViT-B file, e.g. sam_vit_b_01ec64.pth")
@@ -459,20 +399,15 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="epochs over D_CLIP (default: the stage's, above)")
     p.add_argument("--max-steps", type=int, help="stop a stage after this many optimizer steps (smoke runs)")
     p.add_argument("--lr", type=float, help="HeadCLIP learning rate (default: the stage's, above)")
-    p.add_argument("--backbone-lr-ratio", type=float,
-                   help=f"backbone and mask-decoder lr / HeadCLIP lr (default {d.backbone_lr_ratio})")
+    p.add_argument("--backbone-lr-ratio", type=float, help=f"backbone, mask-decoder lr / HeadCLIP lr ({d.backbone_lr_ratio})")
     p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on linear/conv weights (default {d.weight_decay})")
     p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps before the cosine decay (default {d.warmup_steps})")
     p.add_argument("--clip-batch", type=int, help=f"global D_CLIP batch at the smallest resolution (default {d.clip_batch})")
-    p.add_argument("--resolutions", type=int, nargs="+",
-                   help="D_CLIP student resolutions in pixels, one drawn per step (default: the stage's, above, "
-                        "scaled to the encoder's native side)")
+    p.add_argument("--resolutions", type=int, nargs="+", help="D_CLIP student sides in px, one per step (default: above)")
     p.add_argument("--teacher-size", type=int, help="CLIP teacher input side (default: its native one, 224 for ViT-L/14)")
     p.add_argument("--sam-batch", type=int, help=f"global D_SAM images per step (default {d.sam_batch})")
     p.add_argument("--masks-per-image", type=int, help=f"prompts per D_SAM image (default {d.masks_per_image})")
-    p.add_argument("--sam-rounds", type=int,
-                   help=f"SAM's interactive rounds per prompt: the first prompt, then a point from the error region "
-                        f"+ the previous mask as mask prompt (SAM App. A trains 11; default {d.sam_rounds})")
+    p.add_argument("--sam-rounds", type=int, help=f"SAM's interactive prompt rounds (App. A: 11; default {d.sam_rounds})")
     p.add_argument("--lam", type=float, help=f"weight of L_SAM in L_CLIP + lam * L_SAM (default {d.lam:g})")
     p.add_argument("--grad-clip", type=float, help=f"max gradient norm (default {d.grad_clip})")
     p.add_argument("--accum-steps", type=int, help=f"micro-batches per optimizer step (default {d.accum_steps})")

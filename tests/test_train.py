@@ -61,7 +61,7 @@ def test_what_trains_and_what_stays_frozen(stage, tiny_data):
         sam_targets = losses.sam_teacher_targets(sam_head, sam_enc(sb["image"]), sb, rounds=3)
         target = teacher.visual(cb["teacher"])
     use_sam = stage == "distill"
-    out = train.MultiTaskStep(model, 10.0)(cb["student"], target, cb["ok"], sb if use_sam else None,
+    out = losses.MultiTaskLoss(model, 10.0)(cb["student"], target, cb["ok"], sb if use_sam else None,
                                            sam_targets if use_sam else None)
     out["loss"].backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -254,7 +254,7 @@ def test_student_and_teacher_get_identical_prompts_every_round(tiny_data, monkey
     assert any((g["labels"][-1] >= 0).sum() > (g["labels"][0] >= 0).sum() for g in groups)   # follow-up points drawn
     teacher_calls = calls[:2 * R]
     calls.clear()
-    train.MultiTaskStep(model, 10.0)(cb["student"], clip_target, cb["ok"], sb, groups)
+    losses.MultiTaskLoss(model, 10.0)(cb["student"], clip_target, cb["ok"], sb, groups)
     student_calls = calls
     assert all(c["head"] is sam_head for c in teacher_calls) and all(c["head"] is model.head_sam for c in student_calls)
     assert len(student_calls) == 2 * len(groups)               # per prompt kind: round 0, then rounds 1.. in one call
@@ -281,7 +281,7 @@ def test_loss_sam_vanishes_over_all_rounds_when_student_equals_teacher(tiny_data
     with torch.no_grad():
         emb = sam_enc(sb["image"])
         targets = {R: losses.sam_teacher_targets(sam_head, emb, sb, R) for R in (1, 4)}
-    step = train.MultiTaskStep(model, 10.0)
+    step = losses.MultiTaskLoss(model, 10.0)
     for R in (1, 4):
         out = step(cb["student"], clip_target, cb["ok"], sb, targets[R])
         assert out["loss_sam"].abs() < 1e-6 and out["loss_sam_iou"] < 1e-10, R
@@ -357,7 +357,8 @@ def test_sam_folder_smaller_than_a_batch_trains_with_what_there_is(tmp_path, tin
         run(["--stage", "distill", "--out", out, "--clip-data", tiny_data[0], "--sam-data", one, "--max-steps", "1"])
     assert "holds 1 images, fewer than one D_SAM batch of 2" in capsys.readouterr().out
     assert [m["step"] for m in metrics(out)] == [1] and native == [160]   # tiny encoder: 160 px native
-    sampler = data.FixedBatchSampler(1, 2)                       # 1 image, batch 2, drop_last: no batch in any epoch
+    assert not data.FixedBatchSampler(1, 2).drop_last            # D_SAM's sampler wraps rather than plan nothing
+    sampler = data.VariableResolutionSampler(1, 2, (1,))         # 1 image, batch 2, drop_last: no batch in any epoch
     with deadline(10), pytest.raises(ValueError, match="holds no batch"):
         next(data.stream([], sampler, 0))
     with deadline(10), pytest.raises(ValueError, match="holds no batch"):
@@ -374,7 +375,7 @@ def test_sam_folder_smaller_than_a_batch_trains_with_what_there_is(tmp_path, tin
 def test_too_few_or_unreadable_clip_images_stop_at_once(tmp_path, tiny_data):
     few = _copy(sorted(os.listdir(tiny_data[0]))[:4], tiny_data[0], tmp_path / "few")
     common = ["--stage", "probe", "--sam-data", tiny_data[1], "--clip-batch", "8"]
-    cases = ((few, r"--clip-data .*few holds 4 images; one step takes 8"),
+    cases = ((few, r"image source .*few'? holds 4 images; one training step takes 8"),
              (_broken_folder(tmp_path / "broken", 8), r"broken'?: none of the 8 images tried could be read"),
              (_copy([], "", tmp_path / "empty"), r"empty'? holds no images"))   # an empty folder
     for i, (folder, message) in enumerate(cases):
@@ -386,7 +387,7 @@ def test_too_few_or_unreadable_clip_images_stop_at_once(tmp_path, tiny_data):
 
 def test_epoch_without_one_readable_image_stops_saved(tmp_path, tiny_data, monkeypatch):
     broken = _broken_folder(tmp_path / "broken", 8)
-    monkeypatch.setattr(data.CLIPImages, "check_readable", lambda self, tries=16: None)   # the start-up probe passed
+    monkeypatch.setattr(data.CLIPImages, "check_readable", lambda self, min_images=1, tries=16: None)   # the start-up probe passed
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit, match="no image could be read in epoch 0"):
         run(["--stage", "probe", "--out", out, "--clip-data", broken, "--sam-data", tiny_data[1], "--clip-batch", "8",
