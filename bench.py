@@ -141,7 +141,8 @@ def cmd_speed(args):
     S = vit_det.PRESETS[NAMES[args.preset][0]].img_size
     header(args, f"speed: batch 1, {args.dtype} on {args.device}", "latency")
     builds = [functools.partial(build_encoder, args.preset, S),
-              functools.partial(build_encoder, args.preset, vit_det.scaled_side(448, vit_det.PRESETS[NAMES[args.preset][0]])),
+              functools.partial(build_encoder, args.preset,
+                                vit_det.scaled_side(448, vit_det.PRESETS[NAMES[args.preset][0]])),
               functools.partial(build_sam, args.preset), functools.partial(build_clip_tower, args.preset),
               functools.partial(build_samclip, args.preset)]
     rows = [run_row(b, args) for b in builds]

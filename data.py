@@ -12,7 +12,6 @@ Sections, in the order a sample meets them:
      for D_CLIP and a fixed-size one for D_SAM, both split across ranks and resumable mid-epoch.
   5. The stream of batches training reads: epochs in a fixed (seed, epoch) order, resumable at any
      micro-batch, and the on-disk cache of CLIP-teacher embeddings (--cache-teacher).
-  6. A tiny synthetic D_CLIP + SA-1B set on disk, for the CPU demo run and tests.
 
 A sample that cannot be read never raises: it comes back as zeros of the right shapes with
 ok=False, so every rank keeps the same batch size, and the training loop masks it out of the loss.
@@ -24,6 +23,7 @@ per prompt, B batch.
 import json
 import math
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,7 +54,8 @@ def load_image(path):
     except FileNotFoundError:
         raise ImageError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageError(f"{path}: not a readable image ({reason})") from None
     img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float single channel
         a = np.asarray(img, dtype=np.float64)
@@ -105,31 +106,6 @@ def square_resize(img, size, normalize=normalize_sam):
     """Resize the whole image to (size, size) (bicubic; the aspect is not kept, as in the paper's
     448 x 448 zero-shot segmentation protocol) and normalise: (3, size, size)."""
     return normalize(to_tensor(img.resize((size, size), Image.BICUBIC)))
-
-
-# One colour per label for every picture the repository draws (the demo's overlay, evaluate.py's
-# --visualize panels, the toy world's figures): matplotlib's tab10 first, then fixed random colours;
-# 255, the "ignore" label of segmentation maps, is white.
-_TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-PALETTE = np.concatenate([np.array(_TAB10, np.uint8), np.random.default_rng(0).integers(0, 256, (246, 3), np.uint8)])
-PALETTE[255] = 255
-
-
-def paint(img, labels, alpha=0.55):
-    """The one overlay painter: RGB PIL image (W, H) and integer labels (H, W) -> a new RGB image
-    in which every pixel of label k >= 0 is blended with PALETTE[k] (alpha: the colour's weight);
-    label -1 leaves the pixel as it is."""
-    rgb = np.asarray(img, dtype=np.float32).copy()                           # (H, W, 3)
-    lab = np.asarray(labels, dtype=np.int64)
-    on = lab >= 0
-    rgb[on] = (1 - alpha) * rgb[on] + alpha * PALETTE[lab[on] % 256]         # (n, 3) painted pixels
-    return Image.fromarray(rgb.round().astype(np.uint8))
-
-
-def colorize(labels):
-    """(H, W) integer labels -> an RGB PIL image, label k in PALETTE[k]."""
-    return Image.fromarray(PALETTE[np.asarray(labels, dtype=np.int64) % 256])
 
 
 def to_device(batch, device):
@@ -647,31 +623,26 @@ class TeacherCache:
         return out
 
 
-# ----------------------------------------------------------------------------- 6. a synthetic set
+@dataclass
+class EpochTally:
+    """This rank's D_CLIP images in the current epoch: how many it saw, how many were unreadable, which."""
+    seen: int = 0
+    unreadable: int = 0
+    unreadable_paths: list = field(default_factory=list)
 
-def make_synthetic_data(folder, seed=0, num_clip=24, num_sam=6, size=(160, 120)):
-    """Write a tiny D_CLIP folder and SA-1B folder of random ellipses and boxes on noise (for
-    `train.py --preset tiny` and tests: no downloads). Existing files are kept. -> (clip, sam)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[:h, :w]
-    clip_dir, sam_dir = os.path.join(folder, "clip"), os.path.join(folder, "sa1b")
-    os.makedirs(clip_dir, exist_ok=True), os.makedirs(sam_dir, exist_ok=True)
-    for i in range(num_clip + num_sam):
-        img, masks = rng.integers(0, 64, (h, w, 3)).astype(np.uint8), []
-        for _ in range(rng.integers(4, 8)):   # >= 4 masks: the tiny preset's masks_per_image
-            cx, cy, rx, ry = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(8, w / 3), rng.uniform(8, h / 3)
-            m = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1 if rng.random() < 0.5 else \
-                (abs(xx - cx) < rx) & (abs(yy - cy) < ry)
-            img[m], masks = rng.integers(64, 256, 3), masks + [m]
-        path = os.path.join(clip_dir, f"img_{i:04d}.jpg") if i < num_clip else os.path.join(sam_dir, f"sa_{i}.jpg")
-        if not os.path.exists(path):
-            Image.fromarray(img).save(path, quality=95)
-        if i >= num_clip and not os.path.exists(path[:-4] + ".json"):
-            anns = [{"id": j, "segmentation": rle_encode(m), "area": int(m.sum()), "bbox": [
-                int(xx[m].min()), int(yy[m].min()), int(np.ptp(xx[m]) + 1), int(np.ptp(yy[m]) + 1)]}
-                for j, m in enumerate(masks) if m.any()]
-            with open(path[:-4] + ".json", "w") as f:
-                json.dump({"image": {"image_id": i, "width": w, "height": h, "file_name": os.path.basename(path)},
-                           "annotations": anns}, f)
-    return clip_dir, sam_dir
+    def count(self, clip_batch):
+        self.seen += len(clip_batch["ok"])
+        self.unreadable += int((~clip_batch["ok"]).sum())
+        self.unreadable_paths += clip_batch["bad_paths"]
+
+    def report(self, epoch, rank, world, device):
+        """At the end of an epoch: how many unreadable images were skipped (all ranks), and which.
+        -> True if not one image of the epoch was readable."""
+        counts = torch.tensor([float(self.unreadable), float(self.seen)], device=device)
+        if world > 1:
+            dist.all_reduce(counts)                                # sums over ranks
+        unreadable, seen = (int(c) for c in counts.tolist())
+        if unreadable:
+            print(f"[train] epoch {epoch}: skipped {unreadable} unreadable image(s) "
+                  f"(rank {rank} saw: {self.unreadable_paths[:5]})", flush=True)
+        return unreadable == seen > 0

@@ -1,29 +1,16 @@
 """Evaluate a merged SAM-CLIP checkpoint with the paper's zero-shot protocols (Sec. 4.2-4.4).
 
-One subcommand per protocol; each prints a table and, with --out, writes a JSON of its results.
+One subcommand per protocol; each prints a table and, with --out, writes a JSON of its results
+(percent). Each cmd_<name> below says how it follows the paper.
 
-  classify  zero-shot classification (Table 1: ImageNet, ImageNet-v2, Places365). Images are
-            resized on the short side and centre-cropped to --resolution (paper: 336 px), embedded
-            by HeadCLIP; classes are the 80 OpenAI templates averaged through the frozen text tower.
-            -> top1, top5 (percent).
-  retrieve  zero-shot image-text retrieval (Table 1: Flickr30K, COCO; the paper reports
-            text-to-image R@1), at --resolution (paper, Sec. 4.2: 336 px, as classification).
-            -> t2i_R@1/5/10 and i2t_R@1/5/10 (percent).
-  semseg    zero-shot semantic segmentation (Table 2: VOC, Pascal Context, ADE20k, COCO-Stuff):
-            square resize to 448 px, 28x28 HeadCLIP patch logits against the 80-template class
-            embeddings, bilinear upsampling to the label map, argmax, mIoU from one confusion matrix
-            accumulated over the dataset. `--refine sam` is Table 5: one 1024 px forward, HeadCLIP's
-            coarse map prompts HeadSAM per class. -> mIoU, per_class_IoU, pixel_accuracy (percent).
-  instseg   box-prompted instance segmentation (Table 1: COCO, LVIS mask AP): each box (ground truth
-            or a detector's) prompts HeadSAM at the native 1024 px, one mask per box. Mask AP by
-            COCOeval's rules (segm, all areas, 100 detections per image and category, crowds ignored),
-            computed here without pycocotools; --save-predictions FILE writes the masks as a COCO
-            results JSON to score with COCOeval. LVIS (federated AP) is not scored here: its files
-            need --save-predictions and the LVIS API. -> AP, AP50, AP75, mIoU_prompted (percent).
-  probe     linear probing of frozen backbones (Tables 3 and 4, linear head only): the merged
-            encoder, SAM's encoder or a CLIP image tower, each probed on its last transformer block's
-            tokens (mean of the patch tokens for cls, per patch for seg).
-            -> top1/top5 (--task cls) or mIoU (--task seg).
+  classify  zero-shot classification, Table 1 (ImageNet, v2, Places365), 336 px -> top1, top5
+  retrieve  zero-shot image-text retrieval, Table 1 (Flickr30K, COCO), 336 px -> t2i/i2t R@1/5/10
+  semseg    zero-shot semantic segmentation, Table 2 (VOC, Context, ADE20k, COCO-Stuff), 448 px
+            square input; `--refine sam` is Table 5 (HeadSAM refines at 1024 px) -> mIoU, per class
+  instseg   box-prompted instance segmentation, Table 1 (COCO; LVIS via --save-predictions and the
+            LVIS API), COCOeval's rules without pycocotools -> AP, AP50, AP75, mIoU_prompted
+  probe     linear probing of frozen backbones, Tables 3 and 4: the merged encoder, SAM's or a CLIP
+            tower, each on its last block's tokens -> top1/top5 (--task cls) or mIoU (--task seg)
 The benchmarks of speed and memory are in bench.py, the metrics themselves in metrics.py.
 
 Run (every flag has --help):
@@ -36,43 +23,12 @@ Run (every flag has --help):
 Every data subcommand also takes --limit N, --batch-size, --visualize K (K side-by-side PNGs
 "image | prediction | ground truth" in <out stem>_vis/ next to the JSON), --device and --seed.
 
-Dataset layouts (a missing part is reported in one line naming it; exit code 2):
-  classify / probe --task cls   DIR/<class folder>/*.jpg|png, optional DIR/classnames.txt: one
-                                readable name per line, in sorted folder order (as classes.txt:
-                                line i = class i). Without it the folder name is the class name.
-  retrieve                      DIR/images/*, DIR/captions.json = {"images": [{"id", "file_name"}],
-                                "annotations": [{"image_id", "caption"}]} (COCO captions style).
-  semseg --layout voc           DIR/JPEGImages/<id>.jpg, DIR/SegmentationClass/<id>.png (palette
-                                PNGs; the palette INDEX is the class: 0 background, 1-20, 255 border),
-                                DIR/ImageSets/Segmentation/<split>.txt.
-  semseg --layout generic,      DIR/images/*.jpg|png, DIR/labels/<same stem>.png (one channel, class
-  probe --task seg              index per pixel, 255 ignored), DIR/classes.txt (line i = class i).
-  instseg                       DIR/images/ + COCO instances JSON (default DIR/instances.json), masks as
-                                polygons or RLE; crowd objects (iscrowd=1) are never prompted and are
-                                ignored ground truth, as in COCOeval.
+Dataset layouts: README ("Evaluation") and the read_* functions; a missing part is reported in one
+line naming it (exit code 2). Choices the paper leaves open are stated where they are made (to_labels,
+cmd_semseg, cmd_instseg, metrics.match_detections, cmd_probe).
 
-Choices the paper leaves open, made here:
-  - VOC background (semseg): GroupViT's rule. The 20 foreground logits are softmaxed per pixel and a
-    pixel whose best probability is under --bg-threshold is background. GroupViT uses 0.95 on its
-    peaky group-token probabilities; for patch logits the default here is 0.5, "no foreground class
-    holds a majority". It is a knob of the protocol, not a number from the paper.
-  - --refine sam: HeadSAM decodes every class (zero_shot.refine_with_sam), but only classes that win a
-    pixel of HeadCLIP's own 1024 px map compete in the per-pixel argmax; a pixel that no refined
-    mask covers (logit <= 0) is background on VOC and keeps HeadCLIP's label on other layouts.
-  - instseg with ground-truth boxes: one mask per object, ranked by HeadSAM's predicted IoU.
-  - instseg crowds, as COCOeval: a detection's IoU with a crowd region is intersection / its own
-    area; a detection matches the best regular object first and falls to a crowd only if none
-    reaches the threshold; one that lands on a crowd is neither a true nor a false positive, and
-    recall counts regular objects only. Polygons are filled by PIL, whose boundary pixels differ
-    slightly from pycocotools' (RLE ground truth gives COCOeval's AP exactly).
-  - probe: the same feature for every backbone, its last transformer block's output tokens (the
-    paper probes "frozen image backbones" without naming the layer); image features are the mean
-    of the patch tokens. Features standardised with the training images' statistics, AdamW (weight
-    decay 1e-4) on batches of 1024 rows, the split by image (seeded), labels per patch by majority
-    vote.
-
-Resolutions are given in the paper's pixels for the 1024 px vit_b model; smaller presets scale them
-(`scaled`), so the tiny preset (160 px native) reads 448 as 80 and 336 as 64.
+Resolutions are in the paper's pixels for the 1024 px vit_b model; smaller presets scale them (`scaled`):
+the tiny preset (160 px native) reads 448 as 80 and 336 as 64.
 
 Shape legend: B batch, K classes, D embedding size, h w HeadCLIP / SAM grid, H W label (original
 image) size, S the encoder's native side, N prompts (boxes) or texts, G ground-truth objects.
@@ -83,7 +39,6 @@ import json
 import math
 import os
 import sys
-import textwrap
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -182,43 +137,14 @@ def finish(args, results, title):
     return results
 
 
-# -- pictures for --visualize: panels side by side, each titled
-
-def overlay(img, masks):
-    """Bool instance masks (N, H, W) painted onto an RGB image, instance i in colour i (a later mask
-    over an earlier one)."""
-    labels = np.full(np.shape(masks)[1:], -1, np.int64)                     # (H, W), -1: no instance
-    for i, mk in enumerate(np.asarray(masks, dtype=bool)):
-        labels[mk] = i
-    return data.paint(img, labels)
-
-
-def text_panel(text, size=(256, 256)):
-    im = Image.new("RGB", size, "white")
-    ImageDraw.Draw(im).multiline_text((8, 8), textwrap.fill(text, 36), fill="black")
-    return im
-
-
-def save_panels(path, panels, titles=("image", "prediction", "ground truth"), height=256):
-    """Panels (PIL images) scaled to one height, side by side, a title strip above each."""
-    panels = [p.resize((max(1, round(p.width * height / p.height)), height), Image.NEAREST) for p in panels]
-    canvas = Image.new("RGB", (sum(p.width for p in panels), height + 20), "white")
-    x = 0
-    for p, t in zip(panels, titles):
-        canvas.paste(p.convert("RGB"), (x, 20))
-        ImageDraw.Draw(canvas).text((x + 4, 4), t[:48], fill="black")
-        x += p.width
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    canvas.save(path)
-
-
 def visualizer(args):
     """-> show(name, panels, titles=...) that saves the first --visualize calls to <out stem>_vis/."""
     folder, count = os.path.splitext(args.out or f"{args.command}.json")[0] + "_vis", [0]
 
     def show(name, panels, *titles):
         if count[0] < args.visualize:
-            save_panels(os.path.join(folder, f"{name}.png"), [p() if callable(p) else p for p in panels], *titles)
+            pictures = [p() if callable(p) else p for p in panels]
+            zero_shot.save_panels(os.path.join(folder, f"{name}.png"), pictures, *titles)
             count[0] += 1
     return show
 
@@ -302,12 +228,10 @@ LVIS_IMAGE_KEYS = ("not_exhaustive_category_ids", "neg_category_ids")   # LVIS's
 
 
 def read_instances(root, annotations, allow_lvis=False):
-    """COCO instances JSON -> (images [{id, path, height, width}] sorted by id, as COCOeval visits
-    them; annotations per image id, regular objects first and crowds (iscrowd=1) last, as COCOeval
-    orders them; {category id: name}; whether it is an LVIS file). LVIS files (per-image
-    not-exhaustive / negative category lists, per-category frequency) are refused unless
-    allow_lvis: their AP is federated, which COCO's rules do not compute. LVIS images without a
-    file_name are looked up by the file name of their coco_url."""
+    """COCO instances JSON -> (images [{id, path, height, width}] sorted by id; annotations per image
+    id, crowds (iscrowd=1) last, both as COCOeval orders them; {category id: name}; is it LVIS).
+    LVIS files (not-exhaustive / negative category lists, frequencies) are refused unless allow_lvis:
+    their AP is federated. LVIS images without a file_name are found by their coco_url's name."""
     need(root, "dataset folder")
     img_dir = need(os.path.join(root, "images"), "folder of the images named in the instances JSON")
     ann_file = annotations or os.path.join(root, "instances.json")
@@ -315,7 +239,8 @@ def read_instances(root, annotations, allow_lvis=False):
     for key in ("images", "annotations", "categories"):
         if key not in js:
             raise LayoutError(f"{ann_file}: no '{key}' list")
-    lvis = any(k in im for im in js["images"] for k in LVIS_IMAGE_KEYS) or any("frequency" in c for c in js["categories"])
+    lvis = (any(k in im for im in js["images"] for k in LVIS_IMAGE_KEYS)
+            or any("frequency" in c for c in js["categories"]))
     if lvis and not allow_lvis:
         raise LayoutError(f"{ann_file}: an LVIS file, whose AP is federated (not-exhaustive and negative categories) "
                           "and not computed here: add --save-predictions FILE and score FILE with the LVIS API "
@@ -349,8 +274,9 @@ def decode_mask(segm, h, w):
 
 @torch.no_grad()
 def cmd_classify(args):
-    """Table 1, zero-shot classification: cosine of the HeadCLIP embedding with each class's
-    80-template text embedding (CLIP Sec. 3.1.4); the argmax is the prediction."""
+    """Table 1, zero-shot classification: images resized on the short side and centre-cropped to
+    --resolution; cosine of the HeadCLIP embedding with each class's 80-template text embedding
+    (CLIP Sec. 3.1.4); the argmax is the prediction."""
     items, names = read_image_folder(args.data)
     items = items[:args.limit] if args.limit else items
     m = load_model(args)
@@ -364,7 +290,7 @@ def cmd_classify(args):
         labels += [k for _, k in chunk]
         for im, (path, k), p in zip(imgs, chunk, lg.argmax(1).tolist()):
             stem = os.path.splitext(os.path.basename(path))[0]
-            show(f"{k:03d}_{stem}", [im, text_panel(names[p]), text_panel(names[k])])
+            show(f"{k:03d}_{stem}", [im, zero_shot.text_panel(names[p]), zero_shot.text_panel(names[k])])
     acc = metrics.topk_accuracy(torch.cat(logits), torch.tensor(labels))
     return finish(args, {"top1": acc[1], "top5": acc[5], "num_images": len(labels), "num_classes": len(names),
                          "resolution": res}, f"zero-shot classification, {args.data}")
@@ -395,7 +321,8 @@ def cmd_retrieve(args):
     t2i, i2t = metrics.recall_at_k(sim, right), metrics.recall_at_k(sim.T, right.T)
     show = visualizer(args)
     for i, im in enumerate(pics):
-        show(f"{i:04d}", [im, text_panel(caps[int(sim[:, i].argmax())]), text_panel(caps[owner.index(i)])],
+        show(f"{i:04d}", [im, zero_shot.text_panel(caps[int(sim[:, i].argmax())]),
+                          zero_shot.text_panel(caps[owner.index(i)])],
              ["image", "best caption (i2t)", "a ground-truth caption"])
     recalls = {f"t2i_R@{k}": v for k, v in t2i.items()} | {f"i2t_R@{k}": v for k, v in i2t.items()}
     return finish(args, recalls | {"num_images": len(paths), "num_texts": len(caps), "resolution": res},
@@ -405,7 +332,9 @@ def cmd_retrieve(args):
 def to_labels(logits, with_background, bg_threshold):
     """(K, H, W) class logits -> (H, W) labels. With a background class (VOC), the logits are the K
     foreground classes, labels shift by one and a pixel whose best softmax probability among them
-    is below bg_threshold becomes 0, background (GroupViT's rule)."""
+    is below bg_threshold becomes 0, background (GroupViT's rule). GroupViT uses 0.95 on its peaky
+    group-token probabilities; for patch logits the default is 0.5, "no foreground class holds a
+    majority": a knob of the protocol, not a number from the paper."""
     if not with_background:
         return logits.argmax(0)
     prob, idx = logits.softmax(0).max(0)                                 # (H, W), (H, W)
@@ -415,7 +344,10 @@ def to_labels(logits, with_background, bg_threshold):
 @torch.no_grad()
 def cmd_semseg(args):
     """Table 2 (Sec. 4.2): 448 px square input, per-patch HeadCLIP logits, bilinear upsampling to
-    the label map, argmax. Table 5 (Sec. 4.4, App. C) with --refine sam, one image at a time."""
+    the label map, argmax. Table 5 (Sec. 4.4, App. C) with --refine sam, one image at a time:
+    HeadSAM decodes every class (zero_shot.refine_with_sam), but only classes that win a pixel of
+    HeadCLIP's own 1024 px map compete in the per-pixel argmax; a pixel no refined mask covers
+    (logit <= 0) is background on VOC and keeps HeadCLIP's label on other layouts (our choices)."""
     pairs, names = read_segmentation(args.data, args.layout, args.split)
     pairs = pairs[:args.limit] if args.limit else pairs
     voc = args.layout == "voc"
@@ -438,7 +370,7 @@ def cmd_semseg(args):
                 pred = to_labels(up, voc, args.bg_threshold)
             else:                                                        # Table 5: both heads, 1024 px
                 x, input_size = data.sam_preprocess(img, S)              # (3, S, S), (h', w')
-                masks, coarse = zero_shot.refine_with_sam(m, x[None].to(args.device), class_emb,  # (K', 4h, 4w), (K', h, w)
+                masks, coarse = zero_shot.refine_with_sam(m, x[None].to(args.device), class_emb,  # (K',4h,4w),(K',h,w)
                                                       threshold=args.point_threshold, generator=gen,
                                                       input_size=input_size)
                 post = lambda t: heads.postprocess_masks(t[None], input_size, (H, W), img_size=S)[0]  # (K', H, W)
@@ -457,7 +389,7 @@ def cmd_semseg(args):
                 os.makedirs(args.save_predictions, exist_ok=True)
                 Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(
                     os.path.join(args.save_predictions, stem + ".png"))
-            show(stem, [img, data.colorize(pred), data.colorize(gt)])
+            show(stem, [img, zero_shot.colorize(pred), zero_shot.colorize(gt)])
     mean, per_class = metrics.miou(conf)
     results = {"mIoU": 100 * mean, "pixel_accuracy": 100 * conf.diagonal().sum().item() / max(1, conf.sum().item()),
                "per_class_IoU": {n: 100 * float(v) for n, v in zip(names, per_class)},
@@ -474,7 +406,9 @@ def cmd_instseg(args):
     encoder forward per batch, then every box of an image through HeadSAM in one decoder call.
     Mask AP by COCOeval's rules (segm, all areas, 100 detections per image and category), crowd
     regions as ignored ground truth. --save-predictions writes one mask per prompt as a COCO results
-    JSON, so pycocotools' COCOeval (or the LVIS API, for LVIS) can score the same masks."""
+    JSON, so pycocotools' COCOeval (or the LVIS API, for LVIS) can score the same masks. With
+    ground-truth boxes: one mask per object, ranked by HeadSAM's predicted IoU. Polygons are filled
+    by PIL, whose boundary pixels differ slightly from pycocotools' (RLE gives COCOeval's AP exactly)."""
     images, anns, cats, lvis = read_instances(args.data, args.annotations, allow_lvis=bool(args.save_predictions))
     images = images[:args.limit] if args.limit else images
     dets = None
@@ -524,7 +458,8 @@ def cmd_instseg(args):
             predictions += [{"image_id": info["id"], "category_id": p["category_id"],
                              "segmentation": data.rle_encode(mk.numpy()), "score": float(sc)}
                             for p, mk, sc in zip(prompts, masks, scores)]
-            show(str(info["id"]), [img, lambda: overlay(img, masks), lambda: overlay(img, gt_masks)])
+            show(str(info["id"]), [img, lambda: zero_shot.overlay(img, masks),
+                                   lambda: zero_shot.overlay(img, gt_masks)])
     results = {"mIoU_prompted": 100 * float(np.mean(prompted)) if prompted else float("nan"),
                "num_images": len(images), "num_prompts": len(predictions),
                "boxes": "detections" if dets is not None else "ground truth", "resolution": S}
@@ -591,7 +526,10 @@ def feature_extractor(args, m, task):
 @torch.no_grad()
 def cmd_probe(args):
     """Extract frozen features once, split the images (seeded), train a linear layer on the
-    standardised features of the training images, report top-1/5 or mIoU on the others."""
+    standardised features of the training images, report top-1/5 or mIoU on the others. Every
+    backbone gives the same kind of feature, its last transformer block's tokens (the paper probes
+    "frozen image backbones" without naming the layer); image features are the mean of the patch
+    tokens, patch labels the majority vote; AdamW (weight decay 1e-4), batches of 1024 rows."""
     cls = args.task == "cls"
     items, names = read_image_folder(args.data) if cls else read_segmentation(args.data, "generic", None)
     items = items[:args.limit] if args.limit else items
@@ -630,13 +568,13 @@ def cmd_probe(args):
     show = visualizer(args)
     for j, i in enumerate(test):
         if cls:
-            panels = [text_panel(names[int(logits[j].argmax())]), text_panel(names[items[i][1]])]
+            panels = [zero_shot.text_panel(names[int(logits[j].argmax())]), zero_shot.text_panel(names[items[i][1]])]
         else:
             gt = read_label(items[i][1], K)
             lg = logits[j].T.reshape(1, K, g, g)                         # (g*g, K) -> (1, K, g, g)
             pred = F.interpolate(lg, gt.shape, mode="bilinear", align_corners=False)[0].argmax(0)  # (H, W)
             conf += metrics.confusion_matrix(pred, gt, K)
-            panels = [data.colorize(pred), data.colorize(gt)]
+            panels = [zero_shot.colorize(pred), zero_shot.colorize(gt)]
         show(f"{j:04d}", [lambda: data.load_image(items[i][0])] + panels)
     if cls:
         acc = metrics.topk_accuracy(torch.cat(logits), torch.cat([targets[i] for i in test]))
@@ -662,8 +600,7 @@ def main(argv=None):
         p.add_argument("--out", help="write the results as JSON here (visualisations go to <stem>_vis/ beside it)")
         p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0: all)")
         p.add_argument("--batch-size", type=int, default=16, help="images per forward")
-        p.add_argument("--visualize", type=int, default=0,
-                       help="save K side-by-side PNGs: image | prediction | ground truth")
+        p.add_argument("--visualize", type=int, default=0, help="save K PNGs: image | prediction | ground truth")
         p.add_argument("--device", default=dev, help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--seed", type=int, default=0, help="seed of every random choice (point prompts, probe split)")
         if res is not None:
@@ -675,37 +612,30 @@ def main(argv=None):
     command("retrieve", cmd_retrieve, "zero-shot image-text retrieval, DIR/images + DIR/captions.json (Table 1)", 336)
     p = command("semseg", cmd_semseg,
                 "zero-shot semantic segmentation, 448 px HeadCLIP (Table 2) or --refine sam (Table 5)", 448)
-    p.add_argument("--layout", choices=["voc", "generic"], default="generic", help="dataset layout (see docstring)")
+    p.add_argument("--layout", choices=["voc", "generic"], default="generic", help="dataset layout (README)")
     p.add_argument("--split", default="val", help="VOC: ImageSets/Segmentation/<split>.txt")
-    p.add_argument("--refine", choices=["none", "sam"], default="none",
-                   help="sam: Table 5, HeadSAM refines HeadCLIP at 1024 px")
+    p.add_argument("--refine", choices=["none", "sam"], default="none", help="sam: Table 5, HeadSAM refines at 1024 px")
     p.add_argument("--bg-threshold", type=float, default=0.5,
                    help="VOC: background where the best foreground softmax probability is below this (default 0.5)")
     p.add_argument("--point-threshold", type=float, default=0.5,
                    help="--refine sam: point prompts from cells whose class probability exceeds this (App. C: 0.5)")
-    p.add_argument("--save-predictions",
-                   help="folder for predicted label maps (one-channel PNG, class index, same stem)")
+    p.add_argument("--save-predictions", help="folder for predicted label maps (class index PNGs, same stem)")
     p = command("instseg", cmd_instseg, "box-prompted instance segmentation, mask AP (Table 1)")
     p.add_argument("--annotations", help="COCO instances JSON (default DIR/instances.json)")
     p.add_argument("--detections",
                    help="COCO results JSON (image_id, category_id, bbox XYWH, score); default: GT boxes")
     p.add_argument("--save-predictions",
-                   help="write a COCO results JSON here (image_id, category_id, segmentation as RLE with string "
-                        "counts, score; one entry per prompt) to score with pycocotools' COCOeval or the LVIS API; "
-                        "required for LVIS files, whose federated AP is not computed here")
+                   help="write a COCO results JSON here (one RLE mask and score per prompt) for pycocotools' "
+                        "COCOeval or the LVIS API; required for LVIS files (federated AP is not computed here)")
     p = command("probe", cmd_probe, "linear probe of a frozen backbone's last-block tokens (Tables 3, 4)", None)
-    p.add_argument("--task", choices=["cls", "seg"], default="cls",
-                   help="cls: image folder, seg: generic segmentation layout")
+    p.add_argument("--task", choices=["cls", "seg"], default="cls", help="cls: image folder, seg: generic segmentation")
     p.add_argument("--features", choices=["samclip", "sam", "clip"], default="samclip",
-                   help="whose frozen backbone: the merged encoder, SAM's encoder (--sam-checkpoint) or a CLIP "
-                        "image tower (--clip-checkpoint); always its last transformer block's tokens (no neck, "
-                        "head or projection), mean of the patch tokens for cls, per patch for seg")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="input side in the paper's pixels (default 224 cls, 448 seg)")
+                   help="whose frozen backbone, always its last block's tokens: the merged encoder, SAM's "
+                        "encoder (--sam-checkpoint) or a CLIP image tower (--clip-checkpoint)")
+    p.add_argument("--resolution", type=int, default=None, help="input side, paper's pixels (default 224 cls, 448 seg)")
     p.add_argument("--clip-checkpoint", help="OpenCLIP / OpenAI CLIP file for --features clip (run at its native size)")
     p.add_argument("--sam-checkpoint", help="official SAM file for --features sam")
-    p.add_argument("--train-fraction", type=float, default=0.5,
-                   help="share of the images (seeded split) to train the probe on")
+    p.add_argument("--train-fraction", type=float, default=0.5, help="share of the images (seeded split) to train on")
     p.add_argument("--epochs", type=int, default=100, help="passes over the training features")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the linear layer")
     args = ap.parse_args(argv)

@@ -69,6 +69,9 @@ SAM_HEAD_PRESETS = {
     "sam": SAMHeadConfig(),           # the same head for SAM vit_b, vit_l and vit_h
     "tiny": SAMHeadConfig(embed_dim=32, image_embedding_size=10, input_image_size=160, mask_in_chans=8,
                           decoder_mlp_dim=64, iou_head_hidden_dim=32),
+    # the toy SAM teacher's head (toy/teachers.py); 8 decoder heads as in SAM, the loader cannot read them
+    "toy": SAMHeadConfig(embed_dim=128, image_embedding_size=16, input_image_size=256, mask_in_chans=16,
+                         decoder_mlp_dim=256, iou_head_hidden_dim=64),
 }
 
 
@@ -375,7 +378,8 @@ def head_config_from_state_dict(sd, source="<state dict>"):
         mask_in_chans=sd["prompt_encoder.mask_downscaling.3.weight"].shape[0],
         decoder_depth=count("mask_decoder.transformer.layers."),
         decoder_mlp_dim=sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
-        attention_downsample_rate=C // sd["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"].shape[0],
+        attention_downsample_rate=C // sd["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"]
+        .shape[0],
         num_multimask_outputs=sd["mask_decoder.mask_tokens.weight"].shape[0] - 1,
         iou_head_depth=count("mask_decoder.iou_prediction_head.layers."),
         iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0])

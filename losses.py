@@ -233,7 +233,7 @@ def sam_teacher_targets(head, embeddings, batch, rounds):
             single = (labels[sel] >= 0).sum(1) == 1
         first = xy.shape[1] - F                                                   # index of the first follow-up point
         emb, gt_sel, inside_sel = embeddings[image[sel]], gt[sel], inside[sel]
-        xys, labs, logits, ious, mask_inputs, mask_input = [], [], [], [], [], None
+        xys, labs, logits, ious, mask_inputs, mask_input, prev = [], [], [], [], [], None, None
         for r in range(rounds):
             if 1 <= r <= F:
                 xy, lab = xy.clone(), lab.clone()
@@ -247,7 +247,7 @@ def sam_teacher_targets(head, embeddings, batch, rounds):
                 iou_gt = (pred & target).flatten(2).sum(-1) / (pred | target).flatten(2).sum(-1).clamp(min=1)  # (n, 3)
                 choice = torch.where(single, 1 + iou_gt.argmax(1), choice)
             prev = m[torch.arange(n, device=dev), choice]                        # (n, 4h, 4w) unthresholded logits
-            mask_input = prev[:, None]                                           # (n, 1, 4h, 4w) next round's mask prompt
+            mask_input = prev[:, None]                                           # (n, 1, 4h, 4w) next mask prompt
             if r < rounds - 1:
                 mask_inputs.append(mask_input)
         groups.append({"image": image[sel], "valid": valid[sel], "boxes": box, "coords": torch.stack(xys),

@@ -53,10 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help=f"merged SAM-CLIP checkpoint from train.py / SAMCLIP.save (default {DEFAULT_CHECKPOINT})")
     p.add_argument("--mode", choices=("sam", "clip"), default="sam",
-                   help="sam: both heads at the native size, HeadSAM refines (Table 5); clip: HeadCLIP alone at 448 px (Sec. 4.2)")
-    p.add_argument("--out", default=os.path.join("out", "segment_demo"), help="folder for overlay.png and the mask PNGs")
+                   help="sam: both heads at the native size, HeadSAM refines (Table 5); "
+                        "clip: HeadCLIP alone at 448 px (Sec. 4.2)")
+    p.add_argument("--out", default=os.path.join("out", "segment_demo"),
+                   help="folder for overlay.png and the mask PNGs")
     p.add_argument("--threshold", type=float, default=0.5,
-                   help="sam mode: point prompts are drawn from cells whose class probability exceeds this (App. C: 0.5)")
+                   help="sam mode: point prompts come from cells whose class probability exceeds this (App. C: 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the point-prompt draw (sam mode)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
@@ -78,8 +80,8 @@ def load_model(path, device):
 
 def draw_overlay(img, labels, prompts):
     """img PIL RGB (W, H), labels (H, W) in -1..K-1 -> a new RGB picture: the image with each
-    prompt's pixels blended with its colour (data.paint), and below it a legend strip, prompt -> colour."""
-    tinted = data.paint(img, labels)
+    prompt's pixels blended with its colour (zero_shot.paint), and below it a legend strip, prompt -> colour."""
+    tinted = zero_shot.paint(img, labels)
     font = ImageFont.load_default()
     row = 14                                                               # legend line height, px
     widths = [int(font.getlength(q)) for q in prompts]
@@ -88,7 +90,7 @@ def draw_overlay(img, labels, prompts):
     draw = ImageDraw.Draw(canvas)
     for k, q in enumerate(prompts):
         y = img.height + 2 + row * k
-        draw.rectangle((4, y + 2, 14, y + 12), fill=tuple(int(c) for c in data.PALETTE[k]), outline="black")
+        draw.rectangle((4, y + 2, 14, y + 12), fill=tuple(int(c) for c in zero_shot.PALETTE[k]), outline="black")
         draw.text((20, y + 1), q, fill="black", font=font)
     return canvas
 

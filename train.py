@@ -27,7 +27,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, asdict, field, replace
+from dataclasses import dataclass, asdict, replace
 
 import torch
 import torch.distributed as dist
@@ -37,9 +37,11 @@ from tqdm import tqdm
 import clip
 import data
 import losses
+import toy
 import vit_det
 import weights
 from model import SAMCLIP, build_samclip, load_teachers
+from toy import layouts
 
 
 # ----------------------------------------------------------------------------- config
@@ -59,7 +61,7 @@ STAGES = {
 @dataclass
 class TrainConfig:
     stage: str = "distill"            # probe | distill | adapt (--stage all runs the three in order)
-    preset: str = "vit_b"             # vit_b: real run from official weights; tiny: built-in CPU demo
+    preset: str = "vit_b"             # vit_b: real run from official weights; toy, tiny: built-in CPU runs
     sam_checkpoint: str = ""          # official SAM file (teacher and initialisation), e.g. sam_vit_b_01ec64.pth
     clip_checkpoint: str = ""         # official OpenCLIP ViT-L/14 file (teacher, text tower)
     init: str = ""                    # merged checkpoint to start from (the previous stage's samclip.pt)
@@ -88,20 +90,28 @@ class TrainConfig:
     cache_teacher: str = ""           # folder for cached CLIP-teacher embeddings (fixed crops per image)
 
 
-# The built-in CPU run (--preset tiny): small batches, a few steps per stage, every step logged.
-TINY = dict(clip_batch=8, sam_batch=2, masks_per_image=4, warmup_steps=2, log_every=1, save_every=4, workers=0)
-TINY_EPOCHS = {"probe": 2, "distill": 2, "adapt": 1}
+# The built-in CPU runs, on toy-world scenes written to OUT/data (no downloads): their settings, epochs
+# per stage and D_CLIP / D_SAM sizes. tiny: random teachers, a few steps (tests); toy: the shipped,
+# trained toy teachers (toy/weights), the README's main job, under 5 minutes on 2 CPU cores.
+BUILTIN = {
+    "tiny": dict(settings=dict(clip_batch=8, sam_batch=2, masks_per_image=4, warmup_steps=2, log_every=1,
+                               save_every=4, workers=0),
+                 epochs={"probe": 2, "distill": 2, "adapt": 1}, clip_images=24, sam_images=6),
+    "toy": dict(settings=dict(clip_batch=32, sam_batch=4, masks_per_image=8, sam_rounds=3, warmup_steps=20,
+                              log_every=10, save_every=100, workers=0),
+                epochs={"probe": 4, "distill": 8, "adapt": 1}, clip_images=800, sam_images=200),
+}
 
 
 def resolve_config(args, stage, encoder_cfg, teacher_cfg):
-    """TrainConfig defaults <- the stage's row of STAGES <- the tiny preset <- flags given.
+    """TrainConfig defaults <- the stage's row of STAGES <- a built-in preset's settings <- flags given.
     Resolutions are the paper's scaled to the encoder (vit_det.scaled_side: 224 -> 48 at 160 px)
     unless --resolutions names them; the teacher runs at its native side unless --teacher-size."""
     row = STAGES[stage]
     cfg = replace(TrainConfig(), stage=stage, lr=row["lr"], epochs=row["epochs"], teacher_size=teacher_cfg.image_size,
                   resolutions=tuple(vit_det.scaled_side(r, encoder_cfg) for r in row["resolutions"]))
-    if args.preset == "tiny":
-        cfg = replace(cfg, **TINY, epochs=TINY_EPOCHS[stage])
+    if args.preset in BUILTIN:
+        cfg = replace(cfg, **BUILTIN[args.preset]["settings"], epochs=BUILTIN[args.preset]["epochs"][stage])
     given = {k: v for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__
              and k != "stage"}
     return replace(cfg, **given)
@@ -110,8 +120,11 @@ def resolve_config(args, stage, encoder_cfg, teacher_cfg):
 # ----------------------------------------------------------------------------- teachers
 
 def build_teachers(args):
-    """The frozen teachers (model.load_teachers): SAM's encoder + head, CLIP. The tiny preset has
-    random ones, seeded like the student, which so starts as an exact copy of this SAM."""
+    """The frozen teachers (model.load_teachers): SAM's encoder + head, CLIP; the toy preset's are the
+    shipped toy files. The tiny preset has random ones, seeded like the student, which so starts as
+    an exact copy of this SAM."""
+    if args.preset == "toy":
+        return load_teachers(toy.SAM_WEIGHTS, toy.CLIP_WEIGHTS)
     if args.preset == "tiny":
         ref = build_samclip("tiny", seed=args.seed or 0)
         torch.manual_seed(args.seed or 0)
@@ -155,7 +168,8 @@ def param_groups(model: SAMCLIP, cfg: TrainConfig):
         for decay in (True, False):
             chosen = [p for p in params if (id(p) in decayed) == decay]
             if chosen:
-                groups.append({"params": chosen, "base_lr": lr, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+                groups.append({"params": chosen, "base_lr": lr, "lr": lr,
+                               "weight_decay": cfg.weight_decay if decay else 0.0})
     return groups
 
 
@@ -220,7 +234,8 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     # find_unused_parameters; probe/adapt wrap only HeadCLIP's parameters this way.
     if world > 1:
         student = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else contextlib.nullcontext)
 
     def save(done=False):
         if rank == 0:
@@ -240,7 +255,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     clip_stream = data.stream(clip_loader, clip_sampler, step * cfg.accum_steps, cfg.epochs)
     sam_stream = data.stream(sam_loader, sam_sampler, step * cfg.accum_steps) if uses_sam else None
     bar = tqdm(total=last, initial=step, disable=rank != 0, desc=cfg.stage, dynamic_ncols=True, mininterval=2)
-    epoch, tally = None, EpochTally()
+    epoch, tally = None, data.EpochTally()
     while step < last:
         t0, logs, n_clip, n_sam = time.time(), {}, 0, 0
         # the learning rate of this step
@@ -251,7 +266,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
             batch_epoch, clip_batch = next(clip_stream)
             if batch_epoch != epoch:
                 end_epoch(epoch, tally)
-                epoch, tally = batch_epoch, EpochTally()
+                epoch, tally = batch_epoch, data.EpochTally()
             tally.count(clip_batch)
             clip_batch = data.to_device(clip_batch, device)
             sam_batch = data.to_device(next(sam_stream)[1], device) if uses_sam else None
@@ -275,7 +290,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         bar.update(1)
         # one metrics line with every loss term, the lr and the step time
         if step % cfg.log_every == 0 or step == last:
-            vals = {k: all_mean(v, world) for k, v in logs.items()}
+            vals = {k: all_ranks(v, world, device) for k, v in logs.items()}
             dt = time.time() - t0
             rec = {"stage": cfg.stage, "step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"], **vals,
                    "grad_norm": float(grad_norm), "resolution": clip_batch["student"].shape[-1], "step_time": dt,
@@ -285,7 +300,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
                 with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
         # checkpoint; on SIGTERM/SIGINT (any rank) all ranks save and leave together
-        stopping = agree(stop["signal"] is not None, world, device)
+        stopping = all_ranks(stop["signal"] is not None, world, device, "max") > 0   # any rank asked
         if step % cfg.save_every == 0 or stopping:
             save()
         if stopping:
@@ -306,49 +321,17 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
 
 # ----------------------------------------------------------------------------- bookkeeping
 
-@dataclass
-class EpochTally:
-    """This rank's D_CLIP images in the current epoch: how many it saw, how many were unreadable, which."""
-    seen: int = 0
-    unreadable: int = 0
-    unreadable_paths: list = field(default_factory=list)
-
-    def count(self, clip_batch):
-        self.seen += len(clip_batch["ok"])
-        self.unreadable += int((~clip_batch["ok"]).sum())
-        self.unreadable_paths += clip_batch["bad_paths"]
-
-    def report(self, epoch, rank, world, device):
-        """At the end of an epoch: how many unreadable images were skipped (all ranks), and which.
-        -> True if not one image of the epoch was readable."""
-        unreadable, seen = (int(all_mean(torch.tensor(float(x), device=device), world) * world + 0.5)  # sums
-                            for x in (self.unreadable, self.seen))
-        if unreadable:
-            print(f"[train] epoch {epoch}: skipped {unreadable} unreadable image(s) "
-                  f"(rank {rank} saw: {self.unreadable_paths[:5]})", flush=True)
-        return unreadable == seen > 0
-
-
 def log0(rank, msg):
     if rank == 0:
         print(f"[train] {msg}", flush=True)
 
 
-def all_mean(t, world):
+def all_ranks(value, world, device, op="mean"):
+    """A float of this rank -> its mean ("mean") or maximum ("max") over all ranks, on every rank."""
+    t = torch.tensor([float(value)], device=device)
     if world > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= world
-    return float(t)
-
-
-def agree(flag, world, device):
-    """True on every rank if any rank was asked to stop, so all of them save and leave together."""
-    if world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.item() / (world if op == "mean" else 1)
 
 
 def trim_metrics(cfg, step, rank):
@@ -356,8 +339,7 @@ def trim_metrics(cfg, step, rank):
     path = os.path.join(cfg.out, "metrics.jsonl")
     if rank != 0 or not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+    lines = [json.loads(line) for line in open(path) if line.strip()]
     keep = [r for r in lines if r["stage"] != cfg.stage or r["step"] <= step]
     if len(keep) != len(lines):
         with open(path, "w") as f:
@@ -387,9 +369,10 @@ def parse_args(argv=None):
                                             f"Per stage (App. A): {rows}.")
     p.add_argument("--stage", default="all", choices=["probe", "distill", "adapt", "all"],
                    help="training stage; 'all' runs probe, distill and adapt in order (default all)")
-    p.add_argument("--preset", default="vit_b", choices=["vit_b", "tiny"],
-                   help="vit_b: the paper's model, official weights; tiny: CPU run, no weights or data (default vit_b)")
-    p.add_argument("--out", default=d.out, help=f"folder for checkpoints, metrics.jsonl and samclip.pt (default {d.out})")
+    p.add_argument("--preset", default="vit_b", choices=["vit_b", "toy", "tiny"],
+                   help="vit_b: the paper's model, official weights; toy: the shipped toy teachers, toy-world data; "
+                        "tiny: random teachers, seconds (tests) (default vit_b)")
+    p.add_argument("--out", default=d.out, help=f"folder for checkpoints, metrics.jsonl, samclip.pt (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--sam-checkpoint", help="official SAM ViT-B file, e.g. sam_vit_b_01ec64.pth")
     p.add_argument("--clip-checkpoint", help="official OpenCLIP ViT-L/14 file (.bin or .safetensors)")
@@ -399,15 +382,16 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="epochs over D_CLIP (default: the stage's, above)")
     p.add_argument("--max-steps", type=int, help="stop a stage after this many optimizer steps (smoke runs)")
     p.add_argument("--lr", type=float, help="HeadCLIP learning rate (default: the stage's, above)")
-    p.add_argument("--backbone-lr-ratio", type=float, help=f"backbone, mask-decoder lr / HeadCLIP lr ({d.backbone_lr_ratio})")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on linear/conv weights (default {d.weight_decay})")
-    p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps before the cosine decay (default {d.warmup_steps})")
-    p.add_argument("--clip-batch", type=int, help=f"global D_CLIP batch at the smallest resolution (default {d.clip_batch})")
-    p.add_argument("--resolutions", type=int, nargs="+", help="D_CLIP student sides in px, one per step (default: above)")
-    p.add_argument("--teacher-size", type=int, help="CLIP teacher input side (default: its native one, 224 for ViT-L/14)")
+    p.add_argument("--backbone-lr-ratio", type=float,
+                   help=f"backbone and mask-decoder lr / HeadCLIP lr (default {d.backbone_lr_ratio})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW decay of linear/conv weights (default {d.weight_decay})")
+    p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps, then cosine (default {d.warmup_steps})")
+    p.add_argument("--clip-batch", type=int, help=f"global D_CLIP batch at the smallest side (default {d.clip_batch})")
+    p.add_argument("--resolutions", type=int, nargs="+", help="D_CLIP student sides, px, one per step (default: above)")
+    p.add_argument("--teacher-size", type=int, help="CLIP teacher input side (default: native, 224 for ViT-L/14)")
     p.add_argument("--sam-batch", type=int, help=f"global D_SAM images per step (default {d.sam_batch})")
     p.add_argument("--masks-per-image", type=int, help=f"prompts per D_SAM image (default {d.masks_per_image})")
-    p.add_argument("--sam-rounds", type=int, help=f"SAM's interactive prompt rounds (App. A: 11; default {d.sam_rounds})")
+    p.add_argument("--sam-rounds", type=int, help=f"SAM's interactive prompt rounds (App. A: 11; here {d.sam_rounds})")
     p.add_argument("--lam", type=float, help=f"weight of L_SAM in L_CLIP + lam * L_SAM (default {d.lam:g})")
     p.add_argument("--grad-clip", type=float, help=f"max gradient norm (default {d.grad_clip})")
     p.add_argument("--accum-steps", type=int, help=f"micro-batches per optimizer step (default {d.accum_steps})")
@@ -432,8 +416,13 @@ def main(argv=None):
     if existing and not args.resume:
         raise SystemExit(f"train.py: --out {args.out} already holds checkpoints ({', '.join(existing)}); "
                          "pass --resume to continue them or choose another --out")
-    if args.preset == "tiny" and not (args.clip_data and args.sam_data):
-        args.clip_data, args.sam_data = data.make_synthetic_data(os.path.join(args.out, "data"), seed=args.seed or 0)
+    if args.preset in BUILTIN and not (args.clip_data and args.sam_data):
+        sizes, root = BUILTIN[args.preset], os.path.join(args.out, "data")
+        if env["rank"] == 0:   # the others wait for the files
+            layouts.write_training_set(root, sizes["clip_images"], sizes["sam_images"], seed=args.seed or 0)
+        if dist.is_initialized():
+            dist.barrier()
+        args.clip_data, args.sam_data = os.path.join(root, "clip"), os.path.join(root, "sa1b")
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))

@@ -57,6 +57,9 @@ PRESETS = {
     "vit_h": ViTDetConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
     "tiny": ViTDetConfig(img_size=160, embed_dim=64, depth=4, num_heads=4, out_chans=32, window_size=4,
                          global_attn_indexes=(1, 3)),
+    # the toy SAM teacher (toy/teachers.py, toy/weights/toy_sam.pth): 256 px, a 16 x 16 grid, head dim 32
+    "toy": ViTDetConfig(img_size=256, embed_dim=128, depth=4, num_heads=4, out_chans=128, window_size=8,
+                        global_attn_indexes=(1, 3)),
 }
 
 

@@ -17,9 +17,13 @@ per class, S the encoder's native input side, H W the original image size.
 """
 
 import math
+import os
+import textwrap
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import clip
 import data
@@ -251,3 +255,63 @@ def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=No
     confidence = torch.stack([probs[k][labels == k].mean() if (labels == k).any() else probs.new_zeros(())
                               for k in range(K)])                                # (K,)
     return {"probs": probs.float().cpu(), "labels": labels.cpu(), "confidence": confidence.float().cpu()}
+
+
+# ----------------------------------------------------------------------------- pictures
+
+# One colour per label for every picture the repository draws (the demo's overlay, evaluate.py's
+# --visualize panels, the toy world's figures): matplotlib's tab10 first, then fixed random colours;
+# 255, the "ignore" label of segmentation maps, is white.
+_TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = np.concatenate([np.array(_TAB10, np.uint8), np.random.default_rng(0).integers(0, 256, (246, 3), np.uint8)])
+PALETTE[255] = 255
+
+
+def paint(img, labels, alpha=0.55):
+    """The one overlay painter: RGB PIL image (W, H) and integer labels (H, W) -> a new RGB image
+    in which every pixel of label k >= 0 is blended with PALETTE[k] (alpha: the colour's weight);
+    label -1 leaves the pixel as it is."""
+    rgb = np.asarray(img, dtype=np.float32).copy()                           # (H, W, 3)
+    lab = np.asarray(labels, dtype=np.int64)
+    on = lab >= 0
+    rgb[on] = (1 - alpha) * rgb[on] + alpha * PALETTE[lab[on] % 256]         # (n, 3) painted pixels
+    return Image.fromarray(rgb.round().astype(np.uint8))
+
+
+def colorize(labels):
+    """(H, W) integer labels -> an RGB PIL image, label k in PALETTE[k]."""
+    return Image.fromarray(PALETTE[np.asarray(labels, dtype=np.int64) % 256])
+
+
+def overlay(img, masks):
+    """Bool instance masks (N, H, W) painted onto an RGB image, instance i in colour i (a later mask
+    over an earlier one)."""
+    labels = np.full(np.shape(masks)[1:], -1, np.int64)                     # (H, W), -1: no instance
+    for i, mk in enumerate(np.asarray(masks, dtype=bool)):
+        labels[mk] = i
+    return paint(img, labels)
+
+
+def text_panel(text, size=(256, 256)):
+    im = Image.new("RGB", size, "white")
+    ImageDraw.Draw(im).multiline_text((8, 8), textwrap.fill(text, 36), fill="black")
+    return im
+
+
+def panels_row(panels, titles, height=256):
+    """Panels (PIL images) scaled to one height, side by side, a title strip above each -> RGB image."""
+    panels = [p.resize((max(1, round(p.width * height / p.height)), height), Image.NEAREST) for p in panels]
+    canvas = Image.new("RGB", (sum(p.width for p in panels), height + 20), "white")
+    x = 0
+    for p, t in zip(panels, titles):
+        canvas.paste(p.convert("RGB"), (x, 20))
+        ImageDraw.Draw(canvas).text((x + 4, 4), t[:48], fill="black")
+        x += p.width
+    return canvas
+
+
+def save_panels(path, panels, titles=("image", "prediction", "ground truth"), height=256):
+    """panels_row saved as `path` (its folder created)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    panels_row(panels, titles, height).save(path)

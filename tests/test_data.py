@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import clip
-import data
 from data import (SA1B, SAM_PIXEL_MEAN, SAM_PIXEL_STD, CLIPImages, FixedBatchSampler, VariableResolutionSampler,
                   collate, collate_sam, list_images, rle_decode, rle_encode)
 
@@ -331,20 +330,6 @@ def test_fixed_sampler_ranks_and_no_drop_last():
     assert [len(x) for x in v] == [len(x) for x in v0]
 
 
-def test_synthetic_set_loads_end_to_end(tmp_path):
-    from data import make_synthetic_data
-    clip_dir, sam_dir = make_synthetic_data(str(tmp_path), seed=0, num_clip=6, num_sam=4)
-    assert len(CLIPImages(clip_dir)) == 6
-    ds = SA1B(sam_dir, img_size=64, masks_per_image=3)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=FixedBatchSampler(len(ds), 2), collate_fn=collate_sam)
-    batches = list(loader)
-    assert len(batches) == 2 and all(b["ok"].all() and b["image"].shape == (2, 3, 64, 64) for b in batches)
-    assert all((b["num_prompts"] >= 1).all() and b["valid"].sum() == b["num_prompts"].sum() for b in batches)
-    before = {p: os.path.getmtime(p) for p in CLIPImages(clip_dir).paths}
-    make_synthetic_data(str(tmp_path), seed=0, num_clip=6, num_sam=4)        # existing files are kept
-    assert before == {p: os.path.getmtime(p) for p in CLIPImages(clip_dir).paths}
-
-
 def test_sa1b_low_res_gt_masks_in_the_padded_frame(sa1b_root):
     # 200 x 100 image -> 160 x 80 in the 160 px frame (x 0.8); SAM's low-res grid is 40 x 40, 4 px a cell.
     # Cell (r, c) is the original pixel under its centre ((c + 0.5) * 4, (r + 0.5) * 4) / 0.8, i.e.
@@ -397,13 +382,3 @@ def test_native_resolution_student_sees_sam_padding_teacher_a_square(tmp_path):
         # below the native side the crop is squashed to a square, no padding
         squashed = normalize_sam(to_tensor(img.resize((20, 20), Image.BICUBIC, box=box)))
         assert torch.allclose(ds[(i, 20, 0)]["student"], squashed)
-
-
-def test_paint_blends_each_label_and_leaves_minus_one():
-    img = Image.fromarray(np.full((2, 2, 3), 100, np.uint8))
-    out = np.asarray(data.paint(img, np.array([[0, -1], [1, 255]]), alpha=0.5)).astype(int)
-    assert out[0, 1].tolist() == [100, 100, 100]                          # -1: untouched
-    assert out[0, 0].tolist() == [66, 110, 140]                           # (100 + tab10 blue (31, 119, 180)) / 2, rounded
-    assert out[1, 0].tolist() == [178, 114, 57]                           # tab10 orange (255, 127, 14)
-    assert out[1, 1].tolist() == [178, 178, 178]                          # 255: white
-    assert np.asarray(data.colorize(np.array([[2]])))[0, 0].tolist() == [44, 160, 44]

@@ -15,6 +15,7 @@ import data
 import evaluate as ev
 import model
 import vit_det
+import zero_shot
 from conftest import FIXTURES
 
 
@@ -76,7 +77,7 @@ def root(tmp_path_factory):
         lab[5:20, 5:25], lab[22:, :10] = 1, 15
         lab[[0, -1], :], lab[:, [0, -1]] = 255, 255
         png = Image.fromarray(lab, mode="P")
-        png.putpalette(data.PALETTE.reshape(-1).tolist())
+        png.putpalette(zero_shot.PALETTE.reshape(-1).tolist())
         png.save(r / "voc" / "SegmentationClass" / f"2007_{i:06d}.png")
     (r / "voc" / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000000\n2007_000001\n2007_000002\n")
     # generic: one-channel labels over 3 named classes, a few ignored pixels

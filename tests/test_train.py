@@ -18,6 +18,7 @@ import heads
 import losses
 import train
 from conftest import ROOT
+from toy import layouts
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -34,7 +35,10 @@ def metrics(out):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    return data.make_synthetic_data(str(tmp_path_factory.mktemp("data")))
+    """The tiny preset's own data (train.builtin_data): 24 D_CLIP and 6 SA-1B toy scenes."""
+    root = str(tmp_path_factory.mktemp("data"))
+    clip_dir = layouts.write_clip_images(os.path.join(root, "clip"), 24)
+    return os.path.join(clip_dir, "images"), layouts.write_sa1b(os.path.join(root, "sa1b"), 6)   # images only
 
 
 def test_lr_schedule_hand_values():

@@ -1,0 +1,169 @@
+# python -m pytest tests/test_toy_teachers.py -q
+"""toy/teachers.py and the shipped toy teachers: the files load through the official loaders as the
+"toy" presets, hold exactly the official key sets, and work (better than random weights, on
+heldout-hand scenes); the training loops learn and reach every parameter; duplicate captions are
+positives of each other in the contrastive loss."""
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import clip
+import heads
+import vit_det
+import weights
+import toy
+from conftest import meta_state_dict
+from toy import quality, teachers
+from toy.drawing import CLASSES
+
+SAM_PATH, CLIP_PATH = toy.SAM_WEIGHTS, toy.CLIP_WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def toy_sam():
+    sd = weights.read_state_dict(SAM_PATH)
+    return vit_det.load_sam_encoder(sd, source=SAM_PATH), heads.load_sam_head(sd, source=SAM_PATH)
+
+
+@pytest.fixture(scope="module")
+def toy_clip():
+    return clip.load_clip(CLIP_PATH)
+
+
+# ----------------------------------------------------------------------------- the shipped files
+
+def block_agnostic(keys):
+    """Official keys with block indices replaced by '#', so a 4-block and a 12-block file compare."""
+    return {re.sub(r"((?:^|\.)(?:blocks|resblocks)\.)\d+\.", r"\1#.", k) for k in keys}
+
+
+def test_shipped_files_have_the_official_key_sets_in_float16():
+    sam = torch.load(SAM_PATH, map_location="cpu", weights_only=True)
+    assert block_agnostic(sam) == block_agnostic(meta_state_dict("sam_vit_b_keys.tsv"))
+    cl = torch.load(CLIP_PATH, map_location="cpu", weights_only=True)
+    assert block_agnostic(cl) == block_agnostic(meta_state_dict("openclip_vit_l_14_keys.tsv"))
+    assert {v.dtype for v in [*sam.values(), *cl.values()]} == {torch.float16}
+    # untrained token rows are zero; the tokens of the class names are not
+    rows = cl["token_embedding.weight"].float().abs().sum(1)
+    assert 100 < int((rows > 0).sum()) < 2000
+    for name in CLASSES:
+        assert all(rows[t] > 0 for t in clip.get_tokenizer().encode(name)), name
+
+
+def test_shipped_files_load_as_the_toy_presets(toy_sam, toy_clip):
+    encoder, head = toy_sam
+    assert weights.match_preset(encoder.cfg, vit_det.PRESETS) == "toy"
+    assert weights.match_preset(head.cfg, heads.SAM_HEAD_PRESETS) == "toy"
+    assert weights.match_preset(toy_clip.config, clip.PRESETS) == "toy"
+    sd = weights.read_state_dict(CLIP_PATH)
+    assert clip.clip_config_from_state_dict(sd)[1] == "toy"
+
+
+def test_shipped_toy_sam_segments_heldout_boxes(toy_sam):
+    scenes = quality.heldout_scenes(3, seed=123)
+    shipped = quality.sam_scores(*toy_sam, scenes)
+    torch.manual_seed(0)
+    random = quality.sam_scores(vit_det.build_vit_det("toy").eval(), heads.build_head_sam("toy").eval(), scenes)
+    assert shipped["box_miou"] > 0.6 and random["box_miou"] < 0.3, (shipped, random)
+    assert shipped["point_miou"] > random["point_miou"] + 0.2, (shipped, random)
+
+
+def test_shipped_toy_clip_names_clear_crops(toy_clip):
+    crops, labels = quality.dominated_crops(2, seed=123)                        # 16 crops, 2 per class
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(toy_clip.encode_image(quality.clip_input(crops, 64)), dim=-1)
+        text = quality.class_embeddings(toy_clip, CLASSES, templates=("a drawing of a {}.", "a picture of the {}."))
+    accuracy = ((image @ text.t()).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.5, accuracy                                              # chance: 1/8
+
+
+# ----------------------------------------------------------------------------- the training loops
+
+TINY = replace(teachers.TeacherConfig(), sam_steps=2, sam_images=2, sam_prompts=4, sam_rounds=2, sam_pool=2,
+               sam_fresh=1, clip_steps=2, clip_batch=8, clip_pool=2, clip_fresh=1, weight_decay=0.0, warmup=1)
+
+
+def test_sam_recipe_learns_and_reaches_every_parameter():
+    # a fixed batch of tiny scenes, a few steps: the loss falls, and one backward reaches every
+    # parameter (box and point prompts, the 3 multimask tokens, positive and negative error points,
+    # the mask prompt's convolutions)
+    torch.manual_seed(0)
+    encoder, head = vit_det.build_vit_det("tiny"), heads.build_head_sam("tiny")
+    model = torch.nn.ModuleDict({"encoder": encoder, "head": head})
+    pool = teachers.ScenePool(3, lambda s: teachers.sam_scene(s, 160), np.random.default_rng(0))
+    generator = torch.Generator().manual_seed(0)
+    batch = teachers.sam_prompts(pool.sample(3), 16, generator)
+    assert batch["is_box"].any() and not batch["is_box"].all()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    history, reached = [], set()
+    for step in range(4):
+        loss, parts = teachers.sam_round_losses(head, encoder(batch["image"]), batch, 3,
+                                                torch.Generator().manual_seed(1))
+        opt.zero_grad()
+        loss.backward()
+        reached |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        opt.step()
+        history.append(loss.item())
+    assert np.isfinite(history).all() and history[-1] < history[0], history
+    # every parameter, except that a multimask output's hypernetwork learns only when its mask is
+    # the best of the 3 (SAM's min-loss rule; here, at initialisation, one of them never wins)
+    multimask = re.compile(r"output_hypernetworks_mlps\.[123]\.")
+    assert {n for n, _ in model.named_parameters() if not multimask.search(n)} <= reached
+    assert any(multimask.search(n) for n in reached)
+
+
+def test_train_sam_and_train_clip_run_and_move_every_parameter():
+    # the whole loops, two steps on tiny presets and no weight decay: a tensor moves only by a gradient
+    encoder, head = teachers.train_sam(TINY, "tiny", "tiny", log=lambda _: None)
+    torch.manual_seed(TINY.seed)
+    start = dict(vit_det.build_vit_det("tiny").named_parameters())
+    assert not encoder.training and all(not torch.equal(p, start[n]) for n, p in encoder.named_parameters())
+    model, seen = teachers.train_clip(TINY, "tiny", log=lambda _: None)
+    torch.manual_seed(TINY.seed)
+    start = dict(clip.build_clip("tiny").named_parameters())
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+    assert 10 < int(seen.sum()) < 200                                             # the captions' tokens only
+    moved = (model.text.token_embedding.weight != start["text.token_embedding.weight"]).any(1)
+    assert torch.equal(moved, seen)
+
+
+def plain_infonce(image, text, scale):
+    logits = scale.exp() * image @ text.t()
+    labels = torch.arange(len(image))
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels))
+
+
+def test_duplicate_captions_are_interchangeable_positives():
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    scale = torch.tensor(2.0)
+    captions = ["grass", "a red car", "grass", "the sky"]
+    # two copies of a caption are positives of both images: swapping them changes nothing
+    ours = teachers.contrastive_loss(image, text, scale, captions)
+    torch.testing.assert_close(teachers.contrastive_loss(image, text[[2, 1, 0, 3]], scale, captions), ours)
+    assert not torch.allclose(plain_infonce(image, text[[2, 1, 0, 3]], scale), plain_infonce(image, text, scale))
+    # the text tower embeds equal captions equally; then the loss is plain InfoNCE, value and gradient
+    text[2] = text[0]
+    torch.testing.assert_close(teachers.contrastive_loss(image, text, scale, captions), plain_infonce(image, text, scale))
+    torch.testing.assert_close(teachers.contrastive_loss(image, text, scale, ["a", "b", "c", "d"]),
+                               plain_infonce(image, text, scale))
+
+
+def test_saved_layouts_round_trip_through_the_loaders():
+    torch.manual_seed(0)
+    encoder, head = vit_det.build_vit_det("tiny").eval(), heads.build_head_sam("tiny").eval()
+    sd = teachers.sam_state_dict(encoder, head)
+    assert weights.match_preset(vit_det.load_sam_encoder(sd, verbose=False).cfg, vit_det.PRESETS) == "tiny"
+    loaded = heads.load_sam_head(sd, verbose=False)
+    for name, p in head.state_dict().items():                                     # float16 storage
+        torch.testing.assert_close(loaded.state_dict()[name], p, atol=2e-3, rtol=1e-3)
+    model = clip.build_clip("tiny").eval()
+    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    seen[[49406, 49407, 320]] = True
+    back = clip.load_clip(teachers.clip_state_dict(model, seen))
+    assert back.text.token_embedding.weight.abs().sum(1).nonzero().flatten().tolist() == [320, 49406, 49407]
+    torch.testing.assert_close(back.visual.proj, model.visual.proj, atol=2e-3, rtol=1e-3)
