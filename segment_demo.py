@@ -3,9 +3,10 @@
     python segment_demo.py assets/example.jpg "house" "tree" "sky"                # sam mode
     python segment_demo.py assets/example.jpg "house" "tree" --mode clip --out out/clip_demo
 
-The default checkpoint, runs/tiny/samclip.pt, is what `python train.py --preset tiny --out
-runs/tiny` writes (a tiny model trained for a minute on a CPU: it shows the pipeline, not the
-paper's quality); give a trained merged model with --checkpoint.
+The default checkpoint, runs/toy/samclip.pt, is what the README's main job `python train.py --preset
+toy --out runs/toy` writes (SAM-CLIP merged from the shipped toy teachers in a few CPU minutes: it
+segments toy-world scenes such as assets/example.jpg by the words sky, sun, cloud, grass, road,
+house, tree and car); give a merged model trained from the real SAM and CLIP with --checkpoint.
 
 Two modes, both implemented in zero_shot.py (`zero_shot.segment_by_text`); this script only reads the
 inputs, calls it and writes the pictures:
@@ -45,7 +46,7 @@ import weights
 import zero_shot
 from model import SAMCLIP
 
-DEFAULT_CHECKPOINT = os.path.join("runs", "tiny", "samclip.pt")
+DEFAULT_CHECKPOINT = os.path.join("runs", "toy", "samclip.pt")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Segment an image by text prompts with a merged SAM-CLIP model.")
     p.add_argument("image", help="any image PIL opens (grayscale, RGBA, palette, 16-bit, EXIF-rotated)")
@@ -73,8 +74,8 @@ def slug(text, n=40):
 def load_model(path, device):
     if path == DEFAULT_CHECKPOINT and not os.path.isfile(path):
         raise weights.CheckpointError(
-            f"no checkpoint at the default {path}: make the tiny one with `python train.py --preset tiny "
-            f"--out runs/tiny`, or train a real one (see README) and pass it with --checkpoint")
+            f"no checkpoint at the default {path}: make the toy one with `python train.py --preset toy "
+            f"--out runs/toy`, or train a real one (see README) and pass it with --checkpoint")
     return SAMCLIP.load(path).to(device)
 
 

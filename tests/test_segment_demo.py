@@ -135,10 +135,10 @@ def test_missing_and_wrong_checkpoints(good_image, tmp_path, capsys, monkeypatch
     assert segment_demo.main([good_image, "cat", "--checkpoint", sam]) == 2
     line = one_error_line(capsys)
     assert sam in line and "SAM-CLIP" in line
-    monkeypatch.chdir(tmp_path)                                          # no runs/tiny/samclip.pt here
+    monkeypatch.chdir(tmp_path)                                          # no runs/toy/samclip.pt here
     assert segment_demo.main([good_image, "cat"]) == 2
     line = one_error_line(capsys)
-    assert "runs/tiny/samclip.pt" in line and "python train.py --preset tiny --out runs/tiny" in line
+    assert "runs/toy/samclip.pt" in line and "python train.py --preset toy --out runs/toy" in line
 
 
 def test_slug():

@@ -96,3 +96,27 @@ def test_abs_pos_resize_rule_keeps_smooth_tables_and_does_not_alias():
     plain = torch.nn.functional.interpolate(checker[None], size=(28, 28), mode="bicubic", align_corners=False)
     assert plain.abs().mean() > 0.3                                                 # what plain bicubic does
     assert enc.abs_pos(28, 28).abs().mean() < 0.05
+
+
+def test_attention_in_query_runs_equals_the_full_bias(monkeypatch):
+    """Queries in runs of QUERY_CHUNK (here 7: runs that cross grid rows and a ragged last run) give
+    the attention of the full (N, N) bias, written out independently: softmax(q.k / sqrt(hd) +
+    q.Rh[i, k] + q.Rw[j, l]) v, as SAM's Attention computes it."""
+    torch.manual_seed(0)
+    attn = vit_det.Attention(dim=16, num_heads=2, rel_pos_size=5)
+    torch.nn.init.normal_(attn.rel_pos_h), torch.nn.init.normal_(attn.rel_pos_w)
+    x = torch.randn(2, 5, 4, 16)                                     # (B, H, W, C): N = 20 tokens
+    monkeypatch.setattr(vit_det, "QUERY_CHUNK", 7)
+    ours = attn(x)
+    B, H, W, C = x.shape
+    q, k, v = attn.qkv(x).reshape(B, H * W, 3, 2, C // 2).permute(2, 0, 3, 1, 4)   # 3 x (B, nh, N, hd)
+    Rh, Rw = vit_det.get_rel_pos(H, H, attn.rel_pos_h), vit_det.get_rel_pos(W, W, attn.rel_pos_w)
+    bias = torch.zeros(B, 2, H * W, H * W)
+    for i in range(H):
+        for j in range(W):
+            for kk in range(H):
+                for ll in range(W):
+                    bias[:, :, i * W + j, kk * W + ll] = (q[:, :, i * W + j] * (Rh[i, kk] + Rw[j, ll])).sum(-1)
+    weights = (q @ k.transpose(-1, -2) / (C // 2) ** 0.5 + bias).softmax(-1)
+    reference = attn.proj((weights @ v).transpose(1, 2).reshape(B, H, W, C))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)

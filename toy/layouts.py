@@ -172,9 +172,14 @@ def write_all(root, seed=0, sizes=None):
 
 def write_training_set(root, clip_images, sam_images, seed=0):
     """D_CLIP and D_SAM of train.py's built-in presets, in the train hand: root/clip (images and
-    captions.json; data.CLIPImages reads the images) and root/sa1b. Same seed, same bytes."""
+    captions.json; data.CLIPImages reads the images) and root/sa1b. Same seed, same bytes; a set
+    already complete (root/written.json) is kept."""
+    marker, spec = os.path.join(root, "written.json"), {"clip": clip_images, "sa1b": sam_images, "seed": seed}
+    if os.path.isfile(marker) and json.load(open(marker)) == spec:   # written before (a resumed run)
+        return
     write_clip_images(os.path.join(root, "clip"), clip_images, seed, "train")
     write_sa1b(os.path.join(root, "sa1b"), sam_images, seed, "train")
+    write_json(marker, spec)                                      # last: a set cut off midway is redrawn
 
 
 def main(argv=None):
