@@ -20,15 +20,14 @@ Run (every flag has --help):
   python evaluate.py semseg   --checkpoint m.pt --data ade/ --layout generic [--refine sam]
   python evaluate.py instseg  --checkpoint m.pt --data coco_val/ [--detections dets.json] [--save-predictions p.json]
   python evaluate.py probe    --checkpoint m.pt --data voc_generic/ --task seg --features sam --sam-checkpoint s.pth
-Every data subcommand also takes --limit N, --batch-size, --visualize K (K side-by-side PNGs
-"image | prediction | ground truth" in <out stem>_vis/ next to the JSON), --device and --seed.
+Every subcommand also takes --limit N, --batch-size, --visualize K (K PNGs "image | prediction | ground
+truth" in <out stem>_vis/ next to the JSON), --device, --dtype and --seed.
 
 Dataset layouts: README ("Evaluation") and the read_* functions; a missing part is reported in one
 line naming it (exit code 2). Choices the paper leaves open are stated where they are made (to_labels,
 cmd_semseg, cmd_instseg, metrics.match_detections, cmd_probe).
 
-Resolutions are in the paper's pixels for the 1024 px vit_b model; smaller presets scale them (`scaled`):
-the tiny preset (160 px native) reads 448 as 80 and 336 as 64.
+Resolutions are in the paper's pixels for the 1024 px vit_b model; smaller presets scale them (`scaled`).
 
 Shape legend: B batch, K classes, D embedding size, h w HeadCLIP / SAM grid, H W label (original
 image) size, S the encoder's native side, N prompts (boxes) or texts, G ground-truth objects.
@@ -406,9 +405,8 @@ def cmd_instseg(args):
     encoder forward per batch, then every box of an image through HeadSAM in one decoder call.
     Mask AP by COCOeval's rules (segm, all areas, 100 detections per image and category), crowd
     regions as ignored ground truth. --save-predictions writes one mask per prompt as a COCO results
-    JSON, so pycocotools' COCOeval (or the LVIS API, for LVIS) can score the same masks. With
-    ground-truth boxes: one mask per object, ranked by HeadSAM's predicted IoU. Polygons are filled
-    by PIL, whose boundary pixels differ slightly from pycocotools' (RLE gives COCOeval's AP exactly)."""
+    JSON for COCOeval (or the LVIS API). Ground-truth boxes: one mask per object, ranked by HeadSAM's
+    predicted IoU. PIL fills polygons (pycocotools' boundary pixels differ; RLE gives its AP exactly)."""
     images, anns, cats, lvis = read_instances(args.data, args.annotations, allow_lvis=bool(args.save_predictions))
     images = images[:args.limit] if args.limit else images
     dets = None
@@ -603,6 +601,7 @@ def main(argv=None):
         p.add_argument("--visualize", type=int, default=0, help="save K PNGs: image | prediction | ground truth")
         p.add_argument("--device", default=dev, help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--seed", type=int, default=0, help="seed of every random choice (point prompts, probe split)")
+        p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (model.autocast)")
         if res is not None:
             p.add_argument("--resolution", type=int, default=res,
                            help=f"input side in the paper's pixels (default {res})")
@@ -640,7 +639,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the linear layer")
     args = ap.parse_args(argv)
     try:
-        return args.func(args)
+        with model.autocast(args.device, args.dtype):
+            return args.func(args)
     except (LayoutError, data.ImageError, weights.CheckpointError, ValueError) as e:
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -130,14 +130,15 @@ class SAMCLIP(nn.Module):
     @classmethod
     def load(cls, path):
         """A merged checkpoint written by `save`, in eval mode. A SAM or CLIP file gets a clear error."""
-        ckpt = weights.safe_load(path, "SAM-CLIP checkpoint")
+        ckpt = weights.safe_load(path, "SAM-CLIP checkpoint", mmap=True)   # read as the tensors are used
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "samclip":
             kind = weights.guess_kind(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
             raise weights.CheckpointError(f"{path}: expected a merged SAM-CLIP checkpoint (written by "
                                           f"SAMCLIP.save or train.py), but it is {kind}")
-        model = cls(SAMCLIPConfig.from_dict(ckpt["config"]))
+        with torch.device("meta"):   # shapes only: no random initialisation that the file would overwrite
+            model = cls(SAMCLIPConfig.from_dict(ckpt["config"]))
         weights.load_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
-                             path, "SAM-CLIP")
+                             path, "SAM-CLIP", assign=True)
         return model.eval()
 
 
@@ -152,6 +153,23 @@ def load_teachers(sam_checkpoint, clip_checkpoint, verbose=True):
     for teacher in teachers:
         teacher.requires_grad_(False).eval()
     return teachers
+
+
+def fast_bf16(device):
+    """Whether `device` runs bfloat16 matmuls faster than float32: a CUDA GPU of compute capability
+    >= 8 (Ampere and later), or a CPU with AMX or AVX-512 BF16 units (elsewhere bf16 is emulated,
+    slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def autocast(device, dtype):
+    """The context every inference entry point runs in: torch.autocast to bfloat16 on `device` for
+    dtype "bf16" (matmuls and convolutions in bf16; softmax, norms and losses stay fp32 by autocast's
+    own rules), a no-op for "fp32"."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 def build_samclip(preset="tiny", seed=0):

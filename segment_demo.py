@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import weights
 import zero_shot
-from model import SAMCLIP
+from model import SAMCLIP, autocast, fast_bf16
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "toy", "samclip.pt")
 def parse_args(argv=None):
@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.5,
                    help="sam mode: point prompts come from cells whose class probability exceeds this (App. C: 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the point-prompt draw (sam mode)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 where the hardware runs it fast (CUDA compute capability >= 8, CPUs with "
+                        "AMX or AVX-512 BF16), else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
     return p.parse_args(argv)
@@ -112,9 +115,11 @@ def main(argv=None):
     except ValueError as e:  # data.ImageError, weights.CheckpointError and prompt errors
         return fail(e)
 
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if fast_bf16(args.device) else "fp32")
     generator = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    out = zero_shot.segment_by_text(model, img, args.prompts, mode=args.mode, threshold=args.threshold,
+    with autocast(args.device, dtype):
+        out = zero_shot.segment_by_text(model, img, args.prompts, mode=args.mode, threshold=args.threshold,
                                         generator=generator)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -122,7 +127,9 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     labels, H, W = out["labels"], img.height, img.width                    # labels (H, W)
-    print(f"{args.image}: {W} x {H} px, {args.mode} mode, checkpoint {args.checkpoint}")
+    print(f"{args.image}: {W} x {H} px, {args.mode} mode, {dtype}"
+          f"{' (auto: fast bf16 on this hardware)' if args.dtype == 'auto' and dtype == 'bf16' else ''}, "
+          f"checkpoint {args.checkpoint}")
     for k, q in enumerate(args.prompts):
         mask = (labels == k).numpy()                                       # (H, W) bool
         path = os.path.join(args.out, f"mask_{k + 1}_{slug(q)}.png")

@@ -20,6 +20,7 @@ mechanics are the same for all of them and belong to none, so they live here onc
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import asdict
 
 import torch
@@ -75,14 +76,16 @@ def read_safetensors(path):
     return out
 
 
-def safe_load(path, what="checkpoint"):
+def safe_load(path, what="checkpoint", mmap=False):
     """torch.load(path, weights_only=True) with one-line errors: a missing file, a truncated one, or
-    a pickle that names anything but tensors and plain containers (refused before any of it runs)."""
+    a pickle that names anything but tensors and plain containers (refused before any of it runs).
+    mmap: the tensors stay in the file, mapped, and are read from disk when first touched (files
+    of torch.save's zip format; an old-format file is read whole)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: {what} file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError / EOFError for truncated zips
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot be read as a safe torch checkpoint ({first[:200]})") from None
@@ -155,10 +158,11 @@ def check_keys(module, state_dict, source, expected_kind):
         raise CheckpointError(f"{source}: not a complete {expected_kind} checkpoint: " + "; ".join(problems))
 
 
-def load_checked(module: nn.Module, state_dict, source, expected_kind):
-    """Check keys and shapes exactly, then load strictly. Returns the module."""
+def load_checked(module: nn.Module, state_dict, source, expected_kind, assign=False):
+    """Check keys and shapes exactly, then load strictly (assign: the tensors become the module's
+    own, for a module built on the meta device). Returns the module."""
     check_keys(module, state_dict, source, expected_kind)
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
     return module
 
 

@@ -84,3 +84,25 @@ def test_full_size_preset_shapes():
     assert cfg.head_clip.out_dim == 768 and cfg.head_clip.width == 768 and cfg.encoder.grid == 64
     n = lambda mod: sum(p.numel() for p in mod.parameters())
     assert 85e6 < n(m.encoder) < 95e6                        # SAM ViT-B image encoder, ~89.7M
+
+
+def test_bf16_autocast_stays_within_tolerance_of_fp32():
+    """model.autocast("cpu", "bf16") runs the encoder, both heads and the text tower in bfloat16 (8
+    mantissa bits): every output keeps a cosine >= 0.99 to fp32 and comes back in a float dtype
+    the rest of the pipeline reads; "fp32" changes nothing."""
+    m = samclip_model.build_samclip("tiny", seed=0)
+    x = torch.randn(1, 3, 160, 160)
+    points = (torch.tensor([[[40.0, 60.0]]]), torch.ones(1, 1, dtype=torch.long))
+    tokens = clip.tokenize(["a photo of a cat"], m.cfg.clip.context_length)
+    with torch.no_grad():
+        ref = {**m(x, points=points), "text": m.encode_text(tokens)}
+        with samclip_model.autocast("cpu", "fp32"):
+            same = m(x, points=points)
+        with samclip_model.autocast("cpu", "bf16"):
+            low = {**m(x, points=points), "text": m.encode_text(tokens)}
+    assert torch.equal(same["masks"], ref["masks"])
+    for key in ("clip_pooled", "clip_dense", "image_embeddings", "masks", "iou", "text"):
+        assert low[key].dtype in (torch.bfloat16, torch.float32)
+        cos = torch.nn.functional.cosine_similarity(low[key].float().flatten(), ref[key].flatten(), dim=0)
+        assert cos > 0.99, (key, cos.item())
+    assert low["clip_dense"].dtype == low["masks"].dtype == low["text"].dtype == torch.bfloat16   # it ran in bf16
