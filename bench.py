@@ -7,7 +7,8 @@ speed: one 1024 px SAM-CLIP forward serving both heads against SAM ViT-B plus th
 tower run separately (the paper's argument for merging), and the encoder alone at 1024 and 448 px.
 train-speed: one distill step (both frozen teachers via losses.teacher_targets, the student's CLIP and
 SAM branches over SAM's interactive rounds, backward, AdamW) per D_CLIP resolution, at constant
-pixels per batch as the variable-resolution sampler keeps them.
+pixels per batch as the variable-resolution sampler keeps them; then what one DataLoader worker
+decodes and augments per second, and so how many workers a rank needs to keep the step fed.
 
 Weights and inputs are random: speed does not depend on them, and no download is needed. Each row
 reports the median of --repeats timed runs after one warm-up, the parameter count and the peak
@@ -30,6 +31,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -42,6 +44,7 @@ import losses
 import model as samclip_model
 import train
 import vit_det
+from toy import layouts
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -208,6 +211,28 @@ def random_sam_batch(B, K, S, g, P=3):
     return batch
 
 
+def data_speed(preset, n=24):
+    """What one DataLoader worker delivers: D_CLIP samples (decode, random crop, student and teacher
+    views) and D_SAM samples (decode, SAM's resize + pad, every mask decoded for the prompts) per
+    second, in this process, on toy-world JPEGs written to a temporary folder (320 to 640 px; real
+    CC12M / SA-1B images are larger and slower to decode, so read it as an upper bound)."""
+    enc_name, _, clip_name = NAMES[preset]
+    S, T = vit_det.PRESETS[enc_name].img_size, clip.PRESETS[clip_name].image_size
+    with tempfile.TemporaryDirectory() as root:
+        layouts.write_training_set(root, n, n // 3)
+        rates = {}
+        for name, ds, items in (("clip", data.CLIPImages(os.path.join(root, "clip"), teacher_size=T),
+                                 [(i, vit_det.scaled_side(224, vit_det.PRESETS[enc_name]), 0) for i in range(n)]),
+                                ("sam", data.SA1B(os.path.join(root, "sa1b"), S, masks_per_image=32),
+                                 [(i, 0) for i in range(n // 3)])):
+            ds[items[0]]                                                     # warm-up
+            start = time.perf_counter()
+            for item in items:
+                ds[item]
+            rates[name] = len(items) / (time.perf_counter() - start)
+    return rates
+
+
 def cmd_train_speed(args):
     enc_cfg = vit_det.PRESETS[NAMES[args.preset][0]]
     header(args, f"train-speed: one distill step (teachers + student forward/backward + AdamW), {args.dtype} "
@@ -221,7 +246,12 @@ def cmd_train_speed(args):
                 "resolution": r, "clip_images": n}
         print(f"  {'':<58} {row['clip_img_per_s']:8.2f} D_CLIP img/s, {row['sam_img_per_s']:.2f} D_SAM img/s")
         rows.append(row)
-    return finish(args, {"rows": rows})
+    per_worker = data_speed(args.preset)
+    need = max(max(r["clip_img_per_s"] for r in rows) / per_worker["clip"],
+               rows[0]["sam_img_per_s"] / per_worker["sam"])                  # workers per rank to keep up
+    print(f"  data, one DataLoader worker (decode + augment): {per_worker['clip']:.1f} D_CLIP img/s, "
+          f"{per_worker['sam']:.1f} D_SAM img/s; the step needs about {need:.2f} workers per rank (--workers)")
+    return finish(args, {"rows": rows, "data_img_per_s_per_worker": per_worker, "workers_needed": need})
 
 
 # ----------------------------------------------------------------------------- command line

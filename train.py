@@ -40,7 +40,7 @@ import losses
 import toy
 import vit_det
 import weights
-from model import SAMCLIP, build_samclip, load_teachers
+from model import SAMCLIP, build_samclip, load_teachers, autocast as model_autocast
 from toy import layouts
 
 
@@ -87,6 +87,7 @@ class TrainConfig:
     log_every: int = 10               # optimizer steps between metrics lines
     save_every: int = 500             # optimizer steps between checkpoints
     workers: int = 8                  # DataLoader worker processes per rank
+    dtype: str = ""                   # fp32 | bf16 (autocast); "": bf16 on CUDA, fp32 on CPU
     cache_teacher: str = ""           # folder for cached CLIP-teacher embeddings (fixed crops per image)
 
 
@@ -198,8 +199,9 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     clip_ds.check_readable(min_images=cfg.clip_batch)   # else no step, or only placeholders, would train
     clip_sampler = data.VariableResolutionSampler(len(clip_ds), cfg.clip_batch // (world * cfg.accum_steps),
                                                   cfg.resolutions, None, world, rank, cfg.seed)
-    clip_loader = torch.utils.data.DataLoader(clip_ds, batch_sampler=clip_sampler, num_workers=cfg.workers,
-                                              collate_fn=data.collate, pin_memory=device.type == "cuda")
+    loader_args = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
+    clip_loader = torch.utils.data.DataLoader(clip_ds, batch_sampler=clip_sampler, collate_fn=data.collate,
+                                              **loader_args)
     cache = None
     if cfg.cache_teacher:
         meta = {"clip_data": os.path.abspath(cfg.clip_data), "n": len(clip_ds), "seed": cfg.seed,
@@ -208,15 +210,14 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     total = sum(len(clip_sampler.plan(e)) for e in range(cfg.epochs)) // cfg.accum_steps
     last = min(total, cfg.max_steps) if cfg.max_steps else total
     if uses_sam:
-        sam_ds = data.SA1B(cfg.sam_data, img_size=model.cfg.encoder.img_size, masks_per_image=cfg.masks_per_image,
-                           seed=cfg.seed)
+        sam_ds = data.SA1B(cfg.sam_data, model.cfg.encoder.img_size, cfg.masks_per_image, seed=cfg.seed)
         sam_sampler = data.FixedBatchSampler(len(sam_ds), cfg.sam_batch // (world * cfg.accum_steps), world, rank,
                                              cfg.seed)
         if not sam_sampler.drop_last:
             log0(rank, f"stage {cfg.stage}: --sam-data {cfg.sam_data} holds {len(sam_ds)} images, fewer than one "
                        f"D_SAM batch of {cfg.sam_batch // cfg.accum_steps}: every batch repeats images")
-        sam_loader = torch.utils.data.DataLoader(sam_ds, batch_sampler=sam_sampler, num_workers=cfg.workers,
-                                                 collate_fn=data.collate_sam, pin_memory=device.type == "cuda")
+        sam_loader = torch.utils.data.DataLoader(sam_ds, batch_sampler=sam_sampler, collate_fn=data.collate_sam,
+                                                 **loader_args)
 
     # --- model, optimizer, DDP
     set_trainable(model, cfg.stage)
@@ -229,13 +230,11 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         log0(rank, f"stage {cfg.stage}: resumed from {ckpt_path} at step {step}")
     trim_metrics(cfg, step, rank)
     student = losses.MultiTaskLoss(model, cfg.lam)
-    # Every parameter that requires grad is used in every step (the IoU and all mask tokens are
-    # distilled; frozen modules have requires_grad False and DDP ignores them), so DDP needs no
-    # find_unused_parameters; probe/adapt wrap only HeadCLIP's parameters this way.
+    # DDP without find_unused_parameters: every trainable parameter is used in every step (the IoU and
+    # all mask tokens are distilled; frozen ones have requires_grad False, so probe/adapt sync HeadCLIP's)
     if world > 1:
         student = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else contextlib.nullcontext)
+    autocast = lambda: model_autocast(device, cfg.dtype or ("bf16" if device.type == "cuda" else "fp32"))
 
     def save(done=False):
         if rank == 0:
@@ -399,6 +398,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, help=f"optimizer steps between metrics lines (default {d.log_every})")
     p.add_argument("--save-every", type=int, help=f"optimizer steps between checkpoints (default {d.save_every})")
     p.add_argument("--workers", type=int, help=f"DataLoader workers per rank (default {d.workers})")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--cache-teacher", help="folder to cache CLIP-teacher embeddings in (fixes each image's crop)")
     args = p.parse_args(argv)
     if args.resolutions:
