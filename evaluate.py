@@ -1,7 +1,7 @@
 """Evaluate a merged SAM-CLIP checkpoint with the paper's zero-shot protocols (Sec. 4.2-4.4).
 
-One subcommand per protocol; each prints a table and, with --out, writes a JSON of its results
-(percent). Each cmd_<name> below says how it follows the paper.
+One subcommand per protocol; each prints a table and, with --out, writes a JSON of its results (percent).
+Each cmd_<name> below says how it follows the paper; speed and memory: bench.py; the metrics: metrics.py.
 
   classify  zero-shot classification, Table 1 (ImageNet, v2, Places365), 336 px -> top1, top5
   retrieve  zero-shot image-text retrieval, Table 1 (Flickr30K, COCO), 336 px -> t2i/i2t R@1/5/10
@@ -11,7 +11,6 @@ One subcommand per protocol; each prints a table and, with --out, writes a JSON 
             LVIS API), COCOeval's rules without pycocotools -> AP, AP50, AP75, mIoU_prompted
   probe     linear probing of frozen backbones, Tables 3 and 4: the merged encoder, SAM's or a CLIP
             tower, each on its last block's tokens -> top1/top5 (--task cls) or mIoU (--task seg)
-The benchmarks of speed and memory are in bench.py, the metrics themselves in metrics.py.
 
 Run (every flag has --help):
   python evaluate.py classify --checkpoint m.pt --data imagenet_val/ --out cls.json
@@ -108,7 +107,7 @@ def batches(items, load, batch_size, desc):
 
 
 def load_model(args):
-    m = model.SAMCLIP.load(args.checkpoint).to(args.device)
+    m = model.compile_modules(model.SAMCLIP.load(args.checkpoint).to(args.device), args.compile)
     print(f"evaluate.py: {args.checkpoint} (encoder {m.cfg.encoder.img_size} px, patch {m.cfg.encoder.patch_size}) "
           f"on {args.device}")
     return m
@@ -602,6 +601,7 @@ def main(argv=None):
         p.add_argument("--device", default=dev, help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--seed", type=int, default=0, help="seed of every random choice (point prompts, probe split)")
         p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (model.autocast)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the encoder blocks and HeadCLIP")
         if res is not None:
             p.add_argument("--resolution", type=int, default=res,
                            help=f"input side in the paper's pixels (default {res})")

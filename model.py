@@ -172,6 +172,18 @@ def autocast(device, dtype):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
+def compile_modules(model, enabled):
+    """--compile: torch.compile, in place, what every path runs through (each encoder block, the neck,
+    HeadCLIP); HeadSAM's prompt-dependent shapes would recompile per call and stay eager. Compilation
+    happens at the first call, so callers time a warm-up to report it. Off by default. -> model."""
+    if enabled:
+        enc = model.encoder
+        for i, block in enumerate(enc.blocks):
+            enc.blocks[i] = torch.compile(block)
+        enc.neck, model.head_clip = torch.compile(enc.neck), torch.compile(model.head_clip)
+    return model
+
+
 def build_samclip(preset="tiny", seed=0):
     """A randomly initialised SAMCLIP of a preset (what `--preset tiny` trains without any weights)."""
     torch.manual_seed(seed)

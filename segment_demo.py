@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import weights
 import zero_shot
-from model import SAMCLIP, autocast, fast_bf16
+from model import SAMCLIP, autocast, compile_modules, fast_bf16
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "toy", "samclip.pt")
 def parse_args(argv=None):
@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.5,
                    help="sam mode: point prompts come from cells whose class probability exceeds this (App. C: 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the point-prompt draw (sam mode)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder and heads (a warm-up run compiles them; its time is reported)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the hardware runs it fast (CUDA compute capability >= 8, CPUs with "
                         "AMX or AVX-512 BF16), else fp32")
@@ -110,17 +112,22 @@ def main(argv=None):
         img = data.load_image(args.image)
         zero_shot.check_class_names(args.prompts, what="prompt", first=1)  # before the slow load
         t0 = time.perf_counter()
-        model = load_model(args.checkpoint, args.device)
+        model = compile_modules(load_model(args.checkpoint, args.device), args.compile)
         t_load = time.perf_counter() - t0
     except ValueError as e:  # data.ImageError, weights.CheckpointError and prompt errors
         return fail(e)
 
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if fast_bf16(args.device) else "fp32")
-    generator = torch.Generator().manual_seed(args.seed)
+    run = lambda: zero_shot.segment_by_text(model, img, args.prompts, mode=args.mode, threshold=args.threshold,
+                                            generator=torch.Generator().manual_seed(args.seed))
+    if args.compile:
+        t0 = time.perf_counter()
+        with autocast(args.device, dtype):
+            run()                                                          # compiles on this first call
+        print(f"compile: {time.perf_counter() - t0:.1f} s (torch.compile and a first run)")
     t0 = time.perf_counter()
     with autocast(args.device, dtype):
-        out = zero_shot.segment_by_text(model, img, args.prompts, mode=args.mode, threshold=args.threshold,
-                                        generator=generator)
+        out = run()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     latency = time.perf_counter() - t0

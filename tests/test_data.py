@@ -94,7 +94,8 @@ def _write_sa1b(folder, name, h=100, w=200):
                      "predicted_iou": 0.9, "point_coords": [[float(xs[0]), float(ys[0])]], "stability_score": 0.95,
                      "crop_box": [0, 0, w, h]})
     with open(os.path.join(folder, name + ".json"), "w") as f:
-        json.dump({"image": {"image_id": 1, "width": w, "height": h, "file_name": name + ".jpg"}, "annotations": anns}, f)
+        json.dump({"image": {"image_id": 1, "width": w, "height": h, "file_name": name + ".jpg"},
+                   "annotations": anns}, f)
 
 
 @pytest.fixture
@@ -352,7 +353,8 @@ def test_sa1b_low_res_gt_masks_in_the_padded_frame(sa1b_root):
     # the draws that place follow-up points: uniform, fixed by (seed, epoch, index)
     again, other = ds[(1, 0)], ds[(1, 1)]
     assert s["error_draws"].shape == (4, 8) and 0 <= s["error_draws"].min() and s["error_draws"].max() < 1
-    assert torch.equal(s["error_draws"], again["error_draws"]) and not torch.equal(s["error_draws"], other["error_draws"])
+    assert torch.equal(s["error_draws"], again["error_draws"])
+    assert not torch.equal(s["error_draws"], other["error_draws"])
     b = collate_sam([ds[(0, 0)], s])
     assert b["gt_masks"].shape == (2, 4, 40, 40) and torch.equal(b["gt_masks"][1], s["gt_masks"])
     assert b["error_draws"].shape == (2, 4, 8)

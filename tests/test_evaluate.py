@@ -248,7 +248,7 @@ def test_instseg_crowd_detection_is_not_a_false_positive(root, crowd_data, box_o
     # 10 thresholds, 0 at the others. AP = (1 + 0.25) / 2, AP50 = (1 + 0.5) / 2, AP75 = (1 + 0) / 2
     res = run(root, "instseg", "--data", str(crowd_data), "--detections", str(crowd_data / "dets.json"),
               "--save-predictions", str(tmp_path / "p.json"))
-    assert res["AP"] == pytest.approx(62.5) and res["AP50"] == pytest.approx(75.0) and res["AP75"] == pytest.approx(50.0)
+    assert (res["AP"], res["AP50"], res["AP75"]) == pytest.approx((62.5, 75.0, 50.0))
     assert res["per_category_AP"] == {"one": pytest.approx(100.0), "two": pytest.approx(25.0)}
 
 

@@ -33,7 +33,8 @@ def test_from_teachers_takes_each_part_from_its_teacher(merged, sam_fixture, cli
         assert all(torch.equal(blk.state_dict()[k], last[k]) for k in last)
     tokens = clip_fixture["inputs"]["tokens"]
     with torch.no_grad():
-        assert torch.allclose(merged.encode_text(tokens), clip_fixture["outputs"]["text_features"], atol=1e-4, rtol=1e-4)
+        want = clip_fixture["outputs"]["text_features"]
+        assert torch.allclose(merged.encode_text(tokens), want, atol=1e-4, rtol=1e-4)
     # frozen parts are frozen; the backbone and both trainable heads are not
     assert not any(p.requires_grad for p in merged.text.parameters())
     assert not any(p.requires_grad for p in merged.head_sam.prompt_encoder.parameters())
@@ -64,13 +65,15 @@ def test_save_load_roundtrip(merged, tmp_path):
     back = samclip_model.SAMCLIP.load(str(path))
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
-        a, b = merged(x, boxes=torch.tensor([[5.0, 5.0, 50.0, 70.0]])), back(x, boxes=torch.tensor([[5.0, 5.0, 50.0, 70.0]]))
+        box = torch.tensor([[5.0, 5.0, 50.0, 70.0]])
+        a, b = merged(x, boxes=box), back(x, boxes=box)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert back.cfg == merged.cfg
 
 
 def test_load_refuses_other_files(tmp_path):
-    with pytest.raises(weights.CheckpointError, match="sam_tiny.pt: expected a merged SAM-CLIP checkpoint.*SAM checkpoint"):
+    expected = "sam_tiny.pt: expected a merged SAM-CLIP checkpoint.*SAM checkpoint"
+    with pytest.raises(weights.CheckpointError, match=expected):
         samclip_model.SAMCLIP.load(SAM)
     with pytest.raises(weights.CheckpointError, match="missing.pt: SAM-CLIP checkpoint file not found"):
         samclip_model.SAMCLIP.load(str(tmp_path / "missing.pt"))

@@ -80,7 +80,8 @@ def test_masks_are_disjoint_and_match_the_printed_areas(ckpt, tmp_path, capsys):
     assert segment_demo.main([path, "house", "tree", "sky", "--checkpoint", ckpt, "--out", str(tmp_path),
                               "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    masks = [np.asarray(Image.open(tmp_path / f"mask_{i}_{s}.png")) > 0 for i, s in ((1, "house"), (2, "tree"), (3, "sky"))]
+    masks = [np.asarray(Image.open(tmp_path / f"mask_{i}_{s}.png")) > 0
+             for i, s in ((1, "house"), (2, "tree"), (3, "sky"))]
     assert (sum(m.astype(int) for m in masks) <= 1).all()                 # one label per pixel
     for m, q in zip(masks, ("house", "tree", "sky")):
         assert f"'{q}': {int(m.sum())} px" in printed

@@ -103,7 +103,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_data):
 def test_sigterm_saves_and_resume_finishes(tmp_path, tiny_data):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "tiny", "--stage", "probe", "--out", out,
-           "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--save-every", "1000", "--epochs", "50"]  # far more steps than the test waits for
+           "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--save-every", "1000",
+           "--epochs", "50"]                                         # far more steps than the test waits for
     p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     path = os.path.join(out, "metrics.jsonl")
     deadline = time.time() + 120
@@ -221,7 +222,8 @@ def test_follow_up_point_from_error_region_and_mask_prompt_from_previous_round()
         assert torch.equal(masks[2][0, 0], torch.where(gt, 8.0, -8.0))
         assert torch.equal(group["mask_inputs"][:, 0, 0], torch.stack([masks[1][0, 0], masks[2][0, 0]]))
         for i, call in enumerate(head.calls):             # the teacher saw exactly the prompts it returns
-            assert torch.equal(call["points"][0], group["coords"][i]) and torch.equal(call["points"][1], group["labels"][i])
+            assert torch.equal(call["points"][0], group["coords"][i])
+            assert torch.equal(call["points"][1], group["labels"][i])
 
 
 def _tiny_setup(tiny_data, images=4):
@@ -272,7 +274,7 @@ def test_student_and_teacher_get_identical_prompts_every_round(tiny_data, monkey
             assert (s is None and t is None) or torch.equal(s, t)
         for i, (s, t) in enumerate(zip(prompts(later), zip(*[prompts(c) for c in rounds[1:]]))):
             assert (s is None and t[0] is None) or torch.equal(s, torch.cat(t)), i   # round-major, as flattened
-        for r in range(1, R):                  # round r's mask prompt: one of round r-1's outputs (token 0 after round 0)
+        for r in range(1, R):                  # round r's mask prompt: one of round r-1's outputs (token 0 after 0)
             prev, mask = rounds[r - 1]["out"][0], rounds[r]["masks"][:, 0]
             if r > 1:
                 assert torch.equal(mask, prev[:, 0])
@@ -306,7 +308,8 @@ def test_weight_decay_only_on_linear_and_conv_weights():
     decayed = [name[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]]
     kept = [name[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]]
     assert sorted(decayed + kept) == sorted(n for n, p in model.named_parameters() if p.requires_grad)   # each once
-    # by hand: the trainable matrices that are tables or tokens, not layer weights (tiny: 4 encoder blocks, 3 in HeadCLIP)
+    # by hand: the trainable matrices that are tables or tokens, not layer weights (tiny: 4 encoder blocks,
+    # 3 in HeadCLIP)
     tables = {"encoder.pos_embed", "head_sam.mask_decoder.iou_token.weight", "head_sam.mask_decoder.mask_tokens.weight"}
     tables |= {f"encoder.blocks.{i}.attn.rel_pos_{a}" for i in range(4) for a in "hw"}
     tables |= {f"head_clip.blocks.{i}.attn.rel_pos_{a}" for i in range(3) for a in "hw"}
@@ -391,7 +394,8 @@ def test_too_few_or_unreadable_clip_images_stop_at_once(tmp_path, tiny_data):
 
 def test_epoch_without_one_readable_image_stops_saved(tmp_path, tiny_data, monkeypatch):
     broken = _broken_folder(tmp_path / "broken", 8)
-    monkeypatch.setattr(data.CLIPImages, "check_readable", lambda self, min_images=1, tries=16: None)   # the start-up probe passed
+    # the start-up probe passed
+    monkeypatch.setattr(data.CLIPImages, "check_readable", lambda self, min_images=1, tries=16: None)
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit, match="no image could be read in epoch 0"):
         run(["--stage", "probe", "--out", out, "--clip-data", broken, "--sam-data", tiny_data[1], "--clip-batch", "8",

@@ -251,7 +251,7 @@ def test_paint_blends_each_label_and_leaves_minus_one():
     img = Image.fromarray(np.full((2, 2, 3), 100, np.uint8))
     out = np.asarray(zero_shot.paint(img, np.array([[0, -1], [1, 255]]), alpha=0.5)).astype(int)
     assert out[0, 1].tolist() == [100, 100, 100]                          # -1: untouched
-    assert out[0, 0].tolist() == [66, 110, 140]                           # (100 + tab10 blue (31, 119, 180)) / 2, rounded
+    assert out[0, 0].tolist() == [66, 110, 140]                           # (100 + tab10 blue (31, 119, 180)) / 2
     assert out[1, 0].tolist() == [178, 114, 57]                           # tab10 orange (255, 127, 14)
     assert out[1, 1].tolist() == [178, 178, 178]                          # 255: white
     assert np.asarray(zero_shot.colorize(np.array([[2]])))[0, 0].tolist() == [44, 160, 44]

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import time
-import types
 
 import torch
 import torch.nn.functional as F
@@ -71,19 +70,11 @@ def trained(out, *flags):
     return path
 
 
-def teacher_embeddings(teacher, names):
-    """The CLIP teacher's 80-template class embeddings (K, D), by zero_shot.class_embeddings (which
-    reads the context length from model.cfg.clip, the device from model.logit_scale)."""
-    view = types.SimpleNamespace(cfg=types.SimpleNamespace(clip=teacher.config), logit_scale=teacher.logit_scale,
-                                 encode_text=teacher.encode_text)
-    return zero_shot.class_embeddings(view, names)
-
-
 @torch.no_grad()
 def teacher_classify(teacher, folder):
     """evaluate.py classify's protocol on the CLIP teacher itself: centre square, its native side."""
     items, names = evaluate.read_image_folder(folder)
-    class_emb = teacher_embeddings(teacher, names)                               # (K, D)
+    class_emb = zero_shot.class_embeddings(teacher, names)                               # (K, D)
     side = teacher.config.image_size
     x = torch.stack([data.square_resize(evaluate.center_square(data.load_image(p)), side, data.normalize_clip)
                      for p, _ in items])                                         # (N, 3, side, side)
@@ -98,7 +89,7 @@ def teacher_semseg(teacher, folder, side):
     every patch token through ln_post and proj (B, g*g, D), cosine with the class embeddings,
     bilinear upsampling to the label map, argmax, mIoU of one confusion matrix."""
     pairs, names = evaluate.read_segmentation(folder, "generic", None)
-    class_emb = teacher_embeddings(teacher, names)                               # (K, D)
+    class_emb = zero_shot.class_embeddings(teacher, names)                               # (K, D)
     K, g = len(names), side // teacher.config.patch_size
     conf = torch.zeros(K, K, dtype=torch.int64)
     for img_path, label_path in pairs:

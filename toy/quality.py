@@ -89,16 +89,6 @@ def clip_input(crops, side):
 
 
 @torch.no_grad()
-def class_embeddings(model, class_names, templates=zero_shot.OPENAI_IMAGENET_TEMPLATES):
-    """CLIP's zero-shot classifier (CLIP Sec. 3.1.4) for a bare clip.CLIP (zero_shot.class_embeddings
-    takes the merged SAMCLIP): each name in every template, embedded, normalised, averaged per class
-    and normalised again. -> (K, D)."""
-    prompts = [t.format(name) for name in class_names for t in templates]          # K*T texts
-    tokens = clip.trim_padding(clip.tokenize(prompts, model.config.context_length))
-    emb = F.normalize(model.encode_text(tokens), dim=-1).reshape(len(class_names), len(templates), -1)  # (K, T, D)
-    return F.normalize(emb.mean(1), dim=-1)
-
-
 def dominated_crops(n_per_class, seed=0):
     """Heldout crops that one class dominates, n_per_class per class: (crops, labels)."""
     crops, labels, counts, i = [], [], [0] * len(CLASSES), 0
@@ -134,7 +124,7 @@ def clip_scores(model, seed=0, per_class=25, retrieval=200, templates=zero_shot.
     side = model.config.image_size
     crops, labels = dominated_crops(per_class, seed)
     image_emb = F.normalize(model.encode_image(clip_input(crops, side)), dim=-1)   # (N, D)
-    predicted = (image_emb @ class_embeddings(model, CLASSES, templates).t()).argmax(1)
+    predicted = (image_emb @ zero_shot.class_embeddings(model, CLASSES, templates).t()).argmax(1)
     per_class_acc = {CLASSES[k]: round((predicted[labels == k] == k).float().mean().item(), 3)
                      for k in range(len(CLASSES))}
     crops, captions = captioned_crops(retrieval, seed)
