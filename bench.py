@@ -71,15 +71,27 @@ def measure(build, repeats, device, dtype):
         for i in range(repeats + 1):
             sync()
             t = time.perf_counter()
-            fn()
+            out = fn()
             sync()
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else peak_rss_mb()
     row = {"name": name, "latency_s": statistics.median(times[1:]), "times_s": times[1:], "params_M": params / 1e6,
            "peak_MB": peak, "rise_MB": peak - built, "device": str(device), "dtype": dtype}
-    print(f"  {name:<58} {row['latency_s']:8.3f} s {row['params_M']:8.1f} M {peak:9.0f} MB {peak - built:+9.0f} MB",
-          flush=True)
+    if dtype != "fp32" and not grad:   # the same forward in fp32, after the peak is read: how close bf16 stays
+        with torch.no_grad():
+            row["cosine_to_fp32"] = torch.nn.functional.cosine_similarity(
+                flat(out).double(), flat(fn()).double(), dim=0).item()
+    print(f"  {name:<58} {row['latency_s']:8.3f} s {row['params_M']:8.1f} M {peak:9.0f} MB {peak - built:+9.0f} MB"
+          + (f"  cosine to fp32 {row['cosine_to_fp32']:.6f}" if "cosine_to_fp32" in row else ""), flush=True)
     return row
+
+
+def flat(out):
+    """Every tensor of a forward's output (a tensor, or tuples / dicts of them), as one flat vector."""
+    if torch.is_tensor(out):
+        return out.float().flatten()
+    parts = out.values() if isinstance(out, dict) else out
+    return torch.cat([flat(p) for p in parts])
 
 
 def run_row(build, args):
@@ -148,7 +160,9 @@ def cmd_speed(args):
                                 vit_det.scaled_side(448, vit_det.PRESETS[NAMES[args.preset][0]])),
               functools.partial(build_sam, args.preset), functools.partial(build_clip_tower, args.preset),
               functools.partial(build_samclip, args.preset)]
-    rows = [run_row(b, args) for b in builds]
+    rows = [run_row(b, args) for b in builds[:1 if args.encoder_only else None]]
+    if args.encoder_only:
+        return finish(args, {"rows": rows})
     sam, tower, samclip = rows[2], rows[3], rows[4]
     summary = {"separate_latency_s": sam["latency_s"] + tower["latency_s"],
                "separate_params_M": sam["params_M"] + tower["params_M"]}
@@ -288,6 +302,8 @@ def main(argv=None):
         p.add_argument("--in-process", action="store_true",
                        help="run every row in this process (quick; the CPU peak then accumulates over rows)")
         p.add_argument("--out", help="write the results as JSON here")
+        if name == "speed":
+            p.add_argument("--encoder-only", action="store_true", help="only the encoder at its native side")
         if name == "train-speed":
             p.add_argument("--clip-batch", type=int, default=4,
                            help="D_CLIP images per step at the smallest resolution (default 4)")

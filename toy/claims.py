@@ -12,10 +12,11 @@ the teachers nor the merged model saw:
      crops dominated by one class, 80 templates; the CLIP teacher run the same way (its own tower at
      its native side, `teacher_classify`).
   3. Zero-shot semantic segmentation emerges (Table 2): `evaluate.py semseg` (HeadCLIP's per-patch
-     logits at the 448 px protocol scaled to the toy encoder) against the CLIP teacher's dense
-     baseline: its patch tokens through ln_post and proj (the tower's own output map, never trained
-     to align with text), cosine against the same class embeddings (`teacher_semseg`), at its native
-     side and at the merged model's side, the better of the two reported.
+     logits) against the CLIP teacher's dense baseline: its patch tokens through ln_post and proj
+     (the tower's own output map, never trained to align with text), cosine against the same class
+     embeddings (`teacher_semseg`). Each at two sides, the better reported: SAM-CLIP at the 448 px
+     protocol scaled to the toy encoder (112 px, a 7 x 7 grid) and at its native 256 px (16 x 16);
+     the teacher at its native 64 px (8 x 8) and at 112 px (14 x 14).
   4. The SAM head sharpens it (Table 5): `evaluate.py semseg --refine sam`.
   5. Multi-task distillation prevents forgetting (Sec. 3): the same training with lambda = 0
      (`--lam 0`: L_CLIP alone moves the shared encoder), its masks measured as in 1.
@@ -176,7 +177,8 @@ def main(argv=None):
         "samclip_classify": ev("classify", runs["samclip"]),
         "clip_teacher_semseg": max((teacher_semseg(teacher, sets["semseg"], side)
                                     for side in (teacher.config.image_size, merged_side)), key=lambda r: r["mIoU"]),
-        "samclip_semseg": ev("semseg", runs["samclip"]),
+        "samclip_semseg": max((ev("semseg", runs["samclip"], "--resolution", str(side)) for side in (448, 1024)),
+                              key=lambda r: r["mIoU"]),
         "samclip_refine": ev("semseg", runs["samclip"], "--refine", "sam"),
     }
     md = table(results)
