@@ -38,12 +38,17 @@ class SAMCLIPConfig:
     head_sam: heads.SAMHeadConfig     # SAM's prompt encoder + mask decoder
     head_clip: heads.HeadCLIPConfig   # the new CLIP head
     clip: clip.CLIPConfig             # the CLIP teacher; its text tower is kept, frozen
+    # A closed world's class names (the toy's eight), empty for the open vocabulary of a real CLIP.
+    # zero_shot.segment_by_text lets the names not prompted compete as background: a toy CLIP never
+    # read the word "background", so alone it would leave the rest of a scene to the nearest prompt.
+    vocabulary: tuple = ()
 
     @staticmethod
     def from_dict(d):
         enc = dict(d["encoder"], global_attn_indexes=tuple(d["encoder"]["global_attn_indexes"]))
         return SAMCLIPConfig(vit_det.ViTDetConfig(**enc), heads.SAMHeadConfig(**d["head_sam"]),
-                             heads.HeadCLIPConfig(**d["head_clip"]), clip.CLIPConfig(**d["clip"]))
+                             heads.HeadCLIPConfig(**d["head_clip"]), clip.CLIPConfig(**d["clip"]),
+                             tuple(d.get("vocabulary", ())))
 
 
 def head_clip_config(enc: vit_det.ViTDetConfig, clip_cfg: clip.CLIPConfig, mlp_hidden=None):
@@ -112,9 +117,10 @@ class SAMCLIP(nn.Module):
         return cls.from_modules(*load_teachers(sam_checkpoint, clip_checkpoint, verbose))
 
     @classmethod
-    def from_modules(cls, enc, head, teacher):
+    def from_modules(cls, enc, head, teacher, vocabulary=()):
         """As from_teachers, from already loaded modules (train.py keeps them as frozen teachers)."""
-        cfg = SAMCLIPConfig(enc.cfg, head.cfg, head_clip_config(enc.cfg, teacher.config), teacher.config)
+        cfg = SAMCLIPConfig(enc.cfg, head.cfg, head_clip_config(enc.cfg, teacher.config), teacher.config,
+                            tuple(vocabulary))
         model = cls(cfg)
         model.encoder.load_state_dict(enc.state_dict())
         model.head_sam.load_state_dict(head.state_dict())

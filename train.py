@@ -433,10 +433,8 @@ def main(argv=None):
         raise SystemExit(f"train.py: {' and '.join(missing)} required (see README, 'Training'), or use --preset tiny")
     try:
         teachers = tuple(t.to(env["device"]) for t in build_teachers(args))
-        if args.init:
-            model = SAMCLIP.load(args.init)
-        else:
-            model = SAMCLIP.from_modules(*teachers)   # encoder + HeadSAM from SAM, text tower from CLIP
+        vocabulary = toy.CLASSES if args.preset == "toy" else ()         # a closed world's names (SAMCLIPConfig)
+        model = SAMCLIP.load(args.init) if args.init else SAMCLIP.from_modules(*teachers, vocabulary)
         for stage in stages:
             cfg = resolve_config(args, stage, model.cfg.encoder, teachers[2].config)
             model = run_stage(cfg, model, teachers, env, stop)

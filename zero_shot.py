@@ -225,11 +225,12 @@ def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=No
     original size, sigmoid of each class's mask logits).
 
     Background rule: an implicit class "background" (its 80 template prompts) joins the softmax
-    unless a prompt is already "background". With one prompt a softmax over it alone would be 1
-    everywhere, and with two a winner always has >= 0.5, so without it no pixel could be left
-    out. A pixel is labelled with its most probable prompt if that probability is >= 0.5 (in sam
-    mode: inside that class's SAM mask), else -1 (background). The background class gets no SAM
-    decode and no output row.
+    unless a prompt is already "background", and so does every name of the model's closed
+    vocabulary (model.cfg.vocabulary, the toy world's classes) that is not a prompt. With one prompt
+    a softmax over it alone would be 1 everywhere, and with two a winner always has >= 0.5, so
+    without them no pixel could be left out. A pixel is labelled with its most probable prompt if
+    that probability is >= 0.5 (in sam mode: inside that class's SAM mask), else -1 (background).
+    Background classes get no SAM decode and no output row.
 
     Returns a dict: probs (K, H, W) in 0..1 at the original size, labels (H, W) long in -1..K-1,
     confidence (K,): the mean probability of prompt k over the pixels labelled k (0 if none)."""
@@ -238,13 +239,14 @@ def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=No
         raise ValueError(f"mode must be 'sam' or 'clip', got {mode!r}")
     check_class_names(prompts, context_length=model.cfg.clip.context_length, what="prompt", first=1)
     K, (W, H) = len(prompts), img.size
-    add_background = BACKGROUND not in (q.strip().lower() for q in prompts)
-    class_emb = class_embeddings(model, prompts + [BACKGROUND] * add_background)  # (K or K+1, D)
+    asked = {q.strip().lower() for q in prompts}
+    others = [w for w in (BACKGROUND, *model.cfg.vocabulary) if w.lower() not in asked]
+    class_emb = class_embeddings(model, prompts + others)                        # (K + background classes, D)
     device = model.logit_scale.device
     if mode == "clip":
         x = data.square_resize(img, clip_mode_side(model))[None].to(device)      # (1, 3, s, s)
-        logits = dense_logits(model, x, class_emb)                               # (1, K+1, h, w)
-        logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)  # (1, K+1, H, W)
+        logits = dense_logits(model, x, class_emb)                               # (1, K+B, h, w)
+        logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)  # (1, K+B, H, W)
         probs = logits[0].softmax(dim=0)[:K]                                     # (K, H, W)
     else:
         S = model.cfg.encoder.img_size

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import clip
+import data
 import model as samclip_model
 import zero_shot
 
@@ -245,6 +246,25 @@ def test_segment_by_text_one_prompt_competes_with_background(tiny):
         zero_shot.segment_by_text(tiny, img, ["cat", " "])
     with pytest.raises(ValueError, match="mode"):
         zero_shot.segment_by_text(tiny, img, ["cat"], mode="both")
+
+
+def test_segment_by_text_lets_the_unprompted_vocabulary_compete(tiny, monkeypatch):
+    """A closed-world model (model.cfg.vocabulary) adds its names that are not prompts (case aside)
+    to "background" as competitors: clip-mode probabilities are the softmax over all of them, by hand."""
+    import dataclasses
+    closed = samclip_model.build_samclip("tiny", seed=0).eval()
+    closed.cfg = dataclasses.replace(closed.cfg, vocabulary=("dog", "sky"))
+    seen = []
+    real = zero_shot.class_embeddings
+    monkeypatch.setattr(zero_shot, "class_embeddings", lambda m, names, *a, **k: seen.append(names) or real(m, names))
+    img = Image.new("RGB", (40, 30), (120, 60, 30))
+    out = zero_shot.segment_by_text(closed, img, ["cat", "SKY"], mode="clip")
+    assert seen == [["cat", "SKY", "background", "dog"]]
+    x = data.square_resize(img, zero_shot.clip_mode_side(closed))[None]
+    with torch.no_grad():
+        logits = zero_shot.dense_logits(closed, x, real(closed, seen[0]))          # (1, 4, h, w)
+    want = torch.nn.functional.interpolate(logits, (30, 40), mode="bilinear", align_corners=False)[0].softmax(0)
+    torch.testing.assert_close(out["probs"], want[:2])
 
 
 def test_paint_blends_each_label_and_leaves_minus_one():
