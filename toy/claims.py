@@ -33,7 +33,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import clip
 import data
@@ -114,8 +114,13 @@ def heldout_figure(model, path, n=4, seed=0):
             model, img, CLASSES, mode=mode, generator=torch.Generator().manual_seed(seed))["labels"].numpy())
             for mode in ("clip", "sam")]
         rows.append(zero_shot.panels_row([img, *painted], ("image", "clip mode", "sam mode"), height=192))
-    width = max(r.width for r in rows)
-    canvas = Image.new("RGB", (width, sum(r.height for r in rows)), "white")
+    legend = Image.new("RGB", (max(r.width for r in rows), 20), "white")          # class -> colour
+    draw = ImageDraw.Draw(legend)
+    for k, name in enumerate(CLASSES):
+        draw.rectangle((8 + 80 * k, 5, 18 + 80 * k, 15), fill=tuple(int(c) for c in zero_shot.PALETTE[k]))
+        draw.text((22 + 80 * k, 4), name, fill="black")
+    rows.append(legend)
+    canvas = Image.new("RGB", (legend.width, sum(r.height for r in rows)), "white")
     for k, r in enumerate(rows):
         canvas.paste(r, (0, sum(q.height for q in rows[:k])))
     canvas.save(path)
