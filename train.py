@@ -149,11 +149,11 @@ def lr_factor(step, total, warmup):
 
 
 def set_trainable(model: SAMCLIP, stage):
-    """Freeze everything, then unfreeze the stage's modules (STAGES). The text tower, SAM's prompt
-    encoder and the teachers are never trained."""
+    """Freeze all, unfreeze the stage's modules (STAGES); text tower, prompt encoder, teachers never train."""
     model.requires_grad_(False)
     for name in STAGES[stage]["trains"]:
         model.get_submodule(name).requires_grad_(True)
+    model.encoder.grad_checkpointing = "encoder" in STAGES[stage]["trains"]   # memory: see vit_det
 
 
 def param_groups(model: SAMCLIP, cfg: TrainConfig):

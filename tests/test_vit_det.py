@@ -120,3 +120,21 @@ def test_attention_in_query_runs_equals_the_full_bias(monkeypatch):
     weights = (q @ k.transpose(-1, -2) / (C // 2) ** 0.5 + bias).softmax(-1)
     reference = attn.proj((weights @ v).transpose(1, 2).reshape(B, H, W, C))
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_changes_no_number():
+    """grad_checkpointing recomputes each block in the backward: the same output and the same
+    gradients as storing the activations; under no_grad (the frozen teacher) it is not used."""
+    torch.manual_seed(0)
+    enc = vit_det.build_vit_det("tiny")
+    x = torch.randn(2, 3, 160, 160)
+    grads = []
+    for checkpointing in (False, True):
+        enc.zero_grad()
+        enc.grad_checkpointing = checkpointing
+        out = enc(x)
+        (out ** 2).mean().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-6, atol=1e-7, msg=name)
