@@ -69,7 +69,7 @@ SAM_HEAD_PRESETS = {
     "sam": SAMHeadConfig(),           # the same head for SAM vit_b, vit_l and vit_h
     "tiny": SAMHeadConfig(embed_dim=32, image_embedding_size=10, input_image_size=160, mask_in_chans=8,
                           decoder_mlp_dim=64, iou_head_hidden_dim=32),
-    # the toy SAM teacher's head (toy/teachers.py); 8 decoder heads as in SAM, the loader cannot read them
+    # the toy SAM teacher's head (toy/teachers.py); 8 attention heads as in SAM (shapes cannot tell a head count)
     "toy": SAMHeadConfig(embed_dim=128, image_embedding_size=16, input_image_size=256, mask_in_chans=16,
                          decoder_mlp_dim=256, iou_head_hidden_dim=64),
 }

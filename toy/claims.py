@@ -21,8 +21,8 @@ the teachers nor the merged model saw:
   5. Multi-task distillation prevents forgetting (Sec. 3): the same training with lambda = 0
      (`--lam 0`: L_CLIP alone moves the shared encoder), its masks measured as in 1.
 
-Run: python -m toy.claims --out runs/claims       (two toy trainings and the evaluations: ~15 min on
-2 CPU cores; a run already in --out is reused, so `--run runs/toy` reuses the README's main job)
+Run: python -m toy.claims --out runs/claims --run runs/toy   (215 s on 2 CPU cores: the lambda = 0
+training and the evaluations; without --run it trains OUT/toy too; a run already in --out is reused)
 Writes OUT/claims.json, OUT/claims.md (the table) and OUT/heldout.png (image | clip mode | sam mode).
 """
 
@@ -75,7 +75,7 @@ def trained(out, *flags):
 def teacher_classify(teacher, folder):
     """evaluate.py classify's protocol on the CLIP teacher itself: centre square, its native side."""
     items, names = evaluate.read_image_folder(folder)
-    class_emb = zero_shot.class_embeddings(teacher, names)                               # (K, D)
+    class_emb = zero_shot.class_embeddings(teacher, names)                       # (K, D)
     side = teacher.config.image_size
     x = torch.stack([data.square_resize(evaluate.center_square(data.load_image(p)), side, data.normalize_clip)
                      for p, _ in items])                                         # (N, 3, side, side)
@@ -90,7 +90,7 @@ def teacher_semseg(teacher, folder, side):
     every patch token through ln_post and proj (B, g*g, D), cosine with the class embeddings,
     bilinear upsampling to the label map, argmax, mIoU of one confusion matrix."""
     pairs, names = evaluate.read_segmentation(folder, "generic", None)
-    class_emb = zero_shot.class_embeddings(teacher, names)                               # (K, D)
+    class_emb = zero_shot.class_embeddings(teacher, names)                       # (K, D)
     K, g = len(names), side // teacher.config.patch_size
     conf = torch.zeros(K, K, dtype=torch.int64)
     for img_path, label_path in pairs:
@@ -172,8 +172,10 @@ def main(argv=None):
         SAMCLIP.from_teachers(toy.SAM_WEIGHTS, toy.CLIP_WEIGHTS).save(runs["start"], stage="start", step=0)
     teacher = clip.load_clip(toy.CLIP_WEIGHTS).eval()
     merged_side = zero_shot.clip_mode_side(SAMCLIP.load(runs["samclip"]))
-    ev = lambda cmd, ckpt, *flags: evaluate.main([cmd, "--checkpoint", ckpt, "--data", sets[cmd if cmd != "instseg"
-                                                   else "instances"], *flags])
+
+    def ev(command, checkpoint, *flags):   # one evaluate.py subcommand on its heldout set -> its results
+        folder = sets["instances" if command == "instseg" else command]
+        return evaluate.main([command, "--checkpoint", checkpoint, "--data", folder, *flags])
     results = {
         "sam_teacher": ev("instseg", runs["start"]),
         "samclip_masks": ev("instseg", runs["samclip"]),
