@@ -4,20 +4,20 @@
     distill  L_CLIP + lam * L_SAM on the backbone, HeadCLIP and the mask decoder
     adapt    HeadCLIP alone on L_CLIP at 224/448/1024 px, backbone frozen
 (learning rates, epochs and resolutions of each stage: the STAGES table below, App. A).
-A distill step (Sec. 4.1): a D_CLIP batch at the step's resolution (2048 images at 224 px, fewer
-at 448: constant pixels) gives L_CLIP against the frozen CLIP ViT-L/14 image tower, a D_SAM batch
-(32 images at 1024 px, 32 prompts each, replayed over SAM's interactive rounds) gives L_SAM against
-the frozen SAM; one backward of their sum (the paper's two accumulated backwards, same gradient),
-one optimizer step. Losses and targets: losses.py; data, samplers, stream, teacher cache: data.py.
+A distill step (Sec. 4.1): a D_CLIP batch at the step's resolution (2048 images at 224 px, fewer at 448:
+constant pixels) gives L_CLIP against the frozen CLIP ViT-L/14 image tower, a D_SAM batch (32 images at
+1024 px, 32 prompts each, replayed over SAM's interactive rounds) gives L_SAM against the frozen SAM; one
+backward of their sum (the paper's two accumulated backwards), one optimizer step. Losses, targets:
+losses.py; data, samplers, stream, teacher cache: data.py.
 
 Run (one device, or torchrun; nccl on GPU, gloo on CPU):
-    python train.py --preset tiny --out runs/tiny          # built-in default: no weights, no data, ~1 min CPU
+    python train.py --preset toy --out runs/toy            # built-in: the shipped toy teachers, ~3 min CPU
     torchrun --nproc_per_node 8 train.py --stage distill --sam-checkpoint sam_vit_b_01ec64.pth \\
         --clip-checkpoint open_clip_pytorch_model.bin --clip-data /data/cc12m --sam-data /data/sa1b \\
         --init runs/probe/samclip.pt --out runs/distill
-Everything a run writes is in --out: ckpt_<stage>.pt (atomic, every --save-every steps, at the end
-and on SIGTERM/SIGINT), metrics.jsonl (one JSON object per logging step) and samclip.pt (the
-merged model after each stage, for evaluate.py and segment_demo.py). --resume continues exactly.
+Everything a run writes is in --out: ckpt_<stage>.pt (atomic, every --save-every steps, at the end and on
+SIGTERM/SIGINT), metrics.jsonl (a JSON object per logging step), samclip.pt (the merged model after each
+stage, for evaluate.py and segment_demo.py). --resume continues exactly.
 """
 
 import argparse
@@ -97,10 +97,10 @@ class TrainConfig:
 # 16 epochs of 40M images: at 4e-5 the backbone barely moved, lambda = 0 lost 0.1 mask mIoU, measured).
 BUILTIN = {
     "tiny": dict(settings=dict(clip_batch=8, sam_batch=2, masks_per_image=4, warmup_steps=2, log_every=1,
-                               save_every=4, workers=0), clip_images=24, sam_images=6,
+                               save_every=4, workers=0), sizes=dict(clip_images=24, sam_images=6),
                  stages={"probe": dict(epochs=2), "distill": dict(epochs=2), "adapt": dict(epochs=1)}),
     "toy": dict(settings=dict(clip_batch=32, sam_batch=2, masks_per_image=8, sam_rounds=3, warmup_steps=20,
-                              log_every=10, save_every=100, workers=0), clip_images=400, sam_images=100,
+                              log_every=10, save_every=100, workers=0), sizes=dict(clip_images=400, sam_images=100),
                 stages={"probe": dict(epochs=14), "distill": dict(epochs=12, lr=4e-4, backbone_lr_ratio=1.0),
                         "adapt": dict(epochs=3)}),
 }
@@ -232,8 +232,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         log0(rank, f"stage {cfg.stage}: resumed from {ckpt_path} at step {step}")
     trim_metrics(cfg, step, rank)
     student = losses.MultiTaskLoss(model, cfg.lam)
-    # DDP without find_unused_parameters: every trainable parameter is used in every step (the IoU and
-    # all mask tokens are distilled; frozen ones have requires_grad False, so probe/adapt sync HeadCLIP's)
+    # DDP needs no find_unused_parameters: every trainable parameter is used in every step (all tokens distilled)
     if world > 1:
         student = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = lambda: model_autocast(device, cfg.dtype or ("bf16" if device.type == "cuda" else "fp32"))
@@ -419,12 +418,10 @@ def main(argv=None):
         raise SystemExit(f"train.py: --out {args.out} already holds checkpoints ({', '.join(existing)}); "
                          "pass --resume to continue them or choose another --out")
     if args.preset in BUILTIN and not (args.clip_data and args.sam_data):
-        sizes, root = BUILTIN[args.preset], os.path.join(args.out, "data")
-        if env["rank"] == 0:   # the others wait for the files
-            layouts.write_training_set(root, sizes["clip_images"], sizes["sam_images"], seed=args.seed or 0)
+        args.clip_data, args.sam_data = layouts.write_training_set(    # rank 0 writes, the others wait
+            os.path.join(args.out, "data"), **BUILTIN[args.preset]["sizes"], seed=args.seed or 0, write=not env["rank"])
         if dist.is_initialized():
             dist.barrier()
-        args.clip_data, args.sam_data = os.path.join(root, "clip"), os.path.join(root, "sa1b")
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
