@@ -62,7 +62,7 @@ def parse_args(argv=None):
                    help="sam mode: point prompts come from cells whose class probability exceeds this (App. C: 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the point-prompt draw (sam mode)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the encoder and heads (a warm-up run compiles them; its time is reported)")
+                   help="torch.compile the encoder blocks and HeadCLIP (a warm-up run compiles them; time reported)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the hardware runs it fast (CUDA compute capability >= 8, CPUs with "
                         "AMX or AVX-512 BF16), else fp32")

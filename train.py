@@ -88,19 +88,21 @@ class TrainConfig:
     save_every: int = 500             # optimizer steps between checkpoints
     workers: int = 8                  # DataLoader worker processes per rank
     dtype: str = ""                   # fp32 | bf16 (autocast); "": bf16 on CUDA, fp32 on CPU
+    grad_checkpointing: bool = True   # recompute the encoder's blocks in the backward when it trains (memory)
     cache_teacher: str = ""           # folder for cached CLIP-teacher embeddings (fixed crops per image)
 
 
-# The built-in CPU runs on toy-world scenes written to OUT/data (no downloads): settings, per-stage ones, D_CLIP /
-# D_SAM sizes. tiny: random teachers, a few steps (tests); toy: the shipped toy teachers (toy/weights), the README's
-# main job, < 5 min on 2 CPU cores; in distill 10x the paper's lr and 100x for the backbone (a few hundred steps, not
-# 16 epochs of 40M images: at 4e-5 the backbone barely moved, lambda = 0 lost 0.1 mask mIoU, measured).
+# Built-in CPU runs on toy-world scenes written to OUT/data: settings, per-stage ones, data sizes. tiny: random
+# teachers, seconds (tests); toy: the shipped toy teachers, the README's main job (< 5 min on 2 cores), its distill lr
+# 10x the paper's and 100x for the backbone: at 4e-5 in a few hundred steps it barely moved (lambda = 0: -0.1 mIoU).
 BUILTIN = {
     "tiny": dict(settings=dict(clip_batch=8, sam_batch=2, masks_per_image=4, warmup_steps=2, log_every=1,
-                               save_every=4, workers=0), sizes=dict(clip_images=24, sam_images=6),
+                               save_every=4, workers=0, grad_checkpointing=False),
+                 sizes=dict(clip_images=24, sam_images=6),
                  stages={"probe": dict(epochs=2), "distill": dict(epochs=2), "adapt": dict(epochs=1)}),
     "toy": dict(settings=dict(clip_batch=32, sam_batch=2, masks_per_image=8, sam_rounds=3, warmup_steps=20,
-                              log_every=10, save_every=100, workers=0), sizes=dict(clip_images=400, sam_images=100),
+                              log_every=10, save_every=100, workers=0, grad_checkpointing=False),
+                sizes=dict(clip_images=400, sam_images=100),
                 stages={"probe": dict(epochs=14), "distill": dict(epochs=12, lr=4e-4, backbone_lr_ratio=1.0),
                         "adapt": dict(epochs=3)}),
 }
@@ -148,12 +150,12 @@ def lr_factor(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def set_trainable(model: SAMCLIP, stage):
+def set_trainable(model: SAMCLIP, stage, grad_checkpointing=True):
     """Freeze all, unfreeze the stage's modules (STAGES); text tower, prompt encoder, teachers never train."""
     model.requires_grad_(False)
     for name in STAGES[stage]["trains"]:
         model.get_submodule(name).requires_grad_(True)
-    model.encoder.grad_checkpointing = "encoder" in STAGES[stage]["trains"]   # memory: see vit_det
+    model.encoder.grad_checkpointing = grad_checkpointing and "encoder" in STAGES[stage]["trains"]   # vit_det
 
 
 def param_groups(model: SAMCLIP, cfg: TrainConfig):
@@ -222,7 +224,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
                                                  **loader_args)
 
     # --- model, optimizer, DDP
-    set_trainable(model, cfg.stage)
+    set_trainable(model, cfg.stage, cfg.grad_checkpointing)
     model.to(device).train()
     opt = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999))
     step = 0
@@ -339,7 +341,8 @@ def trim_metrics(cfg, step, rank):
     path = os.path.join(cfg.out, "metrics.jsonl")
     if rank != 0 or not os.path.exists(path):
         return
-    lines = [json.loads(line) for line in open(path) if line.strip()]
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
     keep = [r for r in lines if r["stage"] != cfg.stage or r["step"] <= step]
     if len(keep) != len(lines):
         with open(path, "w") as f:

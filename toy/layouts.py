@@ -51,6 +51,16 @@ def write_json(path, obj):
         json.dump(obj, f)
 
 
+def drawn(folder, writer, n, seed, style):
+    """Scenes 0..n-1 of a writer, each saved as folder/images/toy_<i>.jpg -> yields (i, file name, scene)."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    for i in range(n):
+        scene = draw_scene(scene_rng(seed, writer, style, i), style)
+        name = f"toy_{i:05d}.jpg"
+        save_jpeg(scene, os.path.join(folder, "images", name))
+        yield i, name, scene
+
+
 def write_sa1b(folder, n, seed=0, style="train"):
     """SA-1B's layout, as data.SA1B reads it: sa_<i>.jpg + sa_<i>.json = {"image": {image_id, width,
     height, file_name}, "annotations": [{id, segmentation: COCO RLE with a string of counts, area,
@@ -76,12 +86,8 @@ def write_clip_images(folder, n, seed=0, style="train"):
     """D_CLIP (unlabeled: data.CLIPImages reads the images recursively) with the captions evaluate.py
     retrieve reads: DIR/images/toy_<i>.jpg and DIR/captions.json = {"images": [{id, file_name}],
     "annotations": [{id, image_id, caption}]}, two phrasings per image (COCO has five)."""
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     images, anns = [], []
-    for i in range(n):
-        scene = draw_scene(scene_rng(seed, "clip", style, i), style)
-        name = f"toy_{i:05d}.jpg"
-        save_jpeg(scene, os.path.join(folder, "images", name))
+    for i, name, scene in drawn(folder, "clip", n, seed, style):
         images.append({"id": i, "file_name": name, "width": scene.image.width, "height": scene.image.height})
         second = caption(scene.instances, None, scene_rng(seed, "clip", style, i, 1))
         for text in dict.fromkeys([scene.caption, second]):        # unique, in order
@@ -94,13 +100,10 @@ def write_semseg(folder, n, seed=0, style="heldout", ignore_edges=True):
     """evaluate.py's generic semantic layout: DIR/images/toy_<i>.jpg, DIR/labels/toy_<i>.png (mode L,
     class index per pixel; 255 on pixels whose colour blends two classes when ignore_edges) and
     DIR/classes.txt (line i = CLASSES[i])."""
-    for sub in ("images", "labels"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    for i in range(n):
-        scene = draw_scene(scene_rng(seed, "semseg", style, i), style)
+    os.makedirs(os.path.join(folder, "labels"), exist_ok=True)
+    for i, name, scene in drawn(folder, "semseg", n, seed, style):
         label = np.where(scene.edge, 255, scene.class_map) if ignore_edges else scene.class_map
-        save_jpeg(scene, os.path.join(folder, "images", f"toy_{i:05d}.jpg"))
-        Image.fromarray(label.astype(np.uint8), mode="L").save(os.path.join(folder, "labels", f"toy_{i:05d}.png"))
+        Image.fromarray(label.astype(np.uint8), mode="L").save(os.path.join(folder, "labels", name[:-4] + ".png"))
     with open(os.path.join(folder, "classes.txt"), "w") as f:
         f.write("\n".join(CLASSES) + "\n")
     return folder
@@ -110,12 +113,8 @@ def write_instances(folder, n, seed=0, style="heldout"):
     """COCO instances for evaluate.py instseg: DIR/images/toy_<i>.jpg + DIR/instances.json with
     "images" [{id, file_name, height, width}], "annotations" [{id, image_id, category_id, bbox XYWH,
     area, iscrowd 0, segmentation RLE}] and "categories" [{id, name}] for the thing classes (ids from 1)."""
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     images, anns = [], []
-    for i in range(n):
-        scene = draw_scene(scene_rng(seed, "instances", style, i), style)
-        name = f"toy_{i:05d}.jpg"
-        save_jpeg(scene, os.path.join(folder, "images", name))
+    for i, name, scene in drawn(folder, "instances", n, seed, style):
         images.append({"id": i, "file_name": name, "height": scene.image.height, "width": scene.image.width})
         for cls, mask, attrs in scene.instances:
             if cls in THINGS:
