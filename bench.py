@@ -120,10 +120,53 @@ def count(*modules):
 NAMES = {"vit_b": ("vit_b", "sam", "openclip_vit_l_14"), "tiny": ("tiny", "tiny", "tiny")}
 
 
-def build_encoder(preset, side, device):
-    enc = vit_det.build_vit_det(NAMES[preset][0]).eval().to(device)
+def official_attention(attn, x):
+    """SAM's own attention (segment_anything/modeling/image_encoder.py, Attention.forward with
+    add_decomposed_rel_pos), re-typed as the baseline of the encoder row: the whole (B*heads, N, N)
+    score matrix, the decomposed bias added to it through a (B*heads, H, W, H, W) view, a separate
+    softmax. vit_det.Attention computes the same numbers (see encoder_difference)."""
+    B, H, W, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, H * W, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)   # (3, B, nh, N, hd)
+    q, k, v = qkv.reshape(3, B * attn.num_heads, H * W, -1).unbind(0)                   # (B*nh, N, hd) each
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                             # (B*nh, N, N)
+    Rh, Rw = vit_det.get_rel_pos(H, H, attn.rel_pos_h), vit_det.get_rel_pos(W, W, attn.rel_pos_w)
+    r_q = q.reshape(-1, H, W, q.shape[-1])                                                # (B*nh, H, W, hd)
+    rel_h, rel_w = torch.einsum("bhwc,hkc->bhwk", r_q, Rh), torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
+    scores = (scores.view(-1, H, W, H, W) + rel_h[..., None] + rel_w[..., None, :]).view(-1, H * W, H * W)
+    out = scores.softmax(dim=-1) @ v                                                      # (B*nh, N, hd)
+    return attn.proj(out.view(B, attn.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1))
+
+
+def random_encoder(preset, device, official=False):
+    """The preset's encoder with random relative-position tables (at init they are zero, which
+    would make the bias vanish), built from seed 0 so the official and our rows hold the same weights;
+    official=True swaps every block's attention for official_attention."""
+    torch.manual_seed(0)
+    enc = vit_det.build_vit_det(NAMES[preset][0])
+    for blk in enc.blocks:
+        torch.nn.init.normal_(blk.attn.rel_pos_h, std=0.02)
+        torch.nn.init.normal_(blk.attn.rel_pos_w, std=0.02)
+        if official:
+            blk.attn.forward = functools.partial(official_attention, blk.attn)
+    return enc.eval().to(device)
+
+
+def build_encoder(preset, side, device, official=False):
+    enc = random_encoder(preset, device, official)
     x = torch.randn(1, 3, side, side, device=device)
-    return f"{NAMES[preset][0]} encoder @ {side} px", count(enc), lambda: enc(x), False
+    name = f"{NAMES[preset][0]} encoder @ {side} px" + (", SAM's official attention" if official else "")
+    return name, count(enc), lambda: enc(x), False
+
+
+def encoder_difference(preset, device):
+    """Largest |ours - official| over the neck output for one random image at the native side,
+    both in fp32 (the exactness the encoder row claims), and the output's largest magnitude."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, vit_det.PRESETS[NAMES[preset][0]].img_size, vit_det.PRESETS[NAMES[preset][0]].img_size)
+    with torch.no_grad():
+        ours = random_encoder(preset, torch.device(device))(x.to(device))
+        official = random_encoder(preset, torch.device(device), official=True)(x.to(device))
+    return (ours - official).abs().max().item(), official.abs().max().item()
 
 
 def build_sam(preset, device):
@@ -152,20 +195,34 @@ def build_samclip(preset, device):
 
 
 def cmd_speed(args):
-    """Batch 1, eval, no_grad. Rows: encoder @ native and @ 448 px, SAM, CLIP tower, SAM-CLIP."""
+    """Batch 1, eval, no_grad. Rows: encoder @ native with SAM's official attention and with ours,
+    encoder @ 448 px, SAM, CLIP tower, SAM-CLIP."""
     S = vit_det.PRESETS[NAMES[args.preset][0]].img_size
     header(args, f"speed: batch 1, {args.dtype} on {args.device}", "latency")
-    builds = [functools.partial(build_encoder, args.preset, S),
+    builds = [functools.partial(build_encoder, args.preset, S, official=True),
+              functools.partial(build_encoder, args.preset, S),
               functools.partial(build_encoder, args.preset,
                                 vit_det.scaled_side(448, vit_det.PRESETS[NAMES[args.preset][0]])),
               functools.partial(build_sam, args.preset), functools.partial(build_clip_tower, args.preset),
               functools.partial(build_samclip, args.preset)]
-    rows = [run_row(b, args) for b in builds[:1 if args.encoder_only else None]]
+    rows = [run_row(b, args) for b in builds[:2 if args.encoder_only else None]]
+    official, ours = rows[0], rows[1]
+    if args.in_process:
+        difference = encoder_difference(args.preset, args.device)
+    else:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            difference = pool.submit(encoder_difference, args.preset, args.device).result()
+    summary = {"encoder_speedup_over_official": official["latency_s"] / ours["latency_s"],
+               "encoder_peak_over_official": ours["peak_MB"] / official["peak_MB"],
+               "encoder_max_abs_difference_fp32": difference[0], "encoder_output_max_abs": difference[1]}
+    print(f"  encoder, ours vs official attention: x{summary['encoder_speedup_over_official']:.2f} faster, "
+          f"peak x{summary['encoder_peak_over_official']:.2f}; fp32 outputs differ by at most {difference[0]:.1e} "
+          f"(output magnitude up to {difference[1]:.1f})")
     if args.encoder_only:
-        return finish(args, {"rows": rows})
-    sam, tower, samclip = rows[2], rows[3], rows[4]
-    summary = {"separate_latency_s": sam["latency_s"] + tower["latency_s"],
-               "separate_params_M": sam["params_M"] + tower["params_M"]}
+        return finish(args, {"rows": rows, **summary})
+    sam, tower, samclip = rows[3], rows[4], rows[5]
+    summary |= {"separate_latency_s": sam["latency_s"] + tower["latency_s"],
+                "separate_params_M": sam["params_M"] + tower["params_M"]}
     summary |= {"latency_ratio_separate_over_samclip": summary["separate_latency_s"] / samclip["latency_s"],
                 "params_ratio_separate_over_samclip": summary["separate_params_M"] / samclip["params_M"]}
     print(f"  {'SAM + CLIP run separately':<58} {summary['separate_latency_s']:8.3f} s "
@@ -303,7 +360,8 @@ def main(argv=None):
                        help="run every row in this process (quick; the CPU peak then accumulates over rows)")
         p.add_argument("--out", help="write the results as JSON here")
         if name == "speed":
-            p.add_argument("--encoder-only", action="store_true", help="only the encoder at its native side")
+            p.add_argument("--encoder-only", action="store_true",
+                           help="only the encoder at its native side, official attention vs ours")
         if name == "train-speed":
             p.add_argument("--clip-batch", type=int, default=4,
                            help="D_CLIP images per step at the smallest resolution (default 4)")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import weights
@@ -243,9 +244,18 @@ class MLP(nn.Module):
         return x
 
 
+# Prompt sets per recomputed piece when the mask decoder trains with gradient checkpointing. Each
+# prompt set's decode keeps ~100 MB of activations for the backward at 1024 px (the two-way
+# transformer over 64 x 64 image tokens, the 256 x 256 upscaling); a distill step's 8 prompts x 4
+# rounds kept ~3 GB. Checkpointed, only inputs and outputs stay, and the backward recomputes
+# 8 prompt sets at a time.
+DECODE_CHUNK = 8
+
+
 class MaskDecoder(nn.Module):
     def __init__(self, cfg: SAMHeadConfig):
         super().__init__()
+        self.grad_checkpointing = False                     # set by train.set_trainable (memory)
         C = cfg.embed_dim
         self.num_mask_tokens = cfg.num_multimask_outputs + 1  # token 0: single-mask output
         self.transformer = TwoWayTransformer(cfg)
@@ -259,7 +269,19 @@ class MaskDecoder(nn.Module):
 
     def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
         """Every output token's mask and IoU: (B, 1+3, 4h, 4w), (B, 1+3); HeadSAM picks the single
-        or the multimask outputs (SAM's `multimask_output`), L_SAM distils all of them."""
+        or the multimask outputs (SAM's `multimask_output`), L_SAM distils all of them.
+        With grad_checkpointing (and gradients on) the prompt sets go in pieces of DECODE_CHUNK whose
+        activations are recomputed in the backward: the same numbers, a fraction of the memory."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.decode(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        B = sparse_prompt_embeddings.shape[0]
+        rows = lambda t, i: t if t.shape[0] == 1 else t[i:i + DECODE_CHUNK]   # a shared embedding stays (1, ...)
+        pieces = [torch.utils.checkpoint.checkpoint(
+            self.decode, rows(image_embeddings, i), image_pe, sparse_prompt_embeddings[i:i + DECODE_CHUNK],
+            rows(dense_prompt_embeddings, i), use_reentrant=False) for i in range(0, B, DECODE_CHUNK)]
+        return tuple(torch.cat(x) for x in zip(*pieces))   # (B, 1+3, 4h, 4w), (B, 1+3)
+
+    def decode(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
         B = sparse_prompt_embeddings.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])             # (1+M', C)
         tokens = torch.cat([out_tokens.expand(B, -1, -1), sparse_prompt_embeddings], dim=1)  # (B, T, C)

@@ -109,6 +109,12 @@ class SAMCLIP(nn.Module):
                                                      multimask_output=multimask_output)
         return out
 
+    def set_grad_checkpointing(self, enabled):
+        """Recompute the encoder's blocks and the mask decoder's prompt sets in the backward instead
+        of keeping their activations (training memory; the same numbers). train.py turns it on
+        while the encoder trains."""
+        self.encoder.grad_checkpointing = self.head_sam.mask_decoder.grad_checkpointing = enabled
+
     # -- construction and checkpoints --------------------------------------------------------
     @classmethod
     def from_teachers(cls, sam_checkpoint, clip_checkpoint, verbose=True):

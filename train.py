@@ -88,7 +88,7 @@ class TrainConfig:
     save_every: int = 500             # optimizer steps between checkpoints
     workers: int = 8                  # DataLoader worker processes per rank
     dtype: str = ""                   # fp32 | bf16 (autocast); "": bf16 on CUDA, fp32 on CPU
-    grad_checkpointing: bool = True   # recompute the encoder's blocks in the backward when it trains (memory)
+    grad_checkpointing: bool = True   # encoder blocks, mask decoder recomputed in the backward when the encoder trains
     cache_teacher: str = ""           # folder for cached CLIP-teacher embeddings (fixed crops per image)
 
 
@@ -155,7 +155,7 @@ def set_trainable(model: SAMCLIP, stage, grad_checkpointing=True):
     model.requires_grad_(False)
     for name in STAGES[stage]["trains"]:
         model.get_submodule(name).requires_grad_(True)
-    model.encoder.grad_checkpointing = grad_checkpointing and "encoder" in STAGES[stage]["trains"]   # vit_det
+    model.set_grad_checkpointing(grad_checkpointing and "encoder" in STAGES[stage]["trains"])   # memory
 
 
 def param_groups(model: SAMCLIP, cfg: TrainConfig):

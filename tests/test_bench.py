@@ -13,13 +13,48 @@ def test_speed_tiny_prints_a_table(capsys, tmp_path):
     res = bench.main(["speed", "--preset", "tiny", "--repeats", "1", "--in-process", "--out", str(tmp_path / "s.json")])
     text = capsys.readouterr().out
     assert "SAM-CLIP: encoder + HeadCLIP + HeadSAM" in text and "SAM + CLIP run separately" in text
-    assert len(res["rows"]) == 5 and all(r["latency_s"] > 0 and r["params_M"] > 0 for r in res["rows"])
+    assert len(res["rows"]) == 6 and all(r["latency_s"] > 0 and r["params_M"] > 0 for r in res["rows"])
     assert all(r["peak_MB"] > 0 for r in res["rows"])
     saved = json.loads((tmp_path / "s.json").read_text())
     # the ratio is the sum of the SAM and CLIP rows over the SAM-CLIP row
-    sam, tower, merged = saved["rows"][2:]
+    sam, tower, merged = saved["rows"][3:]
     assert saved["params_ratio_separate_over_samclip"] == pytest.approx(
         (sam["params_M"] + tower["params_M"]) / merged["params_M"])
+
+
+def test_encoder_row_against_sams_official_attention(capsys):
+    """The baseline row: the same weights with SAM's attention re-typed in bench.py. Our encoder
+    agrees with it in fp32; the summary is the ratio of the two rows."""
+    res = bench.main(["speed", "--preset", "tiny", "--repeats", "1", "--in-process", "--encoder-only"])
+    official, ours = res["rows"]
+    assert "official attention" in official["name"] and "official" not in ours["name"]
+    assert res["encoder_speedup_over_official"] == pytest.approx(official["latency_s"] / ours["latency_s"])
+    assert res["encoder_max_abs_difference_fp32"] < 1e-5 * max(1.0, res["encoder_output_max_abs"])
+    assert "x" in capsys.readouterr().out
+
+
+def test_official_attention_is_the_textbook_formula():
+    """official_attention by hand on a 2 x 3 grid: softmax(q.k / sqrt(hd) + q.Rh[i, k_row] + q.Rw[j, k_col]) v."""
+    torch = bench.torch
+    torch.manual_seed(0)
+    attn = bench.vit_det.Attention(dim=8, num_heads=2, rel_pos_size=3)
+    torch.nn.init.normal_(attn.rel_pos_h)
+    torch.nn.init.normal_(attn.rel_pos_w)
+    x = torch.randn(1, 2, 3, 8)
+    with torch.no_grad():
+        got = bench.official_attention(attn, x)
+        q, k, v = attn.qkv(x.reshape(6, 8)).reshape(6, 3, 2, 4).unbind(1)   # (tokens, heads, hd)
+        Rh = bench.vit_det.get_rel_pos(2, 2, attn.rel_pos_h)                   # (2, 2, hd)
+        Rw = bench.vit_det.get_rel_pos(3, 3, attn.rel_pos_w)                   # (3, 3, hd)
+        out = torch.zeros(6, 2, 4)
+        for h in range(2):
+            for i in range(6):
+                s = torch.stack([q[i, h] @ k[j, h] / 2 + q[i, h] @ Rh[i // 3, j // 3] + q[i, h] @ Rw[i % 3, j % 3]
+                                 for j in range(6)])
+                out[i, h] = s.softmax(0) @ v[:, h]
+        want = attn.proj(out.reshape(6, 8)).reshape(1, 2, 3, 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-6)
 
 
 def test_train_speed_tiny_keeps_pixels_per_batch(capsys):

@@ -40,6 +40,42 @@ def test_inputs_untouched_and_shared_embedding(head, sam_fixture):
         head(emb.expand(3, -1, -1, -1), points=(coords, labels), boxes=case["boxes"])
 
 
+def test_checkpointed_decoder_same_numbers_fewer_saved_activations(monkeypatch):
+    """grad_checkpointing decodes the prompt sets in pieces of DECODE_CHUNK and recomputes them in
+    the backward: outputs and gradients (of the decoder's weights and of the image embedding the
+    encoder gets) equal the plain decode, while the bytes autograd keeps for the backward drop."""
+    monkeypatch.setattr(heads, "DECODE_CHUNK", 3)             # 7 prompt sets: pieces of 3, 3, 1
+    torch.manual_seed(0)
+    head = heads.build_head_sam("tiny")
+    for p in head.parameters():                               # SAM's zero-init convs would hide gradients
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    s = head.cfg.image_embedding_size
+    emb = torch.randn(1, head.cfg.embed_dim, s, s, generator=g)
+    S = head.cfg.input_image_size
+    coords, labels = torch.rand(7, 2, 2, generator=g) * S, torch.randint(0, 2, (7, 2), generator=g)
+    results = []
+    for checkpointing in (False, True):
+        head.zero_grad()
+        head.mask_decoder.grad_checkpointing = checkpointing
+        e = emb.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            masks, iou = head.all_outputs(e, points=(coords, labels))
+        ((masks ** 2).mean() + iou.sum()).backward()
+        results.append((masks.detach(), iou.detach(), e.grad, sum(saved),
+                        {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}))
+    (m0, i0, e0, saved0, g0), (m1, i1, e1, saved1, g1) = results
+    torch.testing.assert_close(m1, m0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(i1, i0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-7)
+    assert g0.keys() == g1.keys() and len(g0) > 20
+    for name, grad in g0.items():
+        torch.testing.assert_close(g1[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert saved1 < saved0 / 4, (saved1, saved0)
+
+
 def test_full_size_head_layout():
     sd = meta_state_dict("sam_vit_b_keys.tsv")
     cfg = heads.head_config_from_state_dict(sd)
