@@ -451,3 +451,20 @@ def trim_padding(tokens):
     token is found as the row's largest id (49407, the last of the vocabulary), exactly as the
     tower finds it; counting non-zero ids would be wrong, because id 0 is the BPE symbol "!"."""
     return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
+
+
+def encode_text_by_length(encode_text, tokens, batch_size=1024):
+    """encode_text over (N, L) tokens from `tokenize`, texts of one length per call, each cut after
+    its end token -> (N, D) in the order of the rows. The same numbers as one call on
+    trim_padding(tokens) (the tower is causal and reads the end token), with fewer token rows when
+    the lengths differ: the 80 templates with the demo's class names are 8.4 tokens long on average
+    and 12 at most, so 30% less work than trimming them all to the longest."""
+    ends = tokens.argmax(dim=-1)                                        # (N,) end-token positions
+    out = None
+    for end in ends.unique().tolist():
+        for rows in (ends == end).nonzero().squeeze(1).split(batch_size):  # (n,) texts of this length
+            feats = encode_text(tokens[rows, :end + 1])                  # (n, end + 1) -> (n, D)
+            if out is None:
+                out = feats.new_empty(len(tokens), feats.shape[1])
+            out[rows.to(out.device)] = feats
+    return out

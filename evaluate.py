@@ -312,8 +312,8 @@ def cmd_retrieve(args):
         pics += imgs[:max(0, args.visualize - len(pics))]
     for i in tqdm(range(0, len(caps), args.batch_size), desc="captions"):
         tok = clip.tokenize(caps[i:i + args.batch_size], ctx)                # (B, L)
-        tok = clip.trim_padding(tok)                                         # causal tower: padding can go
-        txt_emb.append(F.normalize(m.encode_text(tok.to(args.device)).float(), dim=-1).cpu())
+        emb = clip.encode_text_by_length(lambda t: m.encode_text(t.to(args.device)), tok)  # causal: padding can go
+        txt_emb.append(F.normalize(emb.float(), dim=-1).cpu())
     sim = torch.cat(txt_emb) @ torch.cat(img_emb).T                          # (N_text, N_img)
     right = F.one_hot(torch.tensor(owner), len(paths)).bool()                # (N_text, N_img)
     t2i, i2t = metrics.recall_at_k(sim, right), metrics.recall_at_k(sim.T, right.T)

@@ -186,13 +186,12 @@ def autocast(device, dtype):
 
 def compile_modules(model, enabled):
     """--compile: torch.compile, in place, what every path runs through (each encoder block, the neck,
-    HeadCLIP); HeadSAM's prompt-dependent shapes would recompile per call and stay eager. Compilation
-    happens at the first call, so callers time a warm-up to report it. Off by default. -> model."""
+    HeadCLIP) with nn.Module.compile, so parameter names and checkpoints stay as they are; HeadSAM's
+    prompt-dependent shapes would recompile per call and stay eager. Compilation happens at the
+    first call (and again for a new input shape), so callers time a warm-up to report it. -> model."""
     if enabled:
-        enc = model.encoder
-        for i, block in enumerate(enc.blocks):
-            enc.blocks[i] = torch.compile(block)
-        enc.neck, model.head_clip = torch.compile(enc.neck), torch.compile(model.head_clip)
+        for module in (*model.encoder.blocks, model.encoder.neck, model.head_clip):
+            module.compile()
     return model
 
 

@@ -2,8 +2,7 @@
 
     probe    HeadCLIP alone on L_CLIP, backbone frozen
     distill  L_CLIP + lam * L_SAM on the backbone, HeadCLIP and the mask decoder
-    adapt    HeadCLIP alone on L_CLIP at 224/448/1024 px, backbone frozen
-(learning rates, epochs and resolutions of each stage: the STAGES table below, App. A).
+    adapt    HeadCLIP alone on L_CLIP at 224/448/1024 px, backbone frozen   (each one's lr, epochs, sides: STAGES)
 A distill step (Sec. 4.1): a D_CLIP batch at the step's resolution (2048 images at 224 px, fewer at 448:
 constant pixels) gives L_CLIP against the frozen CLIP ViT-L/14 image tower, a D_SAM batch (32 images at
 1024 px, 32 prompts each, replayed over SAM's interactive rounds) gives L_SAM against the frozen SAM; one
@@ -40,7 +39,7 @@ import losses
 import toy
 import vit_det
 import weights
-from model import SAMCLIP, build_samclip, load_teachers, autocast as model_autocast
+from model import SAMCLIP, build_samclip, compile_modules, load_teachers, autocast as model_autocast
 from toy import layouts
 
 
@@ -90,6 +89,7 @@ class TrainConfig:
     dtype: str = ""                   # fp32 | bf16 (autocast); "": bf16 on CUDA, fp32 on CPU
     grad_checkpointing: bool = True   # encoder blocks, mask decoder recomputed in the backward when the encoder trains
     cache_teacher: str = ""           # folder for cached CLIP-teacher embeddings (fixed crops per image)
+    compile: bool = False             # torch.compile encoder blocks, neck, HeadCLIP (model.compile_modules)
 
 
 # Built-in CPU runs on toy-world scenes written to OUT/data: settings, per-stage ones, data sizes. tiny: random
@@ -117,8 +117,8 @@ def resolve_config(args, stage, encoder_cfg, teacher_cfg):
                   resolutions=tuple(vit_det.scaled_side(r, encoder_cfg) for r in row["resolutions"]))
     if args.preset in BUILTIN:
         cfg = replace(cfg, **BUILTIN[args.preset]["settings"], **BUILTIN[args.preset]["stages"][stage])
-    given = {k: v for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__
-             and k != "stage"}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+             if v is not None and k in TrainConfig.__dataclass_fields__ and k != "stage"}   # lists: --resolutions
     return replace(cfg, **given)
 
 
@@ -225,7 +225,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
 
     # --- model, optimizer, DDP
     set_trainable(model, cfg.stage, cfg.grad_checkpointing)
-    model.to(device).train()
+    compile_modules(model.to(device).train(), cfg.compile)
     opt = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999))
     step = 0
     if state is not None:
@@ -260,8 +260,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     epoch, tally = None, data.EpochTally()
     while step < last:
         t0, logs, n_clip, n_sam = time.time(), {}, 0, 0
-        # the learning rate of this step
-        for group in opt.param_groups:
+        for group in opt.param_groups:                           # the learning rate of this step
             group["lr"] = group["base_lr"] * lr_factor(step, total, cfg.warmup_steps)
         for micro in range(cfg.accum_steps):
             # the batches; a new D_CLIP epoch first closes the last one
@@ -290,6 +289,8 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        if cfg.compile and step == bar.initial + 1:             # torch.compile ran inside this first step
+            log0(rank, f"stage {cfg.stage}: --compile: first step {time.time() - t0:.1f} s (a new side compiles again)")
         # one metrics line with every loss term, the lr and the step time
         if step % cfg.log_every == 0 or step == last:
             vals = {k: all_ranks(v, world, device) for k, v in logs.items()}
@@ -404,10 +405,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, help=f"DataLoader workers per rank (default {d.workers})")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--cache-teacher", help="folder to cache CLIP-teacher embeddings in (fixes each image's crop)")
-    args = p.parse_args(argv)
-    if args.resolutions:
-        args.resolutions = tuple(args.resolutions)
-    return args
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile (first step's time logged)")
+    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -98,19 +98,18 @@ def class_embeddings(model, class_names, templates=OPENAI_IMAGENET_TEMPLATES, ba
     """CLIP's zero-shot classifier (CLIP Sec. 3.1.4): every class name is put into every template,
     each prompt is embedded by the frozen text tower and L2-normalised, the T embeddings of a class
     are averaged and the mean re-normalised. Returns (K, D) unit rows, on the model's device.
-    `model`: the merged SAMCLIP, or a bare clip.CLIP (the teacher, for baselines). Up to 12 classes'
-    80 prompts go through the text tower in one batched pass (the demo's start-up), more in batches.
+    `model`: the merged SAMCLIP, or a bare clip.CLIP (the teacher, for baselines). The prompts go
+    through the text tower in batches of up to `batch_size` texts of one token length
+    (clip.encode_text_by_length): the demo's few classes take one pass per length.
     """
     names, templates = list(class_names), list(templates)
     ctx = (model.cfg.clip if hasattr(model, "cfg") else model.config).context_length
     check_class_names(names, templates, ctx)
     prompts = [t.format(name) for name in names for t in templates]            # K*T texts
     tokens = clip.tokenize(prompts, ctx)                                        # (K*T, L)
-    tokens = clip.trim_padding(tokens)                                          # (K*T, L')
     device = model.logit_scale.device
-    feats = [F.normalize(model.encode_text(tokens[i:i + batch_size].to(device)).float(), dim=-1)
-             for i in range(0, len(prompts), batch_size)]
-    emb = torch.cat(feats).reshape(len(names), len(templates), -1)             # (K*T, D) -> (K, T, D)
+    feats = clip.encode_text_by_length(lambda t: model.encode_text(t.to(device)), tokens, batch_size)  # (K*T, D)
+    emb = F.normalize(feats.float(), dim=-1).reshape(len(names), len(templates), -1)  # (K*T, D) -> (K, T, D)
     return F.normalize(emb.mean(dim=1), dim=-1)                                 # (K, D)
 
 

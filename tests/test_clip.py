@@ -239,3 +239,23 @@ def test_trim_padding_keeps_end_tokens_of_texts_with_id_zero(tiny):
     model = clip.load_clip(tiny["state_dict"])
     with torch.no_grad():
         assert torch.allclose(model.encode_text(trimmed), model.encode_text(tokens), atol=1e-5)
+
+
+def test_encode_text_by_length_equals_one_trimmed_call_with_fewer_tokens(tiny):
+    """Texts grouped by length, each group cut after its own end token, batches of 2: the rows come
+    back in order with the numbers of one call on the whole trimmed batch, from fewer token rows."""
+    model = clip.load_clip(tiny["state_dict"])
+    texts = ["a dog", "a photo of a small red car on the road", "cat", "a dog", "the sky at night", "x y"]
+    tokens = clip.tokenize(texts)
+    seen = []
+
+    def encode(t):
+        seen.append(t.shape)
+        return model.encode_text(t)
+    with torch.no_grad():
+        got = clip.encode_text_by_length(encode, tokens, batch_size=2)
+        want = model.encode_text(clip.trim_padding(tokens))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    ends = tokens.argmax(-1)
+    assert max(s[0] for s in seen) <= 2 and sum(s[0] for s in seen) == len(texts)
+    assert sum(s[0] * s[1] for s in seen) == int((ends + 1).sum()) < clip.trim_padding(tokens).numel()
