@@ -93,7 +93,7 @@ class Attention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.randn(3 * width, width) * width ** -0.5)
+        self.in_proj_weight = nn.Parameter(nn.init.normal_(torch.empty(3 * width, width), std=width ** -0.5))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
@@ -156,12 +156,13 @@ class VisionTower(nn.Module):
         super().__init__()
         C, p = config.vision_width, config.patch_size
         self.conv1 = nn.Conv2d(3, C, kernel_size=p, stride=p, bias=False)
-        self.class_embedding = nn.Parameter(torch.randn(C) * C ** -0.5)
-        self.positional_embedding = nn.Parameter(torch.randn(config.grid_size ** 2 + 1, C) * C ** -0.5)
+        self.class_embedding = nn.Parameter(nn.init.normal_(torch.empty(C), std=C ** -0.5))
+        grid = config.grid_size ** 2 + 1                                     # patch tokens + class token
+        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(grid, C), std=C ** -0.5))
         self.ln_pre = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.transformer = Transformer(C, config.vision_layers, config.vision_heads, config)
         self.ln_post = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.proj = nn.Parameter(torch.randn(C, config.embed_dim) * C ** -0.5)
+        self.proj = nn.Parameter(nn.init.normal_(torch.empty(C, config.embed_dim), std=C ** -0.5))
 
     def position_embedding_for(self, gh, gw):
         """The (1 + gh*gw, C) position table for a gh x gw patch grid. At the native grid this is
@@ -205,10 +206,10 @@ class TextTower(nn.Module):
         C = config.text_width
         self.token_embedding = nn.Embedding(config.vocab_size, C)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
-        self.positional_embedding = nn.Parameter(torch.randn(config.context_length, C) * 0.01)
+        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(config.context_length, C), std=0.01))
         self.transformer = Transformer(C, config.text_layers, config.text_heads, config)
         self.ln_final = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.text_projection = nn.Parameter(torch.randn(C, config.embed_dim) * C ** -0.5)
+        self.text_projection = nn.Parameter(nn.init.normal_(torch.empty(C, config.embed_dim), std=C ** -0.5))
 
     def forward(self, tokens):
         """(B, L) -> (B, D): the features at the end token, which has the largest id of each row.
@@ -329,7 +330,7 @@ def load_clip(checkpoint, quick_gelu=False) -> CLIP:
           f"embed {config.embed_dim}, image {config.image_size} / patch {config.patch_size}, vision "
           f"{config.vision_width} x {config.vision_layers}, text {config.text_width} x {config.text_layers}, "
           f"context {config.context_length}, vocab {config.vocab_size}, mlp_ratio {config.mlp_ratio}")
-    with torch.device("meta"):  # no memory, no random init (5 s for ViT-L on CPU): all is overwritten
+    with weights.skeleton():  # no memory, no random init (5 s for ViT-L on CPU): all is overwritten
         model = CLIP(config)
     model = model.to_empty(device="cpu")  # uninitialised float32 storage, filled by load_checked
     weights.load_checked(model, weights.remap(state_dict, CLIP_REMAP), source, "CLIP")

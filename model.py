@@ -147,7 +147,7 @@ class SAMCLIP(nn.Module):
             kind = weights.guess_kind(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
             raise weights.CheckpointError(f"{path}: expected a merged SAM-CLIP checkpoint (written by "
                                           f"SAMCLIP.save or train.py), but it is {kind}")
-        with torch.device("meta"):   # shapes only: no random initialisation that the file would overwrite
+        with weights.skeleton():   # shapes only: no random initialisation that the file would overwrite
             model = cls(SAMCLIPConfig.from_dict(ckpt["config"]))
         weights.load_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
                              path, "SAM-CLIP", assign=True)

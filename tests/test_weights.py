@@ -100,3 +100,29 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
         weights.atomic_save({"step": 2, "x": Unsaveable()}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["ckpt.pt"]              # no temporary file left behind
+
+
+def test_skeleton_builds_shapes_without_running_initialisers():
+    """weights.skeleton(): the full-size merged model's tensors are all on the meta device, with
+    the shapes of the randomly initialised model, and no initialiser ran. Checked in a fresh
+    interpreter, where running one would have imported torch._dynamo (the Python meta kernels of
+    normal_ / randn * scale pull it in: ~2 s of the demo's start-up)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import sys, torch, model, weights\n"
+            "with weights.skeleton():\n"
+            "    m = model.SAMCLIP(model.make_config())\n"
+            "assert all(t.is_meta for t in [*m.parameters(), *m.buffers()])\n"
+            "print(sum(p.numel() for p in m.parameters()), 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    params, dynamo = out.split()
+    with torch.device("meta"):
+        import model
+        reference = model.SAMCLIP(model.make_config())
+    assert int(params) == sum(p.numel() for p in reference.parameters()) > 200e6   # vit_b + HeadCLIP + ViT-L text
+    assert dynamo == "False"
+    with weights.skeleton():
+        small = vit_det.build_vit_det("tiny")
+    assert [(n, p.shape) for n, p in small.named_parameters()] == \
+        [(n, p.shape) for n, p in vit_det.build_vit_det("tiny").named_parameters()]
