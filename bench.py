@@ -124,7 +124,7 @@ def official_attention(attn, x):
     """SAM's own attention (segment_anything/modeling/image_encoder.py, Attention.forward with
     add_decomposed_rel_pos), re-typed as the baseline of the encoder row: the whole (B*heads, N, N)
     score matrix, the decomposed bias added to it through a (B*heads, H, W, H, W) view, a separate
-    softmax. vit_det.Attention computes the same numbers (see encoder_difference)."""
+    softmax. vit_det.Attention computes the same numbers (see encoder_head_to_head)."""
     B, H, W, _ = x.shape
     qkv = attn.qkv(x).reshape(B, H * W, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)   # (3, B, nh, N, hd)
     q, k, v = qkv.reshape(3, B * attn.num_heads, H * W, -1).unbind(0)                   # (B*nh, N, hd) each
@@ -158,12 +158,13 @@ def build_encoder(preset, side, device, official=False):
     return name, count(enc), lambda: enc(x), False
 
 
-def encoder_head_to_head(preset, device, repeats):
+def encoder_head_to_head(preset, device, repeats, dtype="fp32"):
     """Our encoder against official_attention's, same weights, in one process: the largest
-    |ours - official| of the neck output for one random image at the native side (fp32, the
-    exactness the encoder row claims), then `repeats` timed forwards of each, alternating, after
-    a warm-up of each. On a shared machine whose speed drifts, alternating is what keeps the ratio
-    honest; the rows above, one process each, give the peaks."""
+    |ours - official| of the neck output for one random image at the native side (both fp32, the
+    exactness the encoder row claims), then `repeats` timed forwards of each, alternating: ours in
+    `dtype` (bf16: under autocast), SAM's in fp32, the baseline of the issue's targets. On a shared
+    machine whose speed drifts, alternating is what keeps the ratio honest; the rows, one process
+    each, give the peaks."""
     torch.manual_seed(1)
     device = torch.device(device)
     side = vit_det.PRESETS[NAMES[preset][0]].img_size
@@ -172,15 +173,17 @@ def encoder_head_to_head(preset, device, repeats):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {"ours": [], "official": []}
     with torch.no_grad():
-        difference = (ours(x) - official(x)).abs().max().item()
+        reference = official(x)                                  # these first forwards are the warm-ups
+        difference, magnitude = (ours(x) - reference).abs().max().item(), reference.abs().max().item()
         for _ in range(repeats):
             for name, enc in (("official", official), ("ours", ours)):
                 sync()
                 start = time.perf_counter()
-                enc(x)
+                with torch.autocast(device.type, DTYPES[dtype], enabled=name == "ours" and dtype != "fp32"):
+                    enc(x)
                 sync()
                 times[name].append(time.perf_counter() - start)
-    return {"max_abs_difference_fp32": difference, "output_max_abs": official(x).abs().max().item(),
+    return {"max_abs_difference_fp32": difference, "output_max_abs": magnitude,
             "official_s": statistics.median(times["official"]), "ours_s": statistics.median(times["ours"])}
 
 
@@ -223,14 +226,15 @@ def cmd_speed(args):
     rows = [run_row(b, args) for b in builds[:2 if args.encoder_only else None]]
     official, ours = rows[0], rows[1]
     if args.in_process:
-        duel = encoder_head_to_head(args.preset, args.device, args.repeats)
+        duel = encoder_head_to_head(args.preset, args.device, args.repeats, args.dtype)
     else:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            duel = pool.submit(encoder_head_to_head, args.preset, args.device, args.repeats).result()
+            duel = pool.submit(encoder_head_to_head, args.preset, args.device, args.repeats, args.dtype).result()
     summary = {"encoder_speedup_over_official": duel["official_s"] / duel["ours_s"],
                "encoder_peak_over_official": ours["peak_MB"] / official["peak_MB"],
                "encoder_head_to_head": duel}
-    print(f"  encoder, ours vs official attention, alternating in one process: {duel['official_s']:.3f} s vs "
+    print(f"  encoder, ours ({args.dtype}) vs official attention (fp32), alternating in one process: "
+          f"{duel['official_s']:.3f} s vs "
           f"{duel['ours_s']:.3f} s, x{summary['encoder_speedup_over_official']:.2f} faster; peak "
           f"x{summary['encoder_peak_over_official']:.2f} (rows above); fp32 outputs differ by at most "
           f"{duel['max_abs_difference_fp32']:.1e} (output magnitude up to {duel['output_max_abs']:.1f})")

@@ -255,7 +255,7 @@ DECODE_CHUNK = 8
 class MaskDecoder(nn.Module):
     def __init__(self, cfg: SAMHeadConfig):
         super().__init__()
-        self.grad_checkpointing = False                     # set by train.set_trainable (memory)
+        self.grad_checkpointing = False                     # SAMCLIP.set_grad_checkpointing (memory)
         C = cfg.embed_dim
         self.num_mask_tokens = cfg.num_multimask_outputs + 1  # token 0: single-mask output
         self.transformer = TwoWayTransformer(cfg)

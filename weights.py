@@ -15,6 +15,8 @@ mechanics are the same for all of them and belong to none, so they live here onc
   offending keys, before anything is copied.
 - `atomic_save(obj, path)`: write to a temporary file in the same folder, fsync, rename; a crash
   mid-write never leaves a broken checkpoint behind.
+- `skeleton()`: build a model whose every tensor a checkpoint will replace, on the meta device and
+  without running its initialisers (fast start-up).
 """
 
 import contextlib
@@ -189,9 +191,9 @@ def skeleton():
     """`with weights.skeleton(): model = Model(cfg)` builds the module tree for a checkpoint that
     will replace every tensor (load_checked(..., assign=True), or to_empty then load): all tensors
     on the meta device (shapes, no memory) and no initialiser run. torch.device("meta") alone still
-    runs them, and torch's meta versions of normal_ / uniform_ / randn are Python code whose first
-    use imports torch's reference kernels: 1.9 s for one nn.Embedding on this CPU, most of a merged
-    model's load time."""
+    runs them, and torch's meta versions of normal_ / uniform_ / randn / mul are Python code whose
+    first use imports torch._dynamo and torch's reference kernels: 1.9 s for one nn.Embedding on
+    this CPU, most of a merged model's load time (1.8 s -> 0.3 s for vit_b + ViT-L/14 text)."""
     with torch.device("meta"), _SkipInit():
         yield
 
