@@ -131,23 +131,28 @@ def get_rel_pos(q_size, k_size, rel_pos):
     return rel_pos[relative.long()]                         # (q, k, hd)
 
 
-def decomposed_rel_pos_bias(q, Rh, Rw, start, W):
+def decomposed_rel_pos_bias(q, Rh, Rw, start, W, out=None):
     """MViTv2's decomposed relative positions as an additive attention bias, for a run of queries.
 
     bias[(i, j), (k, l)] = q_(i,j) . Rh[i, k] + q_(i,j) . Rw[j, l] on the *unscaled* query, so the
     bias is a sum of a height term and a width term instead of a full (H*W)^2 table.
     q: (..., n, hd), the queries of tokens start .. start+n-1 of the row-major H x W grid;
-    Rh (H, H, hd), Rw (W, W, hd) from get_rel_pos -> bias (..., n, H*W)."""
+    Rh (H, H, hd), Rw (W, W, hd) from get_rel_pos -> bias (..., n, H*W), written into `out` if
+    given (a bias of the same shape that is no longer needed; without gradients only)."""
     n = q.shape[-2]
     token = torch.arange(start, start + n, device=q.device)                # (n,) their grid positions
     rel_h = torch.einsum("...qc,qkc->...qk", q, Rh[token // W])            # (..., n, H): row i of each query
     rel_w = torch.einsum("...qc,qkc->...qk", q, Rw[token % W])             # (..., n, W): column j
+    if out is not None:
+        return torch.add(rel_h[..., :, None], rel_w[..., None, :], out=out.unflatten(-1, (-1, W))).flatten(-2)
     return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)        # (..., n, H, W) -> (..., n, H*W)
 
 
 # Queries per scaled_dot_product_attention call. The bias of a global block at 1024 px would be
 # (B, heads, 4096, 4096), 0.8 GB for ViT-B in fp32; in runs of 1024 queries only a quarter of it exists
-# at once in inference, and the result is exact (every query's row is computed as before). Measured
+# at once in inference, and the result is exact (every query's row is computed as before). Without
+# gradients the runs write their bias into one buffer: fresh 200 MB buffers cost page faults (half of
+# the encoder's 1.3M per forward, and ~5% of its time). Measured
 # on a 2-core CPU (ViT-B global block at 1024 px, fp32): 1.4 s chunked vs 2.2 s for the full bias, and
 # 3.4 s for folding the bias into the query and key (q' = [q/sqrt(hd), q.Rh, q.Rw], k' = [k, one-hot
 # row, one-hot column]: exact as well, no bias at all, but a 3x wider q.k product that the CPU
@@ -177,10 +182,11 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, nh, C // nh)     # (B, N, 3, nh, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)       # 3 x (B, nh, N, hd)
         Rh, Rw = get_rel_pos(H, H, self.rel_pos_h), get_rel_pos(W, W, self.rel_pos_w)  # (H, H, hd), (W, W, hd)
-        out = []
+        out, bias = [], None
         for start in range(0, N, QUERY_CHUNK):
             q_run = q[:, :, start:start + QUERY_CHUNK]                      # (B, nh, n, hd)
-            bias = decomposed_rel_pos_bias(q_run, Rh, Rw, start, W)         # (B, nh, n, N)
+            reuse = bias is not None and bias.shape[2] == q_run.shape[2] and not torch.is_grad_enabled()
+            bias = decomposed_rel_pos_bias(q_run, Rh, Rw, start, W, out=bias if reuse else None)  # (B, nh, n, N)
             out.append(F.scaled_dot_product_attention(q_run, k, v, attn_mask=bias.to(q.dtype)))  # (B, nh, n, hd)
         x = torch.cat(out, dim=2).transpose(1, 2).reshape(B, H, W, C)   # (B, nh, N, hd) -> (B, H, W, C)
         return self.proj(x)

@@ -101,7 +101,8 @@ def test_abs_pos_resize_rule_keeps_smooth_tables_and_does_not_alias():
 def test_attention_in_query_runs_equals_the_full_bias(monkeypatch):
     """Queries in runs of QUERY_CHUNK (here 7: runs that cross grid rows and a ragged last run) give
     the attention of the full (N, N) bias, written out independently: softmax(q.k / sqrt(hd) +
-    q.Rh[i, k] + q.Rw[j, l]) v, as SAM's Attention computes it."""
+    q.Rh[i, k] + q.Rw[j, l]) v, as SAM's Attention computes it; with gradients and without (where
+    the runs share one bias buffer)."""
     torch.manual_seed(0)
     attn = vit_det.Attention(dim=16, num_heads=2, rel_pos_size=5)
     torch.nn.init.normal_(attn.rel_pos_h), torch.nn.init.normal_(attn.rel_pos_w)
@@ -120,6 +121,8 @@ def test_attention_in_query_runs_equals_the_full_bias(monkeypatch):
     weights = (q @ k.transpose(-1, -2) / (C // 2) ** 0.5 + bias).softmax(-1)
     reference = attn.proj((weights @ v).transpose(1, 2).reshape(B, H, W, C))
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_checkpointing_changes_no_number():
