@@ -4,7 +4,8 @@
     python bench.py train-speed  [--preset vit_b|tiny] [--clip-batch 4] [--sam-batch 1] [--masks 8] [--dtype ...]
 
 speed: one 1024 px SAM-CLIP forward serving both heads against SAM ViT-B plus the CLIP ViT-L/14 image
-tower run separately (the paper's argument for merging), and the encoder alone at 1024 and 448 px.
+tower run separately (the paper's argument for merging), and the encoder alone at 1024 and 448 px,
+at 1024 px also against SAM's own attention algorithm (official_attention; --encoder-only: just that).
 train-speed: one distill step (both frozen teachers via losses.teacher_targets, the student's CLIP and
 SAM branches over SAM's interactive rounds, backward, AdamW) per D_CLIP resolution, at constant
 pixels per batch as the variable-resolution sampler keeps them; then what one DataLoader worker
@@ -21,6 +22,10 @@ memory. Peak memory, measured the standard way for the device:
     row in this process (faster, for smoke runs): the mark then only grows, and later rows
     inherit earlier peaks.
 --dtype bf16 runs the forwards (and the training step) under torch.autocast with bfloat16.
+Every row also counts its FLOPs (torch.utils.flop_counter: matmuls, convolutions, attention) and
+prints the achieved TFLOP/s, and MFU against the device's dense bf16 peak (--peak-tflops, or a known
+GPU's data-sheet value). A training step's FLOPs are the model's: counted in one more step with
+gradient checkpointing off, so recomputation does not count as useful work.
 """
 
 import argparse
@@ -36,6 +41,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+from torch.utils import flop_counter
 
 import clip
 import data
@@ -48,6 +54,10 @@ from toy import layouts
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
+# Dense bf16 tensor-core peaks (TFLOP/s, vendor data sheets, SXM parts) for MFU; --peak-tflops overrides,
+# and is the only source on CPUs and other GPUs.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+
 
 # ----------------------------------------------------------------------------- measuring one row
 
@@ -56,11 +66,37 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(build, repeats, device, dtype):
-    """build() -> (name, parameter count, fn, grad): fn runs one forward (or step). Runs fn once to
-    warm up, then `repeats` times, timed; returns the row as a dict."""
+def count_tflop(fn):
+    """The floating-point work of one call of fn, in TFLOP, by torch's FLOP counter (matmuls,
+    convolutions, attention; forward and backward)."""
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e12
+
+
+def _count_cpu_attention():
+    """torch's FLOP counter knows the GPU attention kernels, not the CPU one: count it as they are."""
+    ops = torch.ops.aten
+    if not hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") or \
+            ops._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+    flop_counter.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)(
+        lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(query, key, value))
+    flop_counter.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)(
+        lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+        flop_counter.sdpa_backward_flop_count(grad_out, query, key, value))
+
+
+_count_cpu_attention()
+
+
+def measure(build, repeats, device, dtype, peak_tflops=None):
+    """build() -> (name, parameter count, fn, grad[, count_fn]): fn runs one forward (or step). Runs
+    fn once to warm up, then `repeats` times, timed; then counts the FLOPs of one call of count_fn
+    (default fn), after the peak memory is read: achieved TFLOP/s, and MFU against peak_tflops.
+    Returns the row as a dict."""
     cuda = device.type == "cuda"
-    name, params, fn, grad = build(device)
+    name, params, fn, grad, *count_fn = build(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,7 +117,14 @@ def measure(build, repeats, device, dtype):
         with torch.no_grad():
             row["cosine_to_fp32"] = torch.nn.functional.cosine_similarity(
                 flat(out).double(), flat(fn()).double(), dim=0).item()
-    print(f"  {name:<58} {row['latency_s']:8.3f} s {row['params_M']:8.1f} M {peak:9.0f} MB {peak - built:+9.0f} MB"
+    with torch.enable_grad() if grad else torch.no_grad(), \
+            torch.autocast(device.type, dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None):
+        row["tflop"] = count_tflop(count_fn[0] if count_fn else fn)
+    row["tflops_per_s"] = row["tflop"] / row["latency_s"]
+    if peak_tflops:
+        row["mfu"] = row["tflops_per_s"] / peak_tflops
+    print(f"  {name:<58} {row['latency_s']:8.3f} s {row['params_M']:8.1f} M {peak:9.0f} MB {peak - built:+9.0f} MB "
+          f"{row['tflops_per_s']:8.3f}" + (f"  MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "")
           + (f"  cosine to fp32 {row['cosine_to_fp32']:.6f}" if "cosine_to_fp32" in row else ""), flush=True)
     return row
 
@@ -97,17 +140,18 @@ def flat(out):
 def run_row(build, args):
     """One row, in a fresh process unless --in-process (see the docstring: a clean CPU peak)."""
     device = torch.device(args.device)
+    peak = getattr(args, "peak_tflops", None)
     if args.in_process:
-        return measure(build, args.repeats, device, args.dtype)
+        return measure(build, args.repeats, device, args.dtype, peak)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_child, build, args.repeats, args.device, args.dtype, args.threads).result()
+        return pool.submit(_child, build, args.repeats, args.device, args.dtype, args.threads, peak).result()
 
 
-def _child(build, repeats, device, dtype, threads):
+def _child(build, repeats, device, dtype, threads, peak_tflops=None):
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    return measure(build, repeats, torch.device(device), dtype)
+    return measure(build, repeats, torch.device(device), dtype, peak_tflops)
 
 
 def count(*modules):
@@ -148,7 +192,7 @@ def random_encoder(preset, device, official=False):
         torch.nn.init.normal_(blk.attn.rel_pos_w, std=0.02)
         if official:
             blk.attn.forward = functools.partial(official_attention, blk.attn)
-    return enc.eval().to(device)
+    return enc.eval().requires_grad_(False).to(device)
 
 
 def build_encoder(preset, side, device, official=False):
@@ -188,22 +232,22 @@ def encoder_head_to_head(preset, device, repeats, dtype="fp32"):
 
 
 def build_sam(preset, device):
-    enc = vit_det.build_vit_det(NAMES[preset][0]).eval().to(device)
-    head = heads.build_head_sam(NAMES[preset][1]).eval().to(device)
+    enc = vit_det.build_vit_det(NAMES[preset][0]).eval().requires_grad_(False).to(device)
+    head = heads.build_head_sam(NAMES[preset][1]).eval().requires_grad_(False).to(device)
     S = enc.cfg.img_size
     x, box = torch.randn(1, 3, S, S, device=device), torch.tensor([[0.1, 0.1, 0.6, 0.7]], device=device) * S
     return f"SAM {NAMES[preset][0]}: encoder + head @ {S} px", count(enc, head), lambda: head(enc(x), boxes=box), False
 
 
 def build_clip_tower(preset, device):
-    tower = clip.build_clip(NAMES[preset][2]).visual.eval().to(device)       # the image tower alone
+    tower = clip.build_clip(NAMES[preset][2]).visual.eval().requires_grad_(False).to(device)   # the image tower
     side = tower.conv1.kernel_size[0] * round((tower.positional_embedding.shape[0] - 1) ** 0.5)
     x = torch.randn(1, 3, side, side, device=device)
     return f"CLIP {NAMES[preset][2]} image tower @ {side} px", count(tower), lambda: tower(x), False
 
 
 def build_samclip(preset, device):
-    merged = samclip_model.SAMCLIP(samclip_model.PRESETS[preset]()).eval()
+    merged = samclip_model.SAMCLIP(samclip_model.PRESETS[preset]()).eval().requires_grad_(False)
     del merged.text                                                          # not part of an image forward
     merged.to(device)
     S = merged.cfg.encoder.img_size
@@ -282,9 +326,14 @@ def build_distill_step(preset, resolution, clip_batch, sam_batch, masks, device)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def model_flops_step():   # MFU counts the model's FLOPs, not the recomputation of checkpointed blocks
+        student.set_grad_checkpointing(False)
+        one_step()
+        student.set_grad_checkpointing(True)
     name = (f"distill: {n} x {resolution} px D_CLIP + {sam_batch} x {S} px D_SAM "
             f"({masks} prompts x {cfg.sam_rounds} rounds)")
-    return name, sum(p.numel() for p in student.parameters() if p.requires_grad), one_step, True
+    return name, sum(p.numel() for p in student.parameters() if p.requires_grad), one_step, True, model_flops_step
 
 
 def random_sam_batch(B, K, S, g, P=3):
@@ -350,7 +399,7 @@ def cmd_train_speed(args):
 def header(args, title, unit):
     print(f"{title}, {torch.get_num_threads()} CPU threads, median of {args.repeats} after 1 warm-up, "
           f"{'in this process' if args.in_process else 'each row in a fresh process'}\n"
-          f"  {'':<58} {unit:>10} {'params':>10} {'peak':>12} {'rise':>12}")
+          f"  {'':<58} {unit:>10} {'params':>10} {'peak':>12} {'rise':>12} {'TFLOP/s':>8}")
 
 
 def finish(args, results):
@@ -379,6 +428,8 @@ def main(argv=None):
         p.add_argument("--in-process", action="store_true",
                        help="run every row in this process (quick; the CPU peak then accumulates over rows)")
         p.add_argument("--out", help="write the results as JSON here")
+        p.add_argument("--peak-tflops", type=float,
+                       help="the device's dense bf16 peak, TFLOP/s, for MFU (default: known GPUs by name; CPU: none)")
         if name == "speed":
             p.add_argument("--encoder-only", action="store_true",
                            help="only the encoder at its native side, official attention vs ours")
@@ -393,6 +444,9 @@ def main(argv=None):
         sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peak_tflops is None and args.device == "cuda":
+        gpu = torch.cuda.get_device_name()
+        args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
     return args.func(args)
 
 

@@ -60,10 +60,25 @@ def test_official_attention_is_the_textbook_formula():
     torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-6)
 
 
+def test_flop_count_by_hand():
+    """count_tflop against hand counts: a (4, 8) x (8, 16) matmul is 2 * 4 * 8 * 16 FLOPs; CPU
+    attention (registered here) 4 * B * heads * Nq * Nk * hd forward, 2.5x that backward."""
+    torch = bench.torch
+    a, b = torch.randn(4, 8), torch.randn(8, 16)
+    assert bench.count_tflop(lambda: a @ b) * 1e12 == 2 * 4 * 8 * 16
+    q = torch.randn(1, 2, 6, 4, requires_grad=True)
+    k, v, mask = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4), torch.randn(1, 2, 6, 10)
+    sdpa = lambda: bench.torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert bench.count_tflop(sdpa) * 1e12 == 4 * 2 * 6 * 10 * 4
+    assert bench.count_tflop(lambda: sdpa().sum().backward()) * 1e12 == 3.5 * 4 * 2 * 6 * 10 * 4
+
+
 def test_train_speed_tiny_keeps_pixels_per_batch(capsys):
     res = bench.main(["train-speed", "--preset", "tiny", "--repeats", "1", "--clip-batch", "8", "--masks", "4",
-                      "--in-process"])
+                      "--in-process", "--peak-tflops", "2.0"])
     assert "D_CLIP img/s" in capsys.readouterr().out
+    for row in res["rows"]:                                               # MFU against the given peak
+        assert row["tflop"] > 0 and row["mfu"] == pytest.approx(row["tflop"] / row["latency_s"] / 2.0)
     assert [r["resolution"] for r in res["rows"]] == [48, 80]            # 224 and 448 px scaled to 160 px
     assert [r["clip_images"] for r in res["rows"]] == [8, 3]             # round(8 * (48 / 80)^2) = 3
 
