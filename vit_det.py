@@ -152,11 +152,11 @@ def decomposed_rel_pos_bias(q, Rh, Rw, start, W, out=None):
 # (B, heads, 4096, 4096), 0.8 GB for ViT-B in fp32; in runs of 1024 queries only a quarter of it exists
 # at once in inference, and the result is exact (every query's row is computed as before). Without
 # gradients the runs write their bias into one buffer: fresh 200 MB buffers cost page faults (half of
-# the encoder's 1.3M per forward, and ~5% of its time). Measured
-# on a 2-core CPU (ViT-B global block at 1024 px, fp32): 1.4 s chunked vs 2.2 s for the full bias, and
-# 3.4 s for folding the bias into the query and key (q' = [q/sqrt(hd), q.Rh, q.Rw], k' = [k, one-hot
-# row, one-hot column]: exact as well, no bias at all, but a 3x wider q.k product that the CPU
-# kernel does not hide; on GPUs with fused kernels that trade may differ, untested here).
+# the encoder's 1.3M per forward, and ~5% of its time). Measured on a 2-core CPU (ViT-B global block
+# at 1024 px, fp32): 1.4 s chunked vs 2.2 s for the full bias, and 3.4 s for folding the bias into the
+# query and key (q' = [q/sqrt(hd), q.Rh, q.Rw], k' = [k, one-hot row, one-hot column]: exact as well,
+# no bias at all, but a 3x wider q.k product that the CPU kernel does not hide; on GPUs with fused
+# kernels that trade may differ, untested here).
 QUERY_CHUNK = 1024
 
 
@@ -254,7 +254,7 @@ class ImageEncoderViT(nn.Module):
                   window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
                   rel_pos_size=g, eps=cfg.layer_norm_eps)
             for i in range(cfg.depth))
-        # Training sets this (train.set_trainable) when the encoder learns: each block's activations are
+        # SAMCLIP.set_grad_checkpointing sets this while the encoder trains: each block's activations are
         # then recomputed in the backward instead of stored, about a third more compute for a fraction of
         # the memory (the 1024 px D_SAM forward of a distill step kept every block's, ~13 GB for ViT-B).
         self.grad_checkpointing = False
