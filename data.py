@@ -16,8 +16,7 @@ Sections, in the order a sample meets them:
 A sample that cannot be read never raises: it comes back as zeros of the right shapes with
 ok=False, so every rank keeps the same batch size, and the training loop masks it out of the loss.
 
-Shape legend: H W image height and width, S square side, K prompts (masks) per image, P points
-per prompt, B batch.
+Shape legend: H W image height and width, S square side, K prompts (masks) per image, P points per prompt, B batch.
 """
 
 import json
@@ -293,6 +292,12 @@ SAM_POINT_ROUNDS = 8    # SAM App. A: after the first prompt, 8 rounds each add 
 LOW_RES_STRIDE = 4      # input pixels per cell of SAM's low-res mask logits (256 x 256 for a 1024 frame)
 
 
+def low_res_cells(original_hw, resized_hw, side):
+    """(rows, cols) of the original image under the centres of SAM's low-res cells inside the resized (h', w')."""
+    centres = (np.arange(side // LOW_RES_STRIDE) + 0.5) * LOW_RES_STRIDE   # cell centres, resized frame
+    return tuple(np.floor(centres[centres < r] * o / r).astype(np.int64) for o, r in zip(original_hw, resized_hw))
+
+
 class SA1B(torch.utils.data.Dataset):
     """D_SAM for L_SAM (Eq. 2): an SA-1B image in SAM's 1024 px frame and K of its masks turned
     into prompts g, as in SAM's training (SAM Sec. A): with probability `point_prob` 1..P foreground
@@ -347,9 +352,7 @@ class SA1B(torch.utils.data.Dataset):
             order = torch.randperm(len(anns), generator=g).tolist()
             x, (h2, w2) = sam_preprocess(img, S)
             sx, sy = w2 / img.width, h2 / img.height        # SAM's ResizeLongestSide.apply_coords
-            centres = (np.arange(L) + 0.5) * LOW_RES_STRIDE      # (L,) low-res cell centres in the resized frame
-            gt_rows = np.floor(centres[centres < h2] / sy).astype(np.int64)   # original row under each cell centre
-            gt_cols = np.floor(centres[centres < w2] / sx).astype(np.int64)
+            gt_rows, gt_cols = low_res_cells((img.height, img.width), (h2, w2), S)   # the gt masks' cells
             k = 0
             for j in order:
                 if k == K:
@@ -434,8 +437,7 @@ class VariableResolutionSampler:
         self.epoch, self.start_step = epoch, start_step
 
     def plan(self, epoch):
-        """[(resolution, global batch size)] for every step of `epoch`. Identical on all ranks, and
-        cheap (no permutation), so __len__ and resuming cost nothing."""
+        """[(resolution, global batch size)] per step of `epoch`, the same on all ranks; no permutation: cheap."""
         g = torch.Generator().manual_seed(_seed(self.seed, epoch, 1))   # the steps' resolutions
         steps, pos = [], 0
         while pos < self.num_samples:

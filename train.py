@@ -158,14 +158,16 @@ def set_trainable(model: SAMCLIP, stage, grad_checkpointing=True):
     model.set_grad_checkpointing(grad_checkpointing and "encoder" in STAGES[stage]["trains"])   # memory
 
 
+DECAYED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)   # AdamW decays their weights only
+
+
 def param_groups(model: SAMCLIP, cfg: TrainConfig):
     """AdamW groups: HeadCLIP at lr, backbone and mask decoder at lr * backbone_lr_ratio (App. A);
     weight decay only on the weights of linear and convolution layers, none on biases, norms,
     position tables, relative-position tables, tokens and embeddings (ViT-Det/MAE practice).
     Decided by the layer a parameter belongs to, not its shape: pos_embed, rel_pos_h/w and the
     IoU/mask tokens are matrices too."""
-    decayed = {id(m.weight) for m in model.modules()
-               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))}
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED_LAYERS)}
     groups = []
     for module, lr in ((model.head_clip, cfg.lr), (model.encoder, cfg.lr * cfg.backbone_lr_ratio),
                        (model.head_sam, cfg.lr * cfg.backbone_lr_ratio)):
@@ -173,8 +175,7 @@ def param_groups(model: SAMCLIP, cfg: TrainConfig):
         for decay in (True, False):
             chosen = [p for p in params if (id(p) in decayed) == decay]
             if chosen:
-                groups.append({"params": chosen, "base_lr": lr, "lr": lr,
-                               "weight_decay": cfg.weight_decay if decay else 0.0})
+                groups.append({"params": chosen, "base_lr": lr, "lr": lr, "weight_decay": cfg.weight_decay * decay})
     return groups
 
 

@@ -49,8 +49,9 @@ import clip
 import data
 import heads
 import losses
-import vit_det
 import toy
+import train
+import vit_det
 import weights
 from toy import quality, scenes
 
@@ -83,18 +84,10 @@ REPORT_FILE = "teachers.json"
 HYPERNETWORK_GAIN = 10.0   # see train_sam
 
 
-def lr_at(step, total, warmup):
-    """Linear warm-up, then cosine decay to 0: a pure function of the step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def adamw(model, lr, weight_decay):
     """AdamW with decay on the weights of linear and convolution layers only (not on norms, biases,
     position tables, tokens, embeddings or the temperature), the rule of train.param_groups."""
-    decayed = {id(m.weight) for m in model.modules()
-               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))}
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, train.DECAYED_LAYERS)}
     decay = [p for p in model.parameters() if id(p) in decayed]
     rest = [p for p in model.parameters() if id(p) not in decayed]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -107,10 +100,8 @@ def low_res_masks(masks, original_hw, resized_hw, side):
     """Instance masks (K, H, W) bool at the original size -> SAM's low-res grid (K, side/4, side/4):
     cell (r, c) is the original pixel under the cell's centre in the resized frame, as data.SA1B does;
     cells in the padding are 0. -> (masks, inside (side/4, side/4) bool: cells of the image)."""
-    (H, W), (h2, w2), L = original_hw, resized_hw, side // data.LOW_RES_STRIDE
-    centres = (np.arange(L) + 0.5) * data.LOW_RES_STRIDE
-    rows = np.floor(centres[centres < h2] * H / h2).astype(np.int64)
-    cols = np.floor(centres[centres < w2] * W / w2).astype(np.int64)
+    L = side // data.LOW_RES_STRIDE
+    rows, cols = data.low_res_cells(original_hw, resized_hw, side)
     out = np.zeros((len(masks), L, L), bool)
     out[:, :len(rows), :len(cols)] = masks[:, rows][:, :, cols]
     inside = np.zeros((L, L), bool)
@@ -250,7 +241,7 @@ def train_sam(cfg: TeacherConfig, encoder_preset="toy", head_preset="toy", log=p
     start = time.time()
     for step in range(cfg.sam_steps):
         for group in opt.param_groups:
-            group["lr"] = cfg.sam_lr * lr_at(step, cfg.sam_steps, cfg.warmup)
+            group["lr"] = cfg.sam_lr * train.lr_factor(step, cfg.sam_steps, cfg.warmup)
         pool.refresh(cfg.sam_fresh)
         batch = sam_prompts(pool.sample(cfg.sam_images), cfg.sam_prompts, generator)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -304,7 +295,7 @@ def train_clip(cfg: TeacherConfig, preset="toy", log=print):
     start = time.time()
     for step in range(cfg.clip_steps):
         for group in opt.param_groups:
-            group["lr"] = cfg.clip_lr * lr_at(step, cfg.clip_steps, cfg.warmup)
+            group["lr"] = cfg.clip_lr * train.lr_factor(step, cfg.clip_steps, cfg.warmup)
         pool.refresh(cfg.clip_fresh)
         pairs = [clip_crop(pool.items[i], rng, side) for i in rng.integers(len(pool.items), size=cfg.clip_batch)]
         images = data.normalize_clip(torch.stack([img for img, _ in pairs]).float())   # (B, 3, side, side)
