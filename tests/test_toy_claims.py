@@ -47,3 +47,23 @@ def test_start_model_masks_are_the_sam_teachers(world):
         theirs = head(encoder(x), boxes=boxes)[0]
     assert torch.equal(ours, theirs)
 
+
+
+def test_an_interrupted_eval_set_is_written_again_not_scored_half_done(tmp_path, monkeypatch):
+    """toy.claims writes each heldout set under a temporary name and renames it when complete: a
+    write cut off midway leaves no set behind, and the next run writes the whole set."""
+    from toy import claims
+    monkeypatch.setattr(claims, "EVAL_SIZES", {"semseg": 3, "instances": 2, "classify": 1})
+    real = layouts.write_instances
+
+    def cut_off(folder, *args):
+        real(folder, 1, 0, "heldout")                              # one image written, then the crash
+        raise KeyboardInterrupt
+    monkeypatch.setattr(layouts, "write_instances", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        claims.write_eval_sets(str(tmp_path), seed=0)
+    assert not (tmp_path / "instances").exists()
+    monkeypatch.setattr(layouts, "write_instances", real)
+    sets = claims.write_eval_sets(str(tmp_path), seed=0)
+    assert len(os.listdir(os.path.join(sets["instances"], "images"))) == 2
+    assert len(os.listdir(os.path.join(sets["semseg"], "images"))) == 3

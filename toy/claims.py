@@ -29,6 +29,7 @@ Writes OUT/claims.json, OUT/claims.md (the table) and OUT/heldout.png (image | c
 import argparse
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -50,25 +51,30 @@ EVAL_SIZES = {"semseg": 100, "instances": 100, "classify": 25}   # heldout scene
 
 
 def write_eval_sets(root, seed):
-    """The heldout evaluation sets, in the layouts evaluate.py reads; kept when already written."""
+    """The heldout evaluation sets, in the layouts evaluate.py reads; kept when already written. Each
+    is written under a temporary name and renamed when complete, so an interrupted write is redone,
+    never scored half-done."""
     parts = {"semseg": layouts.write_semseg, "instances": layouts.write_instances,
              "classify": layouts.write_class_folders}
     folders = {}
     for part, write in parts.items():
         folders[part] = os.path.join(root, part)
         if not os.path.isdir(folders[part]):
-            write(folders[part], EVAL_SIZES[part], seed, "heldout")
+            partial = folders[part] + ".partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            write(partial, EVAL_SIZES[part], seed, "heldout")
+            os.replace(partial, folders[part])
     return folders
 
 
 def trained(out, *flags):
-    """`train.py --preset toy [flags]` into `out`, reused if its samclip.pt exists -> its path."""
-    path = os.path.join(out, "samclip.pt")
-    if not os.path.isfile(path):
-        start = time.time()
-        train.main(["--preset", "toy", "--out", out, *flags])
-        print(f"toy.claims: trained {out} in {time.time() - start:.0f} s")
-    return path
+    """`train.py --preset toy [flags]` into `out` with --resume: a finished run is reused, an
+    interrupted one finished (samclip.pt is written after every stage, so its presence alone would
+    not say the run is complete) -> the path of its samclip.pt."""
+    start = time.time()
+    train.main(["--preset", "toy", "--out", out, "--resume", *flags])
+    print(f"toy.claims: {out} trained (or found finished) in {time.time() - start:.0f} s")
+    return os.path.join(out, "samclip.pt")
 
 
 @torch.no_grad()

@@ -51,6 +51,11 @@ def write_json(path, obj):
         json.dump(obj, f)
 
 
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def drawn(folder, writer, n, seed, style):
     """Scenes 0..n-1 of a writer, each saved as folder/images/toy_<i>.jpg -> yields (i, file name, scene)."""
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
@@ -176,7 +181,7 @@ def write_training_set(root, clip_images, sam_images, seed=0, write=True):
     ranks of a distributed run, which wait for rank 0). -> (clip folder, sa1b folder)."""
     folders = os.path.join(root, "clip"), os.path.join(root, "sa1b")
     marker, spec = os.path.join(root, "written.json"), {"clip": clip_images, "sa1b": sam_images, "seed": seed}
-    if not write or (os.path.isfile(marker) and json.load(open(marker)) == spec):   # or written before (resumed)
+    if not write or (os.path.isfile(marker) and read_json(marker) == spec):   # or written before (resumed)
         return folders
     write_clip_images(folders[0], clip_images, seed, "train")
     write_sa1b(folders[1], sam_images, seed, "train")

@@ -53,7 +53,7 @@ import toy
 import train
 import vit_det
 import weights
-from toy import quality, scenes
+from toy import layouts, quality, scenes
 
 
 @dataclass
@@ -359,7 +359,7 @@ def main(argv=None):
     print(f"toy.teachers: {cfg}  ({torch.get_num_threads()} threads)")
     os.makedirs(args.out, exist_ok=True)
     report_path = os.path.join(args.out, REPORT_FILE)
-    report = json.load(open(report_path)) if os.path.isfile(report_path) else {}
+    report = layouts.read_json(report_path) if os.path.isfile(report_path) else {}
     if args.only in (None, "sam"):
         start = time.time()
         encoder, head = train_sam(cfg)
