@@ -8,7 +8,8 @@ into per-pixel scores, in the order a prompt travels:
      448 px input gives a 28 x 28 grid of HeadCLIP patch embeddings; each is compared with every
      class embedding, and the logits are upsampled bilinearly to the image.
   3. refine_with_sam, both heads (Sec. 4.4, App. C, Table 5): one 1024 px backbone forward;
-     HeadCLIP's coarse per-class map picks 1 to 3 point prompts and serves as the mask prompt;
+     HeadCLIP's coarse per-class map (its 64 x 64 patch grid) picks 1 to 3 point prompts by
+     importance sampling on the class's confidence and serves as the mask prompt;
      HeadSAM returns a sharp 256 x 256 mask per class.
   4. segment_by_text: either pipeline on a PIL image, back at the image's size.
 
@@ -134,26 +135,36 @@ def clip_mode_side(model):
 
 
 def draw_points(prob, threshold, max_points, generator=None, patch_size=16, valid=None):
-    """Point prompts for one class from its coarse probability map (App. C).
+    """Point prompts for one class from its coarse probability map (Sec. 4.4, App. C).
 
     prob (h, w): the class's per-cell probability; valid (h, w) bool: the cells a point may come
     from (default all; refine_with_sam passes the cells of the image, not of SAM's zero padding).
-    A number n of points, uniform in 1..max_points (the paper's "1 to 3"), is drawn without
-    replacement from the valid cells with prob > threshold; when no cell passes, the single most
-    probable valid cell is used. A cell (r, c)
-    becomes the pixel (x, y) = ((c + 0.5) * patch_size, (r + 0.5) * patch_size), its centre in
-    the encoder's input frame; SAM takes points as (x, y).
+    Sec. 4.4 draws the points by importance sampling on the confidence: among the valid cells
+    with prob > threshold, a cell is drawn with probability proportional to its prob, so a
+    confident cell is drawn more often but every passing cell can be drawn. A number n of points,
+    uniform in 1..max_points (the paper's "1 to 3"), is drawn WITHOUT replacement: n distinct
+    cells, each next one proportional to prob among the cells not yet drawn (torch.multinomial's
+    successive sampling). Two positive points on one cell would be a single point counted twice,
+    so distinct points are the reading that gives SAM n prompts. The first point's cell therefore
+    has probability exactly prob / (sum of passing prob). When no cell passes, the single most
+    probable valid cell is used. All draws come from `generator`, so a seed fixes them.
+    A cell (r, c) becomes the pixel (x, y) = ((c + 0.5) * patch_size, (r + 0.5) * patch_size),
+    its centre in the encoder's input frame; SAM takes points as (x, y).
     Returns coords (max_points, 2) float and labels (max_points,) long: 1 for the n drawn points,
     -1 (SAM's "not a point") for the padding that lets all classes share one batched decoder call."""
     prob = prob.detach().float().cpu()
     if valid is not None:
         prob = prob.masked_fill(~valid.cpu(), float("-inf"))               # padding cells never pass
-    cells = (prob > threshold).nonzero()                                   # (C, 2) rows of (r, c)
+    floor = max(threshold, 0.0)                  # a cell of confidence 0 has no weight to be drawn
+    cells = (prob > floor).nonzero()                                       # (C, 2) rows of (r, c)
     if len(cells) == 0:
-        cells = (prob == prob.max()).nonzero()[:1]                         # argmax cell, (1, 2)
-    n_max = min(max_points, len(cells))
-    n = 1 + int(torch.randint(n_max, (1,), generator=generator))
-    pick = cells[torch.randperm(len(cells), generator=generator)[:n]]      # (n, 2) as (r, c)
+        pick = (prob == prob.max()).nonzero()[:1]                          # argmax cell, (1, 2)
+    else:
+        n = 1 + int(torch.randint(min(max_points, len(cells)), (1,), generator=generator))
+        confidence = prob[cells[:, 0], cells[:, 1]]                        # (C,) sampling weights
+        drawn = torch.multinomial(confidence, n, replacement=False, generator=generator)  # (n,)
+        pick = cells[drawn]                                                # (n, 2) as (r, c)
+    n = len(pick)
     coords = torch.zeros(max_points, 2)
     coords[:n] = (pick.flip(1).float() + 0.5) * patch_size                 # (r, c) -> (x, y) pixels
     labels = torch.full((max_points,), -1, dtype=torch.long)
@@ -173,6 +184,12 @@ def refine_with_sam(model, image_1024, class_emb, classes=None, threshold=0.5, m
     HeadCLIP's coarse logits.
 
     Choices the paper leaves open, made here:
+      - The coarse map is HeadCLIP's own patch grid, 64 x 64 for ViT-B/16 at 1024 px, not the
+        32 x 32 Sec. 4.4 names. HeadCLIP applies its LayerNorm + MLP to every patch token and the
+        paper describes no pooling step, so 32 x 32 would need an operator (mean? max?) it does
+        not state; and SAM's mask prompt is 256 x 256 = 4 x 64, which SAM's mask encoder brings
+        back to the 64 x 64 image-embedding grid, so a 64 x 64 map meets the decoder cell for cell
+        where a 32 x 32 one would only be a blurrier copy of it.
       - Points come from the softmax over classes (not from raw logits, whose offset is
         arbitrary), so `threshold` = 0.5 means "this class wins the cell with more than half".
       - SAM's mask prompt is expected to be SAM's own low-res logits, where 0 is the mask border.
@@ -195,6 +212,7 @@ def refine_with_sam(model, image_1024, class_emb, classes=None, threshold=0.5, m
     if not (0 < in_h <= S and 0 < in_w <= S):
         raise ValueError(f"refine_with_sam: input_size {tuple(input_size)} must lie inside the {S} x {S} frame")
     emb, tokens = model.encoder.forward_features(image_1024)              # (1, C', h, w), (1, h, w, C)
+    # the encoder's grid, 64 x 64 at 1024 px, not the paper's 32 x 32: see "Choices" above
     coarse = _cosine_logits(model, model.head_clip(tokens)[1], class_emb)[0]  # (1, K, h, w) -> (K, h, w)
     classes = list(range(coarse.shape[0])) if classes is None else [int(k) for k in classes]
     prob = coarse.softmax(dim=0)[classes]                                 # (K', h, w)

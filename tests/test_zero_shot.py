@@ -1,8 +1,9 @@
 # python -m pytest tests/test_zero_shot.py -q
 """Zero-shot segmentation by text (zero_shot.py; SAM-CLIP Sec. 4.2, 4.4, App. C):
 the 80 OpenAI templates, CLIP's template-averaged class embeddings against a hand-built average,
-dense logits against an independent einsum, the point-prompt draw on hand-made probability maps,
-and the Table 5 pipeline's wiring (points from above-threshold cells, log-odds mask prompt)."""
+dense logits against an independent einsum, the point-prompt draw on hand-made probability maps
+(importance sampling on the confidence, Sec. 4.4), and the Table 5 pipeline's wiring (points from
+above-threshold cells, log-odds mask prompt)."""
 import types
 
 import numpy as np
@@ -135,6 +136,35 @@ def test_draw_points_falls_back_to_the_argmax_cell_and_is_seeded():
     a = zero_shot.draw_points(prob, 0.3, 3, torch.Generator().manual_seed(7), 16)
     b = zero_shot.draw_points(prob, 0.3, 3, torch.Generator().manual_seed(7), 16)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_draw_points_importance_samples_by_confidence():
+    """Sec. 4.4: points are drawn by importance sampling on the confidence. On a hand-made map,
+    one cell holds most of the above-threshold mass; the first point of each draw (drawn with
+    probability p_i / sum p over the cells above the threshold) lands on each cell as often as
+    its normalised confidence says, within 5 standard deviations of a binomial count."""
+    prob = torch.zeros(4, 5)
+    # dyadic values, exact in float32, so "at the threshold" is exactly at it
+    weights = {(1, 1): 0.875, (0, 4): 0.25, (3, 2): 0.125, (2, 0): 0.09375}   # above the threshold
+    for (r, c), p in weights.items():
+        prob[r, c] = p
+    threshold = 0.0625
+    prob[3, 4] = 0.03125                                         # under the threshold: never drawn
+    prob[0, 0] = threshold                                       # exactly at it: never drawn either
+    total = sum(weights.values())
+    first = {cell: 0 for cell in weights}
+    draws = 3000
+    for seed in range(draws):
+        g = torch.Generator().manual_seed(seed)
+        coords, labels = zero_shot.draw_points(prob, threshold, 3, g, 16)
+        n = int((labels == 1).sum())
+        cells = [cell_of(xy, 16) for xy in coords[:n].tolist()]
+        assert set(cells) <= set(weights) and len(set(cells)) == n   # distinct, all above threshold
+        first[cells[0]] += 1
+    for cell, p in weights.items():
+        want = p / total                                         # 0.65, 0.19, 0.09, 0.07
+        sd = (want * (1 - want) / draws) ** 0.5
+        assert abs(first[cell] / draws - want) < 5 * sd, (cell, first[cell] / draws, want)
 
 
 # ----------------------------------------------------------------------------- both heads (Table 5)
