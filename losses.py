@@ -16,6 +16,11 @@ because here the target is the teacher's probability t = sigmoid(z), not a 0/1 m
     (sum p + sum t + s) is not (for soft p = t, 2 sum p^2 < sum p + sum t). The two agree only
     when both p and t are 0/1; with a hard target and a soft prediction they differ, since
     sum p^2 < sum p.
+  - sign: L_SAM >= 0 in exact arithmetic and is 0 only when p = t. No constant is subtracted:
+    the cross-entropy of soft targets equals H(t) + KL(t || p) >= 0 and its focal weight is >= 0;
+    the dice ratio is <= 1 because 2 p t <= p^2 + t^2; the IoU MSE is a square. A logged value like
+    -1e-9 is float rounding of a zero loss (the dice ratio computed a hair above 1), not a bug: it
+    means the student's masks equal the teacher's, as when the student starts as SAM's copy.
   - IoU head: SAM also trains its IoU prediction with an MSE; the paper does not say whether
     SAM-CLIP kept it. We distil it (MSE to the teacher's IoU predictions, weight 1), which also
     gives every mask-decoder parameter a gradient (DDP needs no find_unused_parameters).
@@ -184,91 +189,125 @@ def sample_error_points(pred, gt, inside, draws, stride):
 def sam_teacher_targets(head, embeddings, batch, rounds):
     """The frozen SAM's targets z of Eq. 2 under SAM's interactive training recipe (SAM App. A,
     "Training algorithm"); the one definition the training step, train-speed and the tests share.
-    Round 0 is the D_SAM prompt (1-3 points or a box). Every later round gets the previous round's
-    low-res logits as the mask prompt and, for the first SAM_POINT_ROUNDS of them, one more point
-    from the error region of the previous mask (sample_error_points); rounds after those add no
-    point (SAM's 2 mask-only rounds; SAM puts one of them at a random round, here both come last).
+
+    Round 0 is exactly the D_SAM prompt, as SAM's predictor and evaluate.py give it: a box alone
+    (its 2 corner tokens), or the 1-3 sampled points plus the one padding point SAM's prompt
+    encoder adds when there is no box. Every later round gets the previous round's low-res logits
+    as the mask prompt and, for the first SAM_POINT_ROUNDS of them, one more point from the error
+    region of the previous mask (sample_error_points); rounds after those add no point (SAM's 2
+    mask-only rounds; SAM puts one of them at a random round, here both come last). Round r holds
+    exactly the points drawn so far: no round carries padding tokens for points not yet drawn,
+    because SAM's padding tokens take part in the decoder's attention and change its masks.
     The previous mask follows SAM: for one prompt (a box or a single point) SAM predicts 3 masks and
     trains the one with the lowest loss, here the one with the highest IoU with the ground truth;
     for more prompts it is the single-mask output (token 0).
 
+    Slots whose first prompts have the same token count (a box; 1, 2 or 3 points) form a group,
+    so each round of a group is one decoder call. Every round only appends points, so round r's
+    points are the first `points_per_round[r]` of the group's final point list.
+
     embeddings (B, C, h, w) from the teacher's encoder; batch from data.collate_sam; rounds R >= 1.
-    Box slots and point slots are different token counts (SAM's prompt encoder adds one padding
-    point when there is no box), so they form two groups. A group's point list is as long as in its
-    last round, the points of later rounds being SAM's padding token (label -1) until drawn, so all
-    its rounds have the same token count and the student runs them in one call (R = 1: exactly the
-    first prompts). Returns one dict per group present, n slots each:
+    Returns one dict per group present, n slots each:
       "image" (n,) row of `embeddings`, "valid" (n,), "boxes" (n, 4) or None,
-      "coords" (R, n, N, 2), "labels" (R, n, N): every round's points, N = P + F for point slots and
-        F for box slots, F = min(R - 1, SAM_POINT_ROUNDS) follow-up points,
+      "coords" (n, N, 2), "labels" (n, N): the first prompt's points (none for a box), then the F
+        follow-up points, F = min(R - 1, SAM_POINT_ROUNDS),
+      "points_per_round": R ints, how many of those points round r gives the decoder,
       "mask_inputs" (R-1, n, 1, 4h, 4w): the mask prompt of rounds 1.. (None when R = 1),
       "logits" (R, n, 4, 4h, 4w), "iou" (R, n, 4): the teacher's outputs, every output token."""
     if rounds < 1:
         raise ValueError(f"--sam-rounds must be at least 1, got {rounds}")
     B, K = batch["has_box"].shape
     F = min(rounds - 1, data.SAM_POINT_ROUNDS)
-    dev, stride = embeddings.device, data.LOW_RES_STRIDE
-    gt = batch["gt_masks"].flatten(0, 1)                                          # (B*K, 4h, 4w)
+    dev = embeddings.device
+    stride = data.LOW_RES_STRIDE
+    gt = batch["gt_masks"].flatten(0, 1)                                   # (B*K, 4h, 4w)
     H, W = gt.shape[-2:]
     # no follow-up point may land in the padding: keep cells whose centre lies in the resized image
-    h2, w2 = batch["input_size"].repeat_interleave(K, 0).unbind(1)               # (B*K,) each
-    rows, cols = (torch.arange(H, device=dev) + 0.5) * stride, (torch.arange(W, device=dev) + 0.5) * stride
-    inside = (rows[None, :, None] < h2[:, None, None]) & (cols[None, None, :] < w2[:, None, None])  # (B*K, 4h, 4w)
-    image = torch.arange(B, device=dev).repeat_interleave(K)                     # (B*K,) image of each slot
-    coords, labels = batch["point_coords"].flatten(0, 1), batch["point_labels"].flatten(0, 1)  # (B*K, P, 2), (B*K, P)
-    boxes, has_box = batch["boxes"].flatten(0, 1), batch["has_box"].flatten()   # (B*K, 4), (B*K,)
-    draws, valid = batch["error_draws"].flatten(0, 1), batch["valid"].flatten()  # (B*K, SAM_POINT_ROUNDS), (B*K,)
+    h2, w2 = batch["input_size"].repeat_interleave(K, 0).unbind(1)        # (B*K,) each
+    rows = (torch.arange(H, device=dev) + 0.5) * stride                   # (4h,) cell centres, y
+    cols = (torch.arange(W, device=dev) + 0.5) * stride                   # (4w,) cell centres, x
+    inside = (rows[None, :, None] < h2[:, None, None]) & (cols[None, None, :] < w2[:, None, None])
+    image = torch.arange(B, device=dev).repeat_interleave(K)              # (B*K,) image of each slot
+    coords = batch["point_coords"].flatten(0, 1)                          # (B, K, P, 2) -> (B*K, P, 2)
+    labels = batch["point_labels"].flatten(0, 1)                          # (B, K, P) -> (B*K, P)
+    boxes = batch["boxes"].flatten(0, 1)                                  # (B*K, 4)
+    has_box = batch["has_box"].flatten()                                  # (B*K,)
+    draws = batch["error_draws"].flatten(0, 1)                            # (B*K, SAM_POINT_ROUNDS)
+    valid = batch["valid"].flatten()                                      # (B*K,)
+    # the sampled points come first in a slot, SA1B's padding (-1) after them
+    first_points = torch.where(has_box, 0, (labels >= 0).sum(1))          # (B*K,) 0 for a box
     groups = []
     for box_kind in (True, False):
-        sel = torch.nonzero(has_box == box_kind).squeeze(1)                       # (n,) slots of this kind
-        n = len(sel)
-        if n == 0:
-            continue
-        pad_xy, pad_lab = coords.new_zeros(n, F, 2), labels.new_full((n, F), -1)
-        if box_kind:
-            xy, lab, box = pad_xy, pad_lab, boxes[sel]                            # (n, F, 2), (n, F), (n, 4)
-            single = torch.ones(n, dtype=torch.bool, device=dev)
-        else:
-            xy, lab, box = torch.cat([coords[sel], pad_xy], 1), torch.cat([labels[sel], pad_lab], 1), None  # N = P+F
-            single = (labels[sel] >= 0).sum(1) == 1
-        first = xy.shape[1] - F                                                   # index of the first follow-up point
-        emb, gt_sel, inside_sel = embeddings[image[sel]], gt[sel], inside[sel]
-        xys, labs, logits, ious, mask_inputs, mask_input, prev = [], [], [], [], [], None, None
-        for r in range(rounds):
-            if 1 <= r <= F:
-                xy, lab = xy.clone(), lab.clone()
-                xy[:, first + r - 1], lab[:, first + r - 1] = sample_error_points(
-                    prev > 0, gt_sel, inside_sel, draws[sel, r - 1], stride)
-            m, i = head.all_outputs(emb, **sam_prompt_args(xy, lab, box, mask_input))  # (n, 4, 4h, 4w), (n, 4)
-            xys.append(xy), labs.append(lab), logits.append(m), ious.append(i)
-            choice = torch.zeros(n, dtype=torch.long, device=dev)                # token 0: the single-mask output
-            if r == 0:   # one prompt: of the 3 multimask outputs (tokens 1..3), the closest to the ground truth
-                pred, target = m[:, 1:] > 0, gt_sel[:, None]                     # (n, 3, 4h, 4w), (n, 1, 4h, 4w)
-                iou_gt = (pred & target).flatten(2).sum(-1) / (pred | target).flatten(2).sum(-1).clamp(min=1)  # (n, 3)
-                choice = torch.where(single, 1 + iou_gt.argmax(1), choice)
-            prev = m[torch.arange(n, device=dev), choice]                        # (n, 4h, 4w) unthresholded logits
-            mask_input = prev[:, None]                                           # (n, 1, 4h, 4w) next mask prompt
-            if r < rounds - 1:
-                mask_inputs.append(mask_input)
-        groups.append({"image": image[sel], "valid": valid[sel], "boxes": box, "coords": torch.stack(xys),
-                       "labels": torch.stack(labs), "mask_inputs": torch.stack(mask_inputs) if mask_inputs else None,
-                       "logits": torch.stack(logits), "iou": torch.stack(ious)})
+        for count in range(coords.shape[1] + 1):
+            sel = torch.nonzero((has_box == box_kind) & (first_points == count)).squeeze(1)  # (n,)
+            if len(sel) == 0:
+                continue
+            groups.append(_teacher_rounds(
+                head, embeddings[image[sel]], image[sel], valid[sel],
+                boxes[sel] if box_kind else None,
+                coords[sel, :count], labels[sel, :count], gt[sel], inside[sel], draws[sel],
+                rounds, F))
     return groups
+
+
+def _teacher_rounds(head, emb, image, valid, boxes, coords, labels, gt, inside, draws, rounds, F):
+    """One group of sam_teacher_targets: n slots with the same first-prompt token count.
+    emb (n, C, h, w); boxes (n, 4) or None; coords (n, P0, 2), labels (n, P0) the first points;
+    gt, inside (n, 4h, 4w) bool; draws (n, SAM_POINT_ROUNDS). -> the group's dict."""
+    n = emb.shape[0]
+    dev = emb.device
+    P0 = coords.shape[1]
+    # the final point list: the first points, then F follow-up slots filled round by round
+    coords = torch.cat([coords, coords.new_zeros(n, F, 2)], 1)            # (n, P0 + F, 2)
+    labels = torch.cat([labels, labels.new_full((n, F), -1)], 1)          # (n, P0 + F)
+    one_prompt = boxes is not None or P0 == 1                             # SAM's ambiguous prompts
+    points_per_round = [P0 + min(r, F) for r in range(rounds)]
+    logits = []
+    ious = []
+    mask_inputs = []
+    mask_input = None
+    for r in range(rounds):
+        if 1 <= r <= F:
+            prev_mask = mask_input[:, 0] > 0                              # (n, 4h, 4w)
+            xy, lab = sample_error_points(prev_mask, gt, inside, draws[:, r - 1],
+                                          data.LOW_RES_STRIDE)
+            coords[:, P0 + r - 1] = xy
+            labels[:, P0 + r - 1] = lab
+        t = points_per_round[r]
+        prompt = sam_prompt_args(coords[:, :t].clone(), labels[:, :t].clone(), boxes, mask_input)
+        m, i = head.all_outputs(emb, **prompt)                            # (n, 4, 4h, 4w), (n, 4)
+        logits.append(m)
+        ious.append(i)
+        choice = torch.zeros(n, dtype=torch.long, device=dev)             # token 0: single-mask output
+        if r == 0 and one_prompt:   # of the 3 multimask outputs (tokens 1..3), the closest to the truth
+            pred = m[:, 1:] > 0                                           # (n, 3, 4h, 4w)
+            target = gt[:, None]                                          # (n, 1, 4h, 4w)
+            inter = (pred & target).flatten(2).sum(-1)                    # (n, 3)
+            union = (pred | target).flatten(2).sum(-1).clamp(min=1)       # (n, 3)
+            choice = 1 + (inter / union).argmax(1)
+        prev = m[torch.arange(n, device=dev), choice]                     # (n, 4h, 4w) logits
+        mask_input = prev[:, None]                                        # (n, 1, 4h, 4w)
+        if r < rounds - 1:
+            mask_inputs.append(mask_input)
+    return {"image": image, "valid": valid, "boxes": boxes, "coords": coords, "labels": labels,
+            "points_per_round": points_per_round,
+            "mask_inputs": torch.stack(mask_inputs) if mask_inputs else None,
+            "logits": torch.stack(logits), "iou": torch.stack(ious)}
 
 
 def sam_prompts_forward(head, embeddings, group):
     """The student's HeadSAM on one group's prompts from sam_teacher_targets, every round. They are
-    fixed in advance, so no round waits for the one before: round 0 (no mask prompt, SAM's
-    no_mask_embed) is one call, rounds 1.. (a mask prompt each) one more.
+    fixed in advance, so no round waits for the one before; each round is one call on exactly the
+    tokens the teacher saw (rounds differ in their point count, so they cannot share a call).
     embeddings (B, C, h, w) -> logits (R, n, 4, 4h, 4w), IoU (R, n, 4), in the teacher's order."""
-    R, n = group["labels"].shape[:2]
-    emb, coords, labels, boxes = embeddings[group["image"]], group["coords"], group["labels"], group["boxes"]
-    masks, iou = head.all_outputs(emb, **sam_prompt_args(coords[0], labels[0], boxes))   # (n, 4, 4h, 4w), (n, 4)
-    if R == 1:
-        return masks[None], iou[None]
-    # rounds 1..R-1 as one batch: (R-1, n, ...) -> ((R-1)*n, ...), round-major as emb.repeat lays it out
-    later_masks, later_iou = head.all_outputs(emb.repeat(R - 1, 1, 1, 1), **sam_prompt_args(
-        coords[1:].flatten(0, 1), labels[1:].flatten(0, 1), None if boxes is None else boxes.repeat(R - 1, 1),
-        group["mask_inputs"].flatten(0, 1)))
-    return (torch.cat([masks[None], later_masks.unflatten(0, (R - 1, n))]),        # (R, n, 4, 4h, 4w)
-            torch.cat([iou[None], later_iou.unflatten(0, (R - 1, n))]))            # (R, n, 4)
+    emb = embeddings[group["image"]]                                      # (n, C, h, w)
+    masks = []
+    ious = []
+    for r, t in enumerate(group["points_per_round"]):
+        mask_input = group["mask_inputs"][r - 1] if r > 0 else None       # (n, 1, 4h, 4w)
+        prompt = sam_prompt_args(group["coords"][:, :t], group["labels"][:, :t], group["boxes"],
+                                 mask_input)
+        m, i = head.all_outputs(emb, **prompt)                            # (n, 4, 4h, 4w), (n, 4)
+        masks.append(m)
+        ious.append(i)
+    return torch.stack(masks), torch.stack(ious)                          # (R, n, ...)

@@ -40,11 +40,23 @@ def test_losses_vanish_when_student_equals_teacher():
     torch.manual_seed(1)
     z, iou = torch.randn(2, 4, 16, 16) * 3, torch.rand(2, 4)
     total, parts = losses.loss_sam(z, z, iou, iou)
-    assert total.item() < 1e-6 and all(v.item() < 1e-6 for v in parts.values())
+    assert abs(total.item()) < 1e-6 and all(abs(v.item()) < 1e-6 for v in parts.values())
     e = torch.randn(5, 12)
     assert losses.loss_clip(e, 3 * e).item() < 1e-6          # cosine ignores the scale
     # and they do not vanish otherwise
     assert losses.loss_sam(z, -z)[0].item() > 0.1 and losses.loss_clip(e, -e).item() > 1.9
+
+
+def test_loss_sam_is_never_below_zero_beyond_rounding():
+    """L_SAM subtracts no constant (losses.py docstring): soft-target cross-entropy, dice and the IoU
+    MSE are each >= 0, so over any student and teacher it stays above -1e-6 (float rounding only)."""
+    g = torch.Generator().manual_seed(3)
+    for scale in (0.1, 1.0, 10.0):
+        s = torch.randn(6, 4, 8, 8, generator=g) * scale
+        t = torch.randn(6, 4, 8, 8, generator=g) * scale
+        for student, teacher in ((s, t), (t, t), (s, s + 1e-4)):
+            total, parts = losses.loss_sam(student, teacher, torch.rand(6, 4), torch.rand(6, 4))
+            assert total.item() > -1e-6 and all(v.item() > -1e-6 for v in parts.values())
 
 
 def test_loss_sam_weights_and_total():

@@ -94,7 +94,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_data):
     assert [m["step"] for m in mb] == [1, 2, 3]
     for x, y in zip(ma, mb):
         for k in ("loss", "loss_clip", "loss_sam", "lr", "resolution"):
-            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-9), (x["step"], k)
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
     wa = torch.load(os.path.join(a, "samclip.pt"), weights_only=True)["model"]
     wb = torch.load(os.path.join(b, "samclip.pt"), weights_only=True)["model"]
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
@@ -210,11 +210,12 @@ def test_follow_up_point_from_error_region_and_mask_prompt_from_previous_round()
                  "error_draws": torch.full((1, 1, data.SAM_POINT_ROUNDS), draw)}
         (group,) = losses.sam_teacher_targets(head, torch.zeros(1, 1, 1, 1), batch, rounds=3)
         r, c = cell
-        # one point prompt: the first point, then 2 follow-up slots (SAM's padding -1 until drawn)
-        assert group["labels"][:, 0].tolist() == [[1, -1, -1], [1, label, -1], [1, label, -1]]
+        # one point prompt: round 0 is the point alone, each later round one point more
+        assert group["points_per_round"] == [1, 2, 3]
+        assert group["labels"][0].tolist() == [1, label, -1]
         # the cell's centre, (c + 0.5) * 4, minus SA1B's 0.5 (the prompt encoder adds it back)
-        assert group["coords"][1, 0, 1].tolist() == [(c + 0.5) * 4 - 0.5, (r + 0.5) * 4 - 0.5]
-        assert group["coords"][2, 0, 2].tolist() == [0.0, 0.0]    # round 1 matched the object: no new point
+        assert group["coords"][0, 1].tolist() == [(c + 0.5) * 4 - 0.5, (r + 0.5) * 4 - 0.5]
+        assert group["coords"][0, 2].tolist() == [0.0, 0.0]    # round 1 matched the object: no new point
         # the mask prompt: none in round 0, then the previous round's chosen logits (token 2, then token 0)
         masks = [call["masks"] for call in head.calls]
         assert masks[0] is None
@@ -222,8 +223,8 @@ def test_follow_up_point_from_error_region_and_mask_prompt_from_previous_round()
         assert torch.equal(masks[2][0, 0], torch.where(gt, 8.0, -8.0))
         assert torch.equal(group["mask_inputs"][:, 0, 0], torch.stack([masks[1][0, 0], masks[2][0, 0]]))
         for i, call in enumerate(head.calls):             # the teacher saw exactly the prompts it returns
-            assert torch.equal(call["points"][0], group["coords"][i])
-            assert torch.equal(call["points"][1], group["labels"][i])
+            assert torch.equal(call["points"][0], group["coords"][:, :i + 1])
+            assert torch.equal(call["points"][1], group["labels"][:, :i + 1])
 
 
 def _tiny_setup(tiny_data, images=4):
@@ -254,32 +255,58 @@ def test_student_and_teacher_get_identical_prompts_every_round(tiny_data, monkey
         groups = losses.sam_teacher_targets(sam_head, emb, sb, R)
         torch.manual_seed(2)                                    # no global random state: the same targets again
         again = losses.sam_teacher_targets(sam_head, emb, sb, R)
-    assert len(groups) == 2 and groups[0]["boxes"] is not None and groups[1]["boxes"] is None   # both prompt kinds
+    assert groups[0]["boxes"] is not None and groups[-1]["boxes"] is None   # both prompt kinds
     for g, h in zip(groups, again):
         assert all(torch.equal(g[k], h[k]) for k in ("coords", "labels", "mask_inputs", "logits"))
-    assert any((g["labels"][-1] >= 0).sum() > (g["labels"][0] >= 0).sum() for g in groups)   # follow-up points drawn
-    teacher_calls = calls[:2 * R]
+    assert any((g["labels"][:, -1] >= 0).any() for g in groups)      # follow-up points drawn
+    teacher_calls = calls[:R * len(groups)]
     calls.clear()
     losses.MultiTaskLoss(model, 10.0)(cb["student"], clip_target, cb["ok"], sb, groups)
     student_calls = calls
-    assert all(c["head"] is sam_head for c in teacher_calls) and all(c["head"] is model.head_sam for c in student_calls)
-    assert len(student_calls) == 2 * len(groups)               # per prompt kind: round 0, then rounds 1.. in one call
+    assert all(c["head"] is sam_head for c in teacher_calls)
+    assert all(c["head"] is model.head_sam for c in student_calls)
+    assert len(student_calls) == len(teacher_calls)             # every round its own call
 
     def prompts(c):
-        return [c["points"][0], c["points"][1], c["boxes"], c["masks"]]
+        points = c["points"] if c["points"] is not None else (None, None)
+        return [points[0], points[1], c["boxes"], c["masks"]]
+    for s, t in zip(student_calls, teacher_calls):
+        for a, b in zip(prompts(s), prompts(t)):
+            assert (a is None and b is None) or torch.equal(a, b)
     for j, g in enumerate(groups):
         rounds = teacher_calls[j * R:(j + 1) * R]
-        first, later = student_calls[2 * j], student_calls[2 * j + 1]
-        for s, t in zip(prompts(first), prompts(rounds[0])):
-            assert (s is None and t is None) or torch.equal(s, t)
-        for i, (s, t) in enumerate(zip(prompts(later), zip(*[prompts(c) for c in rounds[1:]]))):
-            assert (s is None and t[0] is None) or torch.equal(s, torch.cat(t)), i   # round-major, as flattened
         for r in range(1, R):                  # round r's mask prompt: one of round r-1's outputs (token 0 after 0)
             prev, mask = rounds[r - 1]["out"][0], rounds[r]["masks"][:, 0]
             if r > 1:
                 assert torch.equal(mask, prev[:, 0])
             else:
                 assert all(any(torch.equal(mask[i], prev[i, k]) for k in range(4)) for i in range(len(mask)))
+
+
+def test_round_zero_is_exactly_the_prompt_that_is_evaluated(tiny_data):
+    """Round 0 of every slot is the prompt as evaluate.py instseg and SAM's predictor give it: a box
+    alone (no padding point for the follow-up points of later rounds), or the sampled points plus
+    SAM's one padding point. The reference is the per-image call those make."""
+    sam_enc, sam_head, model, sb, cb, clip_target = _tiny_setup(tiny_data)
+    with torch.no_grad():
+        emb = sam_enc(sb["image"])
+        groups = losses.sam_teacher_targets(sam_head, emb, sb, rounds=4)
+    kinds = set()
+    for g in groups:
+        for j, b in enumerate(g["image"].tolist()):
+            if g["boxes"] is not None:           # evaluate.py instseg: HeadSAM(embeddings, boxes=box)
+                kinds.add("box")
+                with torch.no_grad():
+                    ref, _ = sam_head(emb[b:b + 1], boxes=g["boxes"][j:j + 1], multimask_output=False)
+                torch.testing.assert_close(g["logits"][0, j, :1], ref[0], rtol=1e-4, atol=1e-4)
+            else:                                # the predictor: the n points, it adds the padding point
+                P0 = g["points_per_round"][0]
+                kinds.add(P0)
+                points = (g["coords"][j:j + 1, :P0], g["labels"][j:j + 1, :P0])
+                with torch.no_grad():
+                    ref, _ = sam_head(emb[b:b + 1], points=points, multimask_output=True)
+                torch.testing.assert_close(g["logits"][0, j, 1:], ref[0], rtol=1e-4, atol=1e-4)
+    assert "box" in kinds and 1 in kinds, kinds
 
 
 def test_loss_sam_vanishes_over_all_rounds_when_student_equals_teacher(tiny_data):
@@ -537,7 +564,10 @@ def test_compile_trains_the_same_numbers_and_keeps_checkpoint_keys(tmp_path, tin
     run([*common, "--out", str(tmp_path / "compiled"), "--compile"])
     assert "--compile: first step" in capsys.readouterr().out
     (x,), (y,) = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
-    assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["loss_sam"] > 0
+    assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    # the tiny student starts as a copy of the SAM teacher: L_SAM is zero in exact arithmetic, so only
+    # its presence and its size are checked, never its sign (it came out -9.3e-10 on one CPU)
+    assert abs(x["loss_sam"]) < 1e-5 and abs(y["loss_sam"]) < 1e-5
     saved = torch.load(tmp_path / "compiled" / "samclip.pt", weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in saved)
     torch._dynamo.reset()
