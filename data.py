@@ -13,8 +13,11 @@ Sections, in the order a sample meets them:
   5. The stream of batches training reads: epochs in a fixed (seed, epoch) order, resumable at any
      micro-batch, and the on-disk cache of CLIP-teacher embeddings (--cache-teacher).
 
-A sample that cannot be read never raises: it comes back as zeros of the right shapes with
-ok=False, so every rank keeps the same batch size, and the training loop masks it out of the loss.
+A sample whose file is unreadable or corrupt (an image PIL cannot decode, an SA-1B annotation
+file that is not JSON or breaks the schema SA1B reads) does not raise: it comes back as zeros of
+the right shapes with ok=False, so every rank keeps the same batch size, and the training loop
+masks it out of the loss. Only those two errors, ImageError and BadAnnotation, are caught: any
+other exception is a bug in our code and stops the run rather than silently dropping data.
 
 Shape legend: H W image height and width, S square side, K prompts (masks) per image, P points per prompt, B batch.
 """
@@ -22,6 +25,7 @@ Shape legend: H W image height and width, S square side, K prompts (masks) per i
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,7 +50,11 @@ class ImageError(ValueError):
 def load_image(path):
     """Open `path` as an 8-bit RGB PIL image, whatever its mode: EXIF orientation applied;
     16-bit images rescaled from 0-65535 (32-bit integer ones too when they exceed 255, float
-    ones from 0-1) to 0-255; grayscale, palette and alpha images converted (alpha dropped)."""
+    ones from 0-1) to 0-255; grayscale, palette and alpha images converted (alpha dropped).
+    Raises ImageError for a missing file or one PIL cannot decode. Only PIL's open and decode
+    run inside the try, and those four exception types are how PIL reports a corrupt or truncated
+    file (SyntaxError for some broken PNG chunks, ValueError for bad decoder arguments), so a bug
+    in the conversions below still raises as itself."""
     try:
         img = Image.open(path)
         img.load()
@@ -230,6 +238,11 @@ def collate(samples):
 
 # ----------------------------------------------------------------------------- 3. D_SAM (Eq. 2)
 
+class BadAnnotation(ValueError):
+    """An SA-1B annotation file that cannot be used: unreadable, not JSON, or a field SA1B reads
+    missing or ill-typed (read_sa1b_annotations), or a run-length encoding that does not decode."""
+
+
 def rle_decode(rle, shape=None):
     """COCO run-length encoding -> bool mask (h, w). `rle["counts"]` is either a list of ints or
     COCO's compressed string (SA-1B's form); `shape` stands in for a missing `rle["size"]`.
@@ -245,6 +258,8 @@ def rle_decode(rle, shape=None):
         while p < len(s):
             x, k, more = 0, 0, True
             while more:
+                if p == len(s):
+                    raise BadAnnotation(f"RLE string of {len(s)} chars ends inside a number")
                 c = s[p] - 48
                 x |= (c & 0x1F) << (5 * k)
                 more, p, k = bool(c & 0x20), p + 1, k + 1
@@ -252,8 +267,10 @@ def rle_decode(rle, shape=None):
                     x |= -1 << (5 * k)                    # sign-extend a negative number
             counts.append(x + counts[-2] if len(counts) > 2 else x)
     counts = np.asarray(counts, dtype=np.int64)
-    if counts.sum() != h * w or (counts < 0).any():
-        raise ValueError(f"RLE counts sum to {counts.sum()}, expected h*w = {h}*{w} = {h * w}")
+    if (counts < 0).any():
+        raise BadAnnotation(f"RLE counts hold a negative run ({counts.min()}), expected runs >= 0")
+    if counts.sum() != h * w:
+        raise BadAnnotation(f"RLE counts sum to {counts.sum()}, expected h*w = {h}*{w} = {h * w}")
     flat = np.repeat(np.arange(len(counts)) % 2 == 1, counts)    # runs alternate 0, 1, 0, ...
     return np.ascontiguousarray(flat.reshape(w, h).T)             # column-major: (w, h) -> (h, w)
 
@@ -285,6 +302,49 @@ def find_sa1b(root):
         raise ValueError(f"SA-1B root {root!r} holds no data: expected sa_*.jpg images, each beside a "
                          "matching sa_*.json annotation file (sub-folders allowed)")
     return pairs
+
+
+def read_sa1b_annotations(path, image_hw):
+    """The masks of one SA-1B annotation file, checked against the schema SA1B reads:
+        {"annotations": [{"segmentation": {"size": [h, w], "counts": str | [int >= 0, ...]}}, ...]}
+    with [h, w] the image's size (image_hw) as two integers, and counts COCO's compressed string
+    (SA-1B's form) or a list of run lengths. Other fields (bbox, point_coords, area, ...) are
+    not read, so not checked: SA1B takes boxes and points from the masks themselves. Whether the
+    runs sum to h * w is checked by rle_decode when a mask is decoded.
+    -> list of the "segmentation" dicts. Raises BadAnnotation, one line naming the file and what
+    was expected, so that a bad file is told apart from a bug in our code (which must raise)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadAnnotation(f"{path}: not a readable JSON file ({e})") from None
+    anns = doc.get("annotations") if isinstance(doc, dict) else None
+    if not isinstance(anns, list):
+        raise BadAnnotation(f'{path}: expected a JSON object with an "annotations" list')
+    h, w = image_hw
+    rles = []
+    for i, ann in enumerate(anns):
+        rle = ann.get("segmentation") if isinstance(ann, dict) else None
+        if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+            raise BadAnnotation(f'{path}: annotations[{i}] has no "segmentation" object with '
+                                '"size" and "counts"')
+        size, counts = rle["size"], rle["counts"]
+        two_ints = isinstance(size, list) and [type(v) for v in size] == [int, int]
+        if not (two_ints and size == [h, w]):
+            raise BadAnnotation(f"{path}: annotations[{i}]: segmentation size {size!r}, expected "
+                                f"the image's [h, w] = [{h}, {w}]")
+        runs = isinstance(counts, list) and all(type(c) is int and c >= 0 for c in counts)
+        if not (isinstance(counts, str) or runs):
+            raise BadAnnotation(f"{path}: annotations[{i}]: segmentation counts {_head(counts)}, "
+                                "expected a COCO RLE string or a list of non-negative integers")
+        rles.append(rle)
+    return rles
+
+
+def _head(value, n=40):
+    """repr(value) cut to n characters, for one-line messages."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 MAX_BOX_JITTER = 20.0   # px in SAM's 1024 frame (SAM paper Sec. A, "to a maximum of 20 pixels")
@@ -324,72 +384,108 @@ class SA1B(torch.utils.data.Dataset):
     -> {"image" (3, S, S), "input_size" (2,) h' w', "original_size" (2,) h w, "point_coords" (K, P, 2),
         "point_labels" (K, P) int64 (1 fg, -1 pad), "boxes" (K, 4) x0 y0 x1 y1, "has_box" (K,),
         "gt_masks" (K, S/4, S/4) bool, "error_draws" (K, SAM_POINT_ROUNDS) in [0, 1), "valid" (K,),
-        "num_prompts", "index", "ok", "path"}; rows past num_prompts are padding."""
+        "num_prompts", "index", "ok", "path"}; rows past num_prompts are padding.
+    A pair whose image PIL cannot decode or whose JSON breaks the schema of read_sa1b_annotations
+    comes back as placeholder(index) (ok=False), counted in self.skipped with a warning line
+    naming the file; any other exception is a bug and propagates."""
 
-    def __init__(self, root, img_size=1024, masks_per_image=32, box_jitter=0.1, point_prob=0.5, max_points=3, seed=0):
+    def __init__(self, root, img_size=1024, masks_per_image=32, box_jitter=0.1, point_prob=0.5,
+                 max_points=3, seed=0):
         self.pairs = find_sa1b(root)
         self.img_size, self.K, self.P = img_size, masks_per_image, max_points
         self.box_jitter, self.point_prob, self.seed = box_jitter, point_prob, seed
+        # Samples skipped for an unreadable image or a bad annotation file, in this process. A
+        # DataLoader worker counts in its own copy, so a loop with workers counts ~batch["ok"]
+        # and batch["bad_paths"] instead (collate_sam), as EpochTally does for D_CLIP.
+        self.skipped = 0
 
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, item):
-        index, epoch = item if isinstance(item, tuple) else (item, 0)
+    def placeholder(self, index):
+        """The sample of `index` with no prompts: zeros of every shape, ok=False. A real sample
+        starts from it (rows past num_prompts stay padding); a skipped one is returned as it is."""
         S, K, P = self.img_size, self.K, self.P
         L = S // LOW_RES_STRIDE                                  # side of SAM's low-res mask grid
-        out = {"image": torch.zeros(3, S, S), "input_size": torch.tensor([S, S]), "original_size": torch.tensor([S, S]),
-               "point_coords": torch.zeros(K, P, 2), "point_labels": torch.full((K, P), -1, dtype=torch.int64),
-               "boxes": torch.zeros(K, 4), "has_box": torch.zeros(K, dtype=torch.bool),
-               "gt_masks": torch.zeros(K, L, L, dtype=torch.bool), "error_draws": torch.zeros(K, SAM_POINT_ROUNDS),
-               "valid": torch.zeros(K, dtype=torch.bool), "num_prompts": 0, "index": index, "ok": False,
-               "path": self.pairs[index][0]}
+        return {"image": torch.zeros(3, S, S),
+                "input_size": torch.tensor([S, S]),
+                "original_size": torch.tensor([S, S]),
+                "point_coords": torch.zeros(K, P, 2),
+                "point_labels": torch.full((K, P), -1, dtype=torch.int64),
+                "boxes": torch.zeros(K, 4),
+                "has_box": torch.zeros(K, dtype=torch.bool),
+                "gt_masks": torch.zeros(K, L, L, dtype=torch.bool),
+                "error_draws": torch.zeros(K, SAM_POINT_ROUNDS),
+                "valid": torch.zeros(K, dtype=torch.bool),
+                "num_prompts": 0,
+                "index": index,
+                "ok": False,
+                "path": self.pairs[index][0]}
+
+    def __getitem__(self, item):
+        """A sample with prompts; the placeholder, counted in self.skipped and named in one
+        warning line, when the image cannot be decoded or the annotation file is malformed
+        (ImageError, BadAnnotation). Any other exception is a bug and propagates."""
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
         try:
-            img = load_image(self.pairs[index][0])
-            with open(self.pairs[index][1]) as f:
-                anns = json.load(f)["annotations"]
-            g = torch.Generator().manual_seed(_seed(self.seed, epoch, index))
-            order = torch.randperm(len(anns), generator=g).tolist()
-            x, (h2, w2) = sam_preprocess(img, S)
-            sx, sy = w2 / img.width, h2 / img.height        # SAM's ResizeLongestSide.apply_coords
-            gt_rows, gt_cols = low_res_cells((img.height, img.width), (h2, w2), S)   # the gt masks' cells
-            k = 0
-            for j in order:
-                if k == K:
-                    break
-                mask = rle_decode(anns[j]["segmentation"])
-                if mask.shape != (img.height, img.width):
-                    raise ValueError(f"mask size {mask.shape} differs from image size {(img.height, img.width)}")
-                fg = np.flatnonzero(mask)                    # (area,) flat indices into (h, w)
-                if len(fg) == 0:
-                    continue                                 # an empty mask makes no prompt
-                if torch.rand(1, generator=g).item() < self.point_prob:
-                    n = torch.randint(1, P + 1, (1,), generator=g).item()
-                    ys, xs = np.divmod(fg[torch.randint(0, len(fg), (n,), generator=g).numpy()], img.width)
-                    pts = np.stack([(xs + 0.5) * sx - 0.5, (ys + 0.5) * sy - 0.5], 1)   # (n, 2) x, y
-                    out["point_coords"][k, :n] = torch.from_numpy(pts).float()
-                    out["point_labels"][k, :n] = 1
-                else:
-                    cols, rows = np.flatnonzero(mask.any(0)), np.flatnonzero(mask.any(1))
-                    box = torch.tensor([cols[0] * sx, rows[0] * sy, (cols[-1] + 1) * sx, (rows[-1] + 1) * sy])
-                    side = (box[2:] - box[:2]).repeat(2)                 # (w, h, w, h) of the box
-                    cap = MAX_BOX_JITTER * S / 1024
-                    noise = (torch.randn(4, generator=g) * self.box_jitter * side).clamp(-cap, cap)
-                    box = torch.minimum((box + noise).clamp(min=0), torch.tensor([w2, h2, w2, h2]).float())
-                    out["boxes"][k] = torch.cat([torch.minimum(box[:2], box[2:]), torch.maximum(box[:2], box[2:])])
-                    out["has_box"][k] = True
-                out["gt_masks"][k, :len(gt_rows), :len(gt_cols)] = torch.from_numpy(mask[np.ix_(gt_rows, gt_cols)])
-                out["valid"][k] = True
-                k += 1
-            # a generator of its own, so the prompt draws above stay what they were before these existed
-            out["error_draws"] = torch.rand(K, SAM_POINT_ROUNDS, generator=torch.Generator().manual_seed(
-                _seed(self.seed, epoch, index, 1)))
-        except (ImageError, OSError, ValueError, KeyError, TypeError, IndexError):  # corrupt image or JSON
-            out["point_coords"].zero_(), out["point_labels"].fill_(-1), out["boxes"].zero_()
-            out["has_box"].zero_(), out["valid"].zero_(), out["gt_masks"].zero_()
-            return out
-        out.update(image=x, input_size=torch.tensor([h2, w2]), original_size=torch.tensor([img.height, img.width]),
-                   num_prompts=k, ok=True)
+            return self.sample(index, epoch)
+        except (ImageError, BadAnnotation) as e:
+            self.skipped += 1
+            warnings.warn(f"SA1B: skipped sample {index} ({e})", stacklevel=2)
+            return self.placeholder(index)
+
+    def sample(self, index, epoch):
+        """The sample of (index, epoch), drawn as the class docstring says; raises ImageError or
+        BadAnnotation for a bad pair of files."""
+        S, K, P = self.img_size, self.K, self.P
+        image_path, json_path = self.pairs[index]
+        out = self.placeholder(index)
+        img = load_image(image_path)
+        rles = read_sa1b_annotations(json_path, (img.height, img.width))
+        g = torch.Generator().manual_seed(_seed(self.seed, epoch, index))
+        order = torch.randperm(len(rles), generator=g).tolist()
+        x, (h2, w2) = sam_preprocess(img, S)
+        sx, sy = w2 / img.width, h2 / img.height        # SAM's ResizeLongestSide.apply_coords
+        gt_rows, gt_cols = low_res_cells((img.height, img.width), (h2, w2), S)   # gt masks' cells
+        k = 0
+        for j in order:
+            if k == K:
+                break
+            try:
+                mask = rle_decode(rles[j])                   # (h, w) bool, size checked on reading
+            except BadAnnotation as e:
+                raise BadAnnotation(f"{json_path}: annotations[{j}]: {e}") from None
+            fg = np.flatnonzero(mask)                    # (area,) flat indices into (h, w)
+            if len(fg) == 0:
+                continue                                 # an empty mask makes no prompt
+            if torch.rand(1, generator=g).item() < self.point_prob:
+                n = torch.randint(1, P + 1, (1,), generator=g).item()
+                picked = fg[torch.randint(0, len(fg), (n,), generator=g).numpy()]   # (n,) flat
+                ys, xs = np.divmod(picked, img.width)
+                pts = np.stack([(xs + 0.5) * sx - 0.5, (ys + 0.5) * sy - 0.5], 1)   # (n, 2) x, y
+                out["point_coords"][k, :n] = torch.from_numpy(pts).float()
+                out["point_labels"][k, :n] = 1
+            else:
+                cols, rows = np.flatnonzero(mask.any(0)), np.flatnonzero(mask.any(1))
+                box = torch.tensor([cols[0] * sx, rows[0] * sy,
+                                    (cols[-1] + 1) * sx, (rows[-1] + 1) * sy])   # x0 y0 x1 y1
+                side = (box[2:] - box[:2]).repeat(2)                 # (w, h, w, h) of the box
+                cap = MAX_BOX_JITTER * S / 1024
+                noise = (torch.randn(4, generator=g) * self.box_jitter * side).clamp(-cap, cap)
+                frame = torch.tensor([w2, h2, w2, h2]).float()
+                box = torch.minimum((box + noise).clamp(min=0), frame)
+                corners = [torch.minimum(box[:2], box[2:]), torch.maximum(box[:2], box[2:])]
+                out["boxes"][k] = torch.cat(corners)
+                out["has_box"][k] = True
+            low_res = torch.from_numpy(mask[np.ix_(gt_rows, gt_cols)])   # (h'/4, w'/4) cells
+            out["gt_masks"][k, :len(gt_rows), :len(gt_cols)] = low_res
+            out["valid"][k] = True
+            k += 1
+        # a generator of its own, so the prompt draws above stay what they were before these existed
+        g_error = torch.Generator().manual_seed(_seed(self.seed, epoch, index, 1))
+        out["error_draws"] = torch.rand(K, SAM_POINT_ROUNDS, generator=g_error)
+        out.update(image=x, input_size=torch.tensor([h2, w2]),
+                   original_size=torch.tensor([img.height, img.width]), num_prompts=k, ok=True)
         return out
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import clip
+import data
 from data import (SA1B, SAM_PIXEL_MEAN, SAM_PIXEL_STD, CLIPImages, FixedBatchSampler, VariableResolutionSampler,
                   collate, collate_sam, list_images, rle_decode, rle_encode)
 
@@ -184,17 +185,92 @@ def test_sa1b_deterministic_and_mixed(sa1b_root):
     assert kinds.any() and not kinds.all()                            # point_prob 0.5: both kinds
 
 
-def test_sa1b_corrupt_image_or_json(sa1b_root):
+def test_sa1b_corrupt_image_or_json_is_skipped_counted_and_named(sa1b_root):
+    """An unreadable image and a JSON file cut short: placeholders (ok=False), counted in
+    ds.skipped, and one warning line each naming the file."""
     with open(os.path.join(sa1b_root, "sa_1.jpg"), "wb") as f:
         f.write(b"\xff\xd8 not really a jpeg")
     with open(os.path.join(sa1b_root, "part2", "sa_2.json"), "w") as f:
         f.write('{"annotations": [{"segmentation": ')
     ds = SA1B(sa1b_root, img_size=160, masks_per_image=4)
-    for i in range(2):
-        s = ds[(i, 0)]
+    assert ds.skipped == 0
+    with pytest.warns(UserWarning) as record:
+        samples = [ds[(i, 0)] for i in range(2)]
+    for s in samples:
         assert not s["ok"] and s["num_prompts"] == 0 and not s["valid"].any()
         assert s["image"].shape == (3, 160, 160) and s["point_coords"].shape == (4, 3, 2)
-    assert len(collate_sam([ds[0], ds[1]])["bad_paths"]) == 2
+    assert ds.skipped == 2
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2 and all("\n" not in m for m in messages)
+    assert "sa_2.json" in messages[0] and "sa_1.jpg" in messages[1]
+    assert len(collate_sam(samples)["bad_paths"]) == 2
+
+
+def _seg(size=(100, 200), counts="abc"):
+    return {"annotations": [{"segmentation": {"size": list(size), "counts": counts}}]}
+
+
+@pytest.mark.parametrize("doc, expected", [
+    ({"image": {}}, 'an "annotations" list'),
+    ([1, 2], 'an "annotations" list'),
+    ({"annotations": {"segmentation": {}}}, 'an "annotations" list'),
+    ({"annotations": [{"bbox": [0, 0, 1, 1]}]}, r'annotations\[0\].*"segmentation"'),
+    ({"annotations": [{"segmentation": {"counts": "abc"}}]}, '"size" and "counts"'),
+    (_seg(size=(50, 200)), r"\[100, 200\]"),                    # not the image's size
+    (_seg(size=("100", "200")), r"\[100, 200\]"),                # ill-typed size
+    (_seg(size=(100.0, 200.0)), r"\[100, 200\]"),
+    (_seg(counts=7), "counts"),
+    (_seg(counts=[1.5, 19998.5]), "counts"),
+    (_seg(counts=[-1, 20001]), "counts"),
+    (_seg(counts=[5, 10]), r"annotations\[0\].*sum to 15"),      # caught when the mask is decoded
+    (_seg(counts="0a"), r"annotations\[0\].*ends inside a number"),   # 'a' says "more chars follow"
+])
+def test_sa1b_malformed_annotations_are_skipped_with_one_clear_line(sa1b_root, doc, expected):
+    """The schema SA1B reads (data.read_sa1b_annotations): {"annotations": [{"segmentation":
+    {"size": [h, w] of the image, "counts": str or [int >= 0, ...]}}, ...]}; each break of it
+    is a data.BadAnnotation, so the sample is skipped and counted, and the line says why."""
+    path = os.path.join(sa1b_root, "part2", "sa_2.json")
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    ds = SA1B(sa1b_root, img_size=160, masks_per_image=4)
+    with pytest.warns(UserWarning, match=expected) as record:
+        s = ds[(0, 0)]
+    assert not s["ok"] and ds.skipped == 1
+    message = str(record[0].message)
+    assert len(record) == 1 and path in message and "\n" not in message
+    assert ds[(1, 0)]["ok"] and ds.skipped == 1                       # the good pair still reads
+
+
+@pytest.mark.parametrize("name, error", [
+    ("rle_decode", TypeError), ("low_res_cells", IndexError), ("sam_preprocess", KeyError),
+    ("preprocess_shape", ValueError), ("read_sa1b_annotations", TypeError),
+])
+def test_sa1b_bugs_in_our_own_code_raise(sa1b_root, monkeypatch, name, error):
+    """A bug in data.py is not a bad file: it must stop the run, not be skipped as data."""
+    def broken(*args, **kwargs):
+        raise error("a bug in data.py")
+
+    monkeypatch.setattr(data, name, broken)
+    ds = SA1B(sa1b_root, img_size=160, masks_per_image=4)
+    with pytest.raises(error, match="a bug in data.py"):
+        ds[(0, 0)]
+    assert ds.skipped == 0
+
+
+def test_clip_images_bugs_in_our_own_code_raise(tmp_path, monkeypatch):
+    """D_CLIP's reader follows the same rule: only an unreadable image (ImageError) is skipped."""
+    Image.new("RGB", (50, 40), (200, 0, 0)).save(tmp_path / "a.jpg")
+    ds = CLIPImages(str(tmp_path), teacher_size=16)
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in data.py")
+
+    monkeypatch.setattr(data, "random_resized_crop_box", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        ds[(0, 32, 0)]
+    monkeypatch.setattr(data.ImageOps, "exif_transpose", broken)   # after the decode, in load_image
+    with pytest.raises(TypeError, match="a bug"):
+        data.load_image(str(tmp_path / "a.jpg"))
 
 
 # ----------------------------------------------------------------------------- D_CLIP
