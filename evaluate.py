@@ -10,7 +10,8 @@ Each cmd_<name> below says how it follows the paper; speed and memory: bench.py;
   instseg   box-prompted instance segmentation, Table 1 (COCO; LVIS via --save-predictions and the
             LVIS API), COCOeval's rules without pycocotools -> AP, AP50, AP75, mIoU_prompted
   probe     linear probing of frozen backbones, Tables 3 and 4: the merged encoder, SAM's or a CLIP
-            tower, each on its last block's tokens -> top1/top5 (--task cls) or mIoU (--task seg)
+            tower, each on its last block's tokens at its own resolution, fit on --train-data and
+            scored on --data (PROBE_PROTOCOL) -> top1/top5 (--task cls) or mIoU (--task seg)
 
 Run (every flag has --help):
   python evaluate.py classify --checkpoint m.pt --data imagenet_val/ --out cls.json
@@ -18,7 +19,8 @@ Run (every flag has --help):
   python evaluate.py semseg   --checkpoint m.pt --data VOCdevkit/VOC2012 --layout voc --out voc.json
   python evaluate.py semseg   --checkpoint m.pt --data ade/ --layout generic [--refine sam]
   python evaluate.py instseg  --checkpoint m.pt --data coco_val/ [--detections dets.json] [--save-predictions p.json]
-  python evaluate.py probe    --checkpoint m.pt --data voc_generic/ --task seg --features sam --sam-checkpoint s.pth
+  python evaluate.py probe    --checkpoint m.pt --train-data voc_train/ --data voc_val/ --task seg \
+                              --features sam --sam-checkpoint s.pth
 Every subcommand also takes --limit N, --batch-size, --visualize K (K PNGs "image | prediction | ground
 truth" in <out stem>_vis/ next to the JSON), --device, --dtype and --seed.
 
@@ -29,13 +31,15 @@ cmd_semseg, cmd_instseg, metrics.match_detections, cmd_probe).
 Resolutions are in the paper's pixels for the 1024 px vit_b model; smaller presets scale them (`scaled`).
 
 Shape legend: B batch, K classes, D embedding size, h w HeadCLIP / SAM grid, H W label (original
-image) size, S the encoder's native side, N prompts (boxes) or texts, G ground-truth objects.
+image) size, S the encoder's native side, N prompts (boxes) or texts, G ground-truth objects;
+probe: C a backbone's width, g its own token grid, grid the common grid of --grid.
 """
 
 import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -149,27 +153,74 @@ def visualizer(args):
 
 # ----------------------------------------------------------------------------- dataset layouts
 
-def read_image_folder(root):
-    """DIR/<class>/*.jpg -> ([(path, label)], class names). --limit takes the list in round-robin
-    class order, so a quick look still sees every class."""
-    need(root, "dataset folder (DIR/<class>/*.jpg)")
-    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    if not folders:
-        raise LayoutError(f"{root}/<class>/ not found: no class sub-folders (expected DIR/<class>/*.jpg)")
+WORDNET_ID = re.compile(r"n\d{8}")      # ImageNet's class folders: n01440764, ...
+
+
+def read_image_folder(root, readable_names=False):
+    """DIR/<class>/*.jpg -> ([(path, label)], class names); label k is the k-th folder in sorted
+    order. --limit takes the list in round-robin class order, so a quick look sees every class.
+    Names (class_names): DIR/classnames.txt, else ImageNet's DIR/LOC_synset_mapping.txt for
+    folders named by WordNet ID, else the folder names. readable_names (classify, where names
+    become prompts): WordNet-ID folders with neither file are refused."""
+    folders = class_folders(root)
     items = [(r, k, os.path.join(root, c, f)) for k, c in enumerate(folders)
              for r, f in enumerate(image_files(os.path.join(root, c)))]
     if not items:
         raise LayoutError(f"{root}/<class>/*.jpg not found: the class folders hold no images")
-    names = [c.replace("_", " ") for c in folders]
+    return [(p, k) for _, k, p in sorted(items)], class_names(root, folders, readable_names)
+
+
+def class_folders(root):
+    """The sorted class sub-folders of DIR/<class>/*.jpg (hidden ones skipped)."""
+    need(root, "dataset folder (DIR/<class>/*.jpg)")
+    folders = sorted(d for d in os.listdir(root)
+                     if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not folders:
+        raise LayoutError(f"{root}/<class>/ not found: no class sub-folders "
+                          "(expected DIR/<class>/*.jpg)")
+    return folders
+
+
+def class_names(root, folders, readable_names):
+    """One readable name per class folder. ImageNet's validation layout names its folders by
+    WordNet ID; as a prompt ("a photo of a n01440764.") such a name scores near chance without
+    a word of warning, so classify refuses it unless the names are supplied."""
     txt = os.path.join(root, "classnames.txt")
     if os.path.isfile(txt):
         # one format for every class list of the repository (classes.txt too): line i names class i
-        lines = [l.strip() for l in open(txt, encoding="utf-8") if l.strip()]
+        with open(txt, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
         if len(lines) != len(folders):
-            raise LayoutError(f"{txt}: {len(lines)} names for {len(folders)} class folders (want one readable "
-                              "name per line, in the sorted order of the folders)")
-        names = lines
-    return [(p, k) for _, k, p in sorted(items)], names
+            raise LayoutError(f"{txt}: {len(lines)} names for {len(folders)} class folders "
+                              "(want one readable name per line, in sorted folder order)")
+        return lines
+    wordnet = [c for c in folders if WORDNET_ID.fullmatch(c)]
+    mapping = os.path.join(root, "LOC_synset_mapping.txt")
+    if wordnet and os.path.isfile(mapping):
+        return read_synset_mapping(mapping, folders)
+    if wordnet and readable_names:
+        raise LayoutError(f"{root}: {len(wordnet)} class folders are WordNet IDs ({wordnet[0]}, "
+                          f"...), which would be prompted as 'a photo of a {wordnet[0]}.': put "
+                          "ImageNet's LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca' "
+                          "lines) or a classnames.txt (one readable name per line, in sorted "
+                          "folder order) in that folder")
+    return [c.replace("_", " ") for c in folders]
+
+
+def read_synset_mapping(path, folders):
+    """ImageNet's LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca" per line) -> the first
+    name of each folder's list, in folder order ("tench"). OpenAI's hand-cleaned ImageNet names
+    (CLIP's prompt-engineering notebook) score higher; supply them as classnames.txt."""
+    names = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            wnid, _, synonyms = line.strip().partition(" ")
+            names[wnid] = synonyms.split(",")[0].strip()
+    missing = [c for c in folders if not names.get(c)]
+    if missing:
+        raise LayoutError(f"{path}: no name for class folder {missing[0]} ({len(missing)} folders "
+                          "unnamed; want one 'n01440764 tench, Tinca tinca' line per folder)")
+    return [names[c] for c in folders]
 
 
 def read_captions(root):
@@ -275,7 +326,7 @@ def cmd_classify(args):
     """Table 1, zero-shot classification: images resized on the short side and centre-cropped to
     --resolution; cosine of the HeadCLIP embedding with each class's 80-template text embedding
     (CLIP Sec. 3.1.4); the argmax is the prediction."""
-    items, names = read_image_folder(args.data)
+    items, names = read_image_folder(args.data, readable_names=True)
     items = items[:args.limit] if args.limit else items
     m = load_model(args)
     res = scaled(args.resolution, m)
@@ -474,8 +525,8 @@ def cmd_instseg(args):
 
 
 def patch_labels(label, side, grid):
-    """(H, W) labels -> (grid, grid): each patch's majority label among non-255 pixels (255 if none),
-    after a nearest resize of the label map to the (side, side) network input."""
+    """(H, W) labels -> (grid, grid): each cell's majority label among non-255 pixels (255 if none),
+    after a nearest resize of the label map to (side, side), the square the input is resized to."""
     lab = F.interpolate(label[None, None].float(), (side, side), mode="nearest")[0, 0].long()
     p = side // grid
     lab = lab.reshape(grid, p, grid, p).permute(0, 2, 1, 3).reshape(grid * grid, p * p)  # (g*g, p*p)
@@ -483,70 +534,168 @@ def patch_labels(label, side, grid):
     return torch.where(counts.sum(1) > 0, counts.argmax(1), 255).reshape(grid, grid)
 
 
+PROBE_GRID = 16         # the common token grid of segmentation probes; why 16: PROBE_PROTOCOL
+LABEL_SAMPLES = 16      # label-map samples per grid cell side whose majority is the cell's target
+
+# The probe's protocol, printed by `python evaluate.py probe --help`; the code follows it in
+# feature_extractor (features, resolution, pooling) and cmd_probe (splits, targets, fit).
+PROBE_PROTOCOL = f"""\
+Linear probe of a frozen backbone (Tables 3 and 4): one linear layer is fit on --train-data (the
+train split) and scored on --data (the validation split), the paper's standard protocol.
+--self-split F fits on a seeded share F of --data's images instead (not the paper's protocol).
+
+Where the paper is silent (it names no layer, resolution or grid), every backbone is probed alike:
+  features    its last transformer block's tokens, before any neck, head or projection
+  resolution  the side it was trained at: SAM's and SAM-CLIP's encoders 1024 px, 64 x 64 tokens
+              (smaller presets: their own side); a CLIP tower its image_size, 224 px (14 x 14
+              tokens for ViT-B/16, 16 x 16 for ViT-L/14). Any other side resizes the learned
+              position table into a regime the backbone never saw (SAM at 224 px: 64 -> 14), and
+              the probe would measure the resize as much as the features. --resolution overrides
+              the side of samclip and sam.
+  cls         the mean of all its tokens (ViT-Det has no class token); centre-cropped square input
+  seg         the tokens area-pooled to one common G x G grid, G = --grid (default {PROBE_GRID}),
+              so that every backbone's linear layer reads regions of the same size and is fit on
+              the very same targets (each cell's majority label); SAM's 64 x 64 map against CLIP's
+              16 x 16 would compare grids, not features. {PROBE_GRID}: the CLIP teacher's (ViT-L/14)
+              own grid, and SAM's 64 pools to it exactly (4 x 4 tokens a cell); a ViT-B/16's
+              14 x 14 is spread over it (each cell the mean of the 1 or 2 tokens it overlaps).
+              The logits are upsampled bilinearly to the label size.
+  fit         features standardised with the train statistics; AdamW (weight decay 1e-4), batches
+              of 1024 rows, --epochs passes at --lr
+"""
+
+
 def feature_extractor(args, m, task):
-    """The frozen image backbone's features (Sec. 4.3 probes the backbones), the same kind for every
-    --features choice: the tokens out of the last transformer block, before any neck, head or
-    projection. samclip: the merged encoder's forward_tokens; sam: the same of SAM's encoder; clip:
-    the image tower's last block before ln_post and proj (its class token dropped). Width C: the
-    backbone's (768 for ViT-B, 1024 for CLIP ViT-L/14), not the text-embedding size nor SAM's
-    256-channel neck. cls: the mean of the patch tokens, (B, C); one pooling rule for all three, as
-    ViT-Det has no class token. seg: per patch, (B, g, g, C). Classification inputs are centre-cropped.
-    -> (input side, patch size, fn(list of PIL) -> features)."""
+    """A frozen backbone's features under PROBE_PROTOCOL -> (input side, native grid g,
+    fn(list of PIL) -> features): cls (B, C), the mean of the g x g tokens; seg
+    (B, grid, grid, C), the tokens area-pooled to grid = args.grid (0: g). samclip: the merged
+    encoder's forward_tokens; sam: the same of SAM's encoder (--sam-checkpoint); clip: the image
+    tower's last block before ln_post and proj, its class token dropped (--clip-checkpoint).
+    Width C: the backbone's (768 for ViT-B, 1024 for CLIP ViT-L/14), not the text-embedding
+    size nor SAM's 256-channel neck."""
     dev = args.device
     crop = center_square if task == "cls" else (lambda im: im)
     if args.features == "clip":
         if not args.clip_checkpoint:
             raise ValueError("--features clip needs --clip-checkpoint (an OpenCLIP / OpenAI CLIP file)")
+        if args.resolution:
+            raise ValueError("--resolution sets the side of the ViT-Det encoders (--features "
+                             "samclip or sam); a CLIP tower is probed at its own image_size")
         teacher = clip.load_clip(args.clip_checkpoint)
-        tower, side, p = teacher.visual.to(dev), teacher.config.image_size, teacher.config.patch_size
-
-        def tokens(imgs):                                                # at CLIP's own native size
-            x = torch.stack([data.square_resize(crop(im), side, data.normalize_clip) for im in imgs]).to(dev)
-            t = tower.forward_tokens(x)[:, 1:]                           # (B, 1 + g*g, C) -> (B, g*g, C)
-            return t.reshape(len(imgs), side // p, side // p, -1)        # (B, g*g, C) -> (B, g, g, C)
-    else:
-        if args.features == "sam" and not args.sam_checkpoint:
-            raise ValueError("--features sam needs --sam-checkpoint (an official SAM file, e.g. sam_vit_b_01ec64.pth)")
-        enc = vit_det.load_sam_encoder(args.sam_checkpoint).to(dev) if args.features == "sam" else m.encoder
-        side, p = scaled(args.resolution or (224 if task == "cls" else 448), enc), enc.cfg.patch_size
+        tower, p = teacher.visual.to(dev), teacher.config.patch_size
+        side = teacher.config.image_size                                 # the side CLIP trained at
 
         def tokens(imgs):
-            x = torch.stack([data.square_resize(crop(im), side) for im in imgs]).to(dev)  # (B, 3, side, side)
-            return enc.forward_tokens(x)                                 # (B, g, g, C)
+            x = [data.square_resize(crop(im), side, data.normalize_clip) for im in imgs]
+            t = tower.forward_tokens(torch.stack(x).to(dev))[:, 1:]  # (B, 1+g*g, C) -> (B, g*g, C)
+            return t.reshape(len(imgs), side // p, side // p, -1)    # (B, g*g, C) -> (B, g, g, C)
+    else:
+        if args.features == "sam" and not args.sam_checkpoint:
+            raise ValueError("--features sam needs --sam-checkpoint (an official SAM file, e.g. "
+                             "sam_vit_b_01ec64.pth)")
+        if args.features == "sam":
+            enc = vit_det.load_sam_encoder(args.sam_checkpoint).to(dev)
+        else:
+            enc = m.encoder
+        # the side SAM trained at (its 64 x 64 position table), which SAM-CLIP's encoder keeps
+        # and whose HeadCLIP was adapted to (Sec. 3, resolution adaptation)
+        side = scaled(args.resolution, enc) if args.resolution else enc.cfg.img_size
+        p = enc.cfg.patch_size
+
+        def tokens(imgs):
+            x = [data.square_resize(crop(im), side) for im in imgs]     # B x (3, side, side)
+            return enc.forward_tokens(torch.stack(x).to(dev))            # (B, g, g, C)
+    g = side // p
+    grid = args.grid or g
 
     def extract(imgs):
         f = tokens(imgs)                                                 # (B, g, g, C)
-        return f.mean((1, 2)) if task == "cls" else f                    # cls: (B, g, g, C) -> (B, C)
-    return side, p, extract
+        if task == "cls":
+            return f.mean((1, 2))                                        # (B, g, g, C) -> (B, C)
+        f = F.adaptive_avg_pool2d(f.permute(0, 3, 1, 2), grid)  # (B, g, g, C) -> (B, C, grid, grid)
+        return f.permute(0, 2, 3, 1)                     # (B, C, grid, grid) -> (B, grid, grid, C)
+    return side, g, extract
+
+
+def read_probe_split(root, cls, limit):
+    """One split of a probe -> ([(image path, class index or label map path)], class names, the
+    list that fixes the class indices: the sorted class folders (cls) or classes.txt (seg))."""
+    if cls:
+        items, names = read_image_folder(root)
+        classes = class_folders(root)
+    else:
+        items, names = read_segmentation(root, "generic", None)
+        classes = names
+    return (items[:limit] if limit else items), names, classes
 
 
 @torch.no_grad()
 def cmd_probe(args):
-    """Extract frozen features once, split the images (seeded), train a linear layer on the
-    standardised features of the training images, report top-1/5 or mIoU on the others. Every
-    backbone gives the same kind of feature, its last transformer block's tokens (the paper probes
-    "frozen image backbones" without naming the layer); image features are the mean of the patch
-    tokens, patch labels the majority vote; AdamW (weight decay 1e-4), batches of 1024 rows."""
+    """Tables 3 and 4, PROBE_PROTOCOL: extract each split's frozen features once, fit a linear
+    layer on the standardised --train-data features, report top-1/5 or mIoU on --data."""
     cls = args.task == "cls"
-    items, names = read_image_folder(args.data) if cls else read_segmentation(args.data, "generic", None)
-    items = items[:args.limit] if args.limit else items
-    if len(items) < 2:
-        raise LayoutError(f"{args.data}: a probe needs at least 2 images (one to train, one to test)")
+    if args.train_data and args.self_split:
+        raise ValueError("give --train-data DIR (the train split) or --self-split F (a seeded "
+                         "split of --data), not both")
+    if not args.train_data and not args.self_split:
+        raise ValueError("probe needs --train-data DIR, the split the linear layer is fit on "
+                         "(--data is the split reported, as in Tables 3 and 4); or --self-split F "
+                         "to fit on a seeded share F of --data instead (not the paper's protocol)")
+    if args.self_split and not 0 < args.self_split < 1:
+        raise ValueError(f"--self-split {args.self_split}: want a share of --data strictly "
+                         "between 0 and 1")
+    items, names, classes = read_probe_split(args.data, cls, args.limit)
+    if args.train_data:
+        train_items, _, train_classes = read_probe_split(args.train_data, cls, args.limit)
+        if train_classes != classes:
+            only_train = sorted(set(train_classes) - set(classes))[:3]
+            only_data = sorted(set(classes) - set(train_classes))[:3]
+            what = f"only in --train-data {only_train}, only in --data {only_data}"
+            if not only_train and not only_data:
+                what = "the same classes in another order"
+            raise LayoutError(f"--train-data {args.train_data} and --data {args.data} must name "
+                              "the same classes in the same order (a class's index is its place): "
+                              f"{what}")
+    elif len(items) < 2:
+        raise LayoutError(f"{args.data}: --self-split needs at least 2 images (one to fit, one "
+                          "to test)")
     K, m = len(names), load_model(args)
-    side, p, extract = feature_extractor(args, m, args.task)
-    g = side // p
-    feats, targets = [], []                                              # per image: (1 or g*g, F), (1 or g*g,)
-    for chunk, imgs in batches(items, lambda it: data.load_image(it[0]), args.batch_size, f"{args.features} features"):
-        f = extract(imgs).float().cpu()
-        for i, (_, target) in enumerate(chunk):
-            feats.append(f[i].reshape(-1, f.shape[-1]))                  # (F,) or (g, g, F) -> (1 or g*g, F)
-            targets.append(torch.tensor([target]) if cls else patch_labels(read_label(target, K), side, g).reshape(-1))
-    # split by image, so patches of one image never straddle train and test
+    side, g, extract = feature_extractor(args, m, args.task)
+    grid = args.grid or g
+
+    def features(split, desc):
+        """-> per image: its features (1 or grid*grid, C) and targets (1 or grid*grid,)."""
+        feats, targets = [], []
+        for chunk, imgs in batches(split, lambda it: data.load_image(it[0]), args.batch_size, desc):
+            f = extract(imgs).float().cpu()                      # (B, C) or (B, grid, grid, C)
+            for i, (_, target) in enumerate(chunk):
+                feats.append(f[i].reshape(-1, f.shape[-1]))  # -> (1 or grid*grid, C)
+                if cls:
+                    targets.append(torch.tensor([target]))
+                else:
+                    cells = patch_labels(read_label(target, K), grid * LABEL_SAMPLES, grid)
+                    targets.append(cells.reshape(-1))
+        return feats, targets
+
     gen = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(items), generator=gen).tolist()
-    n_train = min(len(items) - 1, max(1, round(args.train_fraction * len(items))))
-    train, test = order[:n_train], order[n_train:]
-    X, y = torch.cat([feats[i] for i in train]), torch.cat([targets[i] for i in train])  # (N, F), (N,)
+    if args.train_data:
+        protocol = "train on --train-data, report on --data"
+        desc = f"{args.features} features, --train-data"
+        train_feats, train_targets = features(train_items, desc)
+        test_items = items
+        test_feats, test_targets = features(items, f"{args.features} features, --data")
+    else:
+        feats, targets = features(items, f"{args.features} features, --data")
+        # split by image, so patches of one image never straddle train and test
+        order = torch.randperm(len(items), generator=gen).tolist()
+        n_train = min(len(items) - 1, max(1, round(args.self_split * len(items))))
+        protocol = f"seeded split of --data (--self-split {args.self_split}; not the paper's)"
+        train_feats = [feats[i] for i in order[:n_train]]
+        train_targets = [targets[i] for i in order[:n_train]]
+        test_items = [items[i] for i in order[n_train:]]
+        test_feats = [feats[i] for i in order[n_train:]]
+        test_targets = [targets[i] for i in order[n_train:]]
+    X, y = torch.cat(train_feats), torch.cat(train_targets)              # (N, C), (N,)
     X, y = X[y != 255], y[y != 255]
     mu, sd = X.mean(0), X.std(0).nan_to_num(1.0).clamp(min=1e-6)        # standardise with train statistics
     torch.manual_seed(args.seed)
@@ -559,22 +708,25 @@ def cmd_probe(args):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    results = {"features": args.features, "task": args.task, "num_train": len(train), "num_test": len(test)}
+    results = {"features": args.features, "task": args.task, "protocol": protocol,
+               "resolution": side, "native_grid": g, "grid": None if cls else grid,
+               "num_train": len(train_feats), "num_test": len(test_feats)}
     conf = torch.zeros(K, K, dtype=torch.int64)
-    logits = [head((feats[i] - mu) / sd) for i in test]                  # (1 or g*g, K) per test image
+    logits = [head((f - mu) / sd) for f in test_feats]       # per test image: (1 or grid*grid, K)
     show = visualizer(args)
-    for j, i in enumerate(test):
+    for j, (path, target) in enumerate(test_items):
         if cls:
-            panels = [zero_shot.text_panel(names[int(logits[j].argmax())]), zero_shot.text_panel(names[items[i][1]])]
+            panels = [zero_shot.text_panel(names[int(logits[j].argmax())]),
+                      zero_shot.text_panel(names[target])]
         else:
-            gt = read_label(items[i][1], K)
-            lg = logits[j].T.reshape(1, K, g, g)                         # (g*g, K) -> (1, K, g, g)
+            gt = read_label(target, K)
+            lg = logits[j].T.reshape(1, K, grid, grid)       # (grid*grid, K) -> (1, K, grid, grid)
             pred = F.interpolate(lg, gt.shape, mode="bilinear", align_corners=False)[0].argmax(0)  # (H, W)
             conf += metrics.confusion_matrix(pred, gt, K)
             panels = [zero_shot.colorize(pred), zero_shot.colorize(gt)]
-        show(f"{j:04d}", [lambda: data.load_image(items[i][0])] + panels)
+        show(f"{j:04d}", [lambda: data.load_image(path)] + panels)
     if cls:
-        acc = metrics.topk_accuracy(torch.cat(logits), torch.cat([targets[i] for i in test]))
+        acc = metrics.topk_accuracy(torch.cat(logits), torch.cat(test_targets))
         results |= {"top1": acc[1], "top5": acc[5]}
     else:
         mean, per_class = metrics.miou(conf)
@@ -589,8 +741,9 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="command", required=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def command(name, fn, help, res=None):
-        p = sub.add_parser(name, help=help, description=help)
+    def command(name, fn, help, res=None, description=None):
+        p = sub.add_parser(name, help=help, description=description or help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=fn)
         p.add_argument("--checkpoint", required=True, help="merged SAM-CLIP checkpoint (model.SAMCLIP.save / train.py)")
         p.add_argument("--data", required=True, help="dataset folder (layouts: python evaluate.py --help)")
@@ -626,15 +779,28 @@ def main(argv=None):
     p.add_argument("--save-predictions",
                    help="write a COCO results JSON here (one RLE mask and score per prompt) for pycocotools' "
                         "COCOeval or the LVIS API; required for LVIS files (federated AP is not computed here)")
-    p = command("probe", cmd_probe, "linear probe of a frozen backbone's last-block tokens (Tables 3, 4)", None)
-    p.add_argument("--task", choices=["cls", "seg"], default="cls", help="cls: image folder, seg: generic segmentation")
+    p = command("probe", cmd_probe, "linear probe of a frozen backbone's last-block tokens, fit on "
+                "--train-data, scored on --data (Tables 3, 4)", None, PROBE_PROTOCOL)
+    p.add_argument("--train-data",
+                   help="the train split the linear layer is fit on, in --data's layout "
+                        "(--data: the validation split the results are reported on)")
+    p.add_argument("--self-split", "--train-fraction", dest="self_split", type=float, default=None,
+                   help="instead of --train-data: fit on this seeded share of --data's images "
+                        "and report on the rest (a folder without splits; not the paper's way)")
+    p.add_argument("--task", choices=["cls", "seg"], default="cls",
+                   help="cls: image folder, seg: generic segmentation")
     p.add_argument("--features", choices=["samclip", "sam", "clip"], default="samclip",
-                   help="whose frozen backbone, always its last block's tokens: the merged encoder, SAM's "
-                        "encoder (--sam-checkpoint) or a CLIP image tower (--clip-checkpoint)")
-    p.add_argument("--resolution", type=int, default=None, help="input side, paper's pixels (default 224 cls, 448 seg)")
-    p.add_argument("--clip-checkpoint", help="OpenCLIP / OpenAI CLIP file for --features clip (run at its native size)")
+                   help="whose frozen backbone, always its last block's tokens: the merged "
+                        "encoder, SAM's encoder (--sam-checkpoint) or a CLIP image tower "
+                        "(--clip-checkpoint)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="samclip and sam only: input side in the paper's pixels (default: the "
+                        "side the encoder was trained at, 1024 px; a CLIP tower runs at its own)")
+    p.add_argument("--grid", type=int, default=PROBE_GRID,
+                   help=f"seg: the common G x G grid every backbone's tokens are area-pooled to "
+                        f"(default {PROBE_GRID}; 0: each backbone's own grid)")
+    p.add_argument("--clip-checkpoint", help="OpenCLIP / OpenAI CLIP file for --features clip")
     p.add_argument("--sam-checkpoint", help="official SAM file for --features sam")
-    p.add_argument("--train-fraction", type=float, default=0.5, help="share of the images (seeded split) to train on")
     p.add_argument("--epochs", type=int, default=100, help="passes over the training features")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the linear layer")
     args = ap.parse_args(argv)

@@ -4,6 +4,7 @@ tiny preset with small datasets generated here in each layout (no downloads)."""
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -302,6 +303,48 @@ def test_classnames_one_per_line_follow_sorted_folders(tmp_path):
     assert names == ["cat", "dog"] and [k for _, k in items] == [0, 1]
 
 
+def wordnet_folders(path, ids=("n01443537", "n01440764")):
+    """ImageNet's validation layout in miniature: class folders named by WordNet ID."""
+    for i, wnid in enumerate(ids):
+        os.makedirs(path / wnid)
+        picture(np.random.default_rng(i), 24, 24).save(path / wnid / "x.png")
+    return path
+
+
+def test_classify_refuses_wordnet_id_folders_without_names(root, tmp_path, capsys):
+    """Prompts like "a photo of a n01440764." score near chance without a word of warning."""
+    d = wordnet_folders(tmp_path / "val")
+    with pytest.raises(SystemExit) as e:
+        run(root, "classify", "--data", str(d))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "n01440764" in err and "classnames.txt" in err and "LOC_synset_mapping.txt" in err
+    # a probe needs no readable names: ImageNet's train and val folders are probed as they are
+    res = run(root, "probe", "--train-data", str(d), "--data", str(d), "--epochs", "1")
+    assert res["num_test"] == 2
+
+
+def test_loc_synset_mapping_names_wordnet_id_folders(root, tmp_path, capsys):
+    """ImageNet's LOC_synset_mapping.txt beside the folders: the first name of each line's list."""
+    d = wordnet_folders(tmp_path / "val")
+    (d / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\n"
+                                              "n01443537 goldfish, Carassius auratus\n"
+                                              "n01484850 great white shark, white shark\n")
+    assert ev.read_image_folder(str(d))[1] == ["tench", "goldfish"]
+    assert run(root, "classify", "--data", str(d))["num_classes"] == 2
+    (d / "classnames.txt").write_text("a tench\na goldfish\n")     # the repository's list wins
+    assert ev.read_image_folder(str(d))[1] == ["a tench", "a goldfish"]
+    (d / "classnames.txt").unlink()
+    os.makedirs(d / "n09999999")                                        # a class the mapping lacks
+    Image.new("RGB", (8, 8)).save(d / "n09999999" / "x.png")
+    capsys.readouterr()                                                 # the run above's progress bars
+    with pytest.raises(SystemExit) as e:
+        run(root, "classify", "--data", str(d))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "LOC_synset_mapping.txt" in err and "n09999999" in err
+
+
 def fixture_file(tmp_path, name):
     """The tiny official-layout SAM or CLIP fixture as a checkpoint file -> its path."""
     sd = torch.load(os.path.join(FIXTURES, f"{name}_tiny.pt"), weights_only=True)["state_dict"]
@@ -315,50 +358,109 @@ def test_probe(root, tmp_path, task, features):
     extra = {"samclip": [], "sam": ["--sam-checkpoint", fixture_file(tmp_path, "sam")],
              "clip": ["--clip-checkpoint", fixture_file(tmp_path, "clip")]}[features]
     folder = str(root / ("cls" if task == "cls" else "gen"))
-    run(root, "probe", "--task", task, "--features", features, "--data", folder,
-        "--epochs", "3", "--out", str(out), "--visualize", "1", *extra)
+    run(root, "probe", "--task", task, "--features", features, "--train-data", folder,
+        "--data", folder, "--epochs", "3", "--out", str(out), "--visualize", "1", *extra)
     res = read(out)
-    assert res["num_train"] + res["num_test"] == (6 if task == "cls" else 4)
+    assert res["num_train"] == res["num_test"] == (6 if task == "cls" else 4)
     assert 0 <= res["top1" if task == "cls" else "mIoU"] <= 100
+    assert res["resolution"] == (64 if features == "clip" else 160)  # each backbone's own side
+    assert res["grid"] == (16 if task == "seg" else None)               # seg: the common grid
     assert len(os.listdir(root / "out" / f"probe_{task}_{features}_vis")) == 1
 
 
-def test_probe_features_are_each_backbones_last_block_tokens(root, tmp_path):
-    """Every --features choice gives its backbone's last-block tokens, of the backbone's width: tiny
-    SAM-CLIP and SAM 64 (not the 32-d text space of HeadCLIP or the 32-channel neck), tiny CLIP 128
-    (not its 32-d projection)."""
+def test_probe_trains_on_train_data_and_reports_on_data(root, tmp_path):
+    """Tables 3 and 4: the linear layer is fit on --train-data and scored on --data. A validation
+    folder holding the training images under their own classes is classified perfectly; the same
+    images under rotated class folders never are."""
+    classes = ["cat", "dog", "red_car"]
+    same, rotated = tmp_path / "same", tmp_path / "rotated"
+    for k, c in enumerate(classes):
+        shutil.copytree(root / "cls" / c, same / c)
+        shutil.copytree(root / "cls" / c, rotated / classes[(k + 1) % 3])
+    fit = ["probe", "--train-data", str(root / "cls"), "--epochs", "50", "--lr", "0.05"]
+    res = run(root, *fit, "--data", str(same))
+    assert (res["num_train"], res["num_test"], res["top1"]) == (6, 6, 100.0)
+    assert res["protocol"] == "train on --train-data, report on --data"
+    assert run(root, *fit, "--data", str(rotated))["top1"] == 0.0
+
+
+def test_probe_splits_must_name_the_same_classes(root, tmp_path, capsys):
+    shutil.copytree(root / "cls", tmp_path / "val")
+    os.rename(tmp_path / "val" / "dog", tmp_path / "val" / "wolf")
+    with pytest.raises(SystemExit) as e:
+        run(root, "probe", "--train-data", str(root / "cls"), "--data", str(tmp_path / "val"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "--train-data" in err and "wolf" in err
+
+
+def test_probe_without_train_data_is_refused_unless_a_self_split_is_asked(root, capsys):
+    """No silent 50/50 split of --data: a missing --train-data is one line naming it; a seeded
+    split of one folder is an explicit opt-in, --self-split (its old name --train-fraction too)."""
+    with pytest.raises(SystemExit) as e:
+        run(root, "probe", "--data", str(root / "cls"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "--train-data" in err and "--self-split" in err
+    for flag in ("--self-split", "--train-fraction"):
+        res = run(root, "probe", "--data", str(root / "cls"), flag, "0.5", "--epochs", "1")
+        assert (res["num_train"], res["num_test"]) == (3, 3)
+        assert res["protocol"].startswith("seeded split of --data")
+    with pytest.raises(SystemExit):
+        run(root, "probe", "--data", str(root / "cls"), "--train-data", str(root / "cls"),
+            "--self-split", "0.5")
+    assert "--self-split" in capsys.readouterr().err
+
+
+def test_probe_runs_every_backbone_at_its_native_side_on_one_grid(root, tmp_path):
+    """The probe protocol (cmd_probe): every --features choice gives its backbone's last-block
+    tokens, of the backbone's width, at the side the backbone was trained at: tiny SAM-CLIP and
+    SAM 160 px (a 10 x 10 grid, not the 224 / 448 px regimes SAM never saw), tiny CLIP 64 px (4 x
+    4). Segmentation features are area-pooled to the common --grid; classification takes the mean
+    of all native tokens. Widths: 64 for SAM-CLIP and SAM (not HeadCLIP's 32-d text space or the
+    32-channel neck), 128 for CLIP (not its 32-d projection)."""
     m = model.SAMCLIP.load(str(root / "m.pt"))
     img = picture(np.random.default_rng(1), 40, 52)
     sam_file, clip_file = fixture_file(tmp_path, "sam"), fixture_file(tmp_path, "clip")
-    args = lambda features, sam=sam_file: argparse.Namespace(device="cpu", features=features, resolution=None,
-                                                             sam_checkpoint=sam, clip_checkpoint=clip_file)
+
+    def args(features, grid=5, sam=sam_file, resolution=None):
+        return argparse.Namespace(device="cpu", features=features, resolution=resolution, grid=grid,
+                                  sam_checkpoint=sam, clip_checkpoint=clip_file)
     sam_enc, pooled = vit_det.load_sam_encoder(sam_file), {}
     for features, enc in [("samclip", m.encoder), ("sam", sam_enc)]:
-        side, p, seg = ev.feature_extractor(args(features), m, "seg")
-        assert (side, p) == (80, 16)                                     # 448 px scaled for tiny
-        want = enc.forward_tokens(data.square_resize(img, 80)[None])     # (1, 5, 5, 64)
-        assert want.shape == (1, 5, 5, 64) and torch.allclose(seg([img]), want)
-        _, _, cls = ev.feature_extractor(args(features), m, "cls")       # 224 px -> 48: a 3 x 3 grid
-        want = enc.forward_tokens(data.square_resize(ev.center_square(img), 48)[None]).mean((1, 2))
+        side, native, seg = ev.feature_extractor(args(features), m, "seg")
+        assert (side, native) == (160, 10)                               # 1024 px scaled for tiny
+        tokens = enc.forward_tokens(data.square_resize(img, 160)[None])  # (1, 10, 10, 64)
+        # 10 x 10 -> 5 x 5: each cell the mean of its 2 x 2 tokens
+        want = tokens.reshape(1, 5, 2, 5, 2, 64).mean((2, 4))  # (1, 5, 2, 5, 2, C) -> (1, 5, 5, C)
+        assert torch.allclose(seg([img]), want, atol=1e-6)
+        native_seg = ev.feature_extractor(args(features, grid=0), m, "seg")[2]     # --grid 0
+        assert torch.allclose(native_seg([img]), tokens)
+        side, native, cls = ev.feature_extractor(args(features), m, "cls")
+        want = enc.forward_tokens(data.square_resize(ev.center_square(img), 160)[None]).mean((1, 2))
         pooled[features] = cls([img])
-        assert want.shape == (1, 64) and torch.allclose(pooled[features], want)
+        assert (side, native) == (160, 10) and want.shape == (1, 64)
+        assert torch.allclose(pooled[features], want, atol=1e-6)
     assert not torch.allclose(pooled["samclip"], pooled["sam"])          # --sam-checkpoint is another model
     tower = clip.load_clip(clip_file).visual
-    side, p, seg = ev.feature_extractor(args("clip"), m, "seg")
+    side, native, seg = ev.feature_extractor(args("clip", grid=4), m, "seg")
     dense = seg([img])
-    assert (side, p) == (64, 16) and dense.shape == (1, 4, 4, 128)
+    assert (side, native) == (64, 4) and dense.shape == (1, 4, 4, 128)
     # they are the tokens ln_post + proj turn into the tower's projected patch outputs
     _, projected = tower(data.square_resize(img, 64, data.normalize_clip)[None], return_patch_tokens=True)
     assert torch.allclose(tower.ln_post(dense.reshape(1, 16, 128)) @ tower.proj, projected, atol=1e-5)
     assert ev.feature_extractor(args("clip"), m, "cls")[2]([img]).shape == (1, 128)
     with pytest.raises(ValueError, match="--sam-checkpoint"):
         ev.feature_extractor(args("sam", sam=None), m, "cls")
+    with pytest.raises(ValueError, match="--resolution"):               # CLIP runs at its own side
+        ev.feature_extractor(args("clip", resolution=448), m, "seg")
 
 
 def test_probe_seg_is_deterministic(root):
     outs = [root / "out" / f"det{i}.json" for i in range(2)]
     for o in outs:
-        run(root, "probe", "--task", "seg", "--data", str(root / "gen"), "--epochs", "2", "--out", str(o))
+        run(root, "probe", "--task", "seg", "--data", str(root / "gen"), "--self-split", "0.5",
+            "--epochs", "2", "--out", str(o))
     res = read(outs[0])
     assert res == read(outs[1]) and res["num_train"] == 2 and 0 <= res["mIoU"] <= 100
 
@@ -366,7 +468,6 @@ def test_probe_seg_is_deterministic(root):
 # ----------------------------------------------------------------------------- bad layouts: one line, exit 2
 
 def broken(root, tmp_path, src, remove):
-    import shutil
     dst = tmp_path / src
     shutil.copytree(root / src, dst)
     target = dst / remove
@@ -383,7 +484,7 @@ def broken(root, tmp_path, src, remove):
     ("retrieve", "ret", "captions.json", []),
     ("retrieve", "ret", "images/1.png", []),
     ("instseg", "inst", "instances.json", []),
-    ("probe", "gen", "labels", ["--task", "seg"]),
+    ("probe", "gen", "labels", ["--task", "seg", "--self-split", "0.5"]),
 ])
 def test_missing_layout_parts_give_one_line_and_exit_2(root, tmp_path, capsys, cmd, src, remove, extra):
     dst, target = broken(root, tmp_path, src, remove)
