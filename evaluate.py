@@ -544,7 +544,7 @@ Linear probe of a frozen backbone (Tables 3 and 4): one linear layer is fit on -
 train split) and scored on --data (the validation split), the paper's standard protocol.
 --self-split F fits on a seeded share F of --data's images instead (not the paper's protocol).
 
-Where the paper is silent (it names no layer, resolution or grid), every backbone is probed alike:
+The paper states no layer, resolution or grid for its probes; every backbone is probed alike:
   features    its last transformer block's tokens, before any neck, head or projection
   resolution  the side it was trained at: SAM's and SAM-CLIP's encoders 1024 px, 64 x 64 tokens
               (smaller presets: their own side); a CLIP tower its image_size, 224 px (14 x 14
