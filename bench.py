@@ -302,14 +302,17 @@ def build_distill_step(preset, resolution, clip_batch, sam_batch, masks, device)
     """One distill step, as train.py takes it, on random weights and random inputs."""
     torch.manual_seed(0)
     enc_name, head_name, clip_name = NAMES[preset]
-    teachers = (vit_det.build_vit_det(enc_name), heads.build_head_sam(head_name), clip.build_clip(clip_name))
-    teachers = tuple(t.requires_grad_(False).eval().to(device) for t in teachers)
-    student = samclip_model.SAMCLIP.from_modules(*teachers).to(device)
-    train.set_trainable(student, "distill")
-    cfg = train.TrainConfig()                                                # the distill stage's settings
-    step = losses.MultiTaskLoss(student, cfg.lam)
+    teachers = {"sam_encoder": vit_det.build_vit_det(enc_name),
+                "sam_head": heads.build_head_sam(head_name),
+                "clip": clip.build_clip(clip_name)}
+    teachers = {name: t.requires_grad_(False).eval().to(device) for name, t in teachers.items()}
+    student = samclip_model.SAMCLIP.from_modules(teachers).to(device)
+    cfg = train.TrainConfig(stage="distill", **train.STAGES["distill"])    # the distill row
+    train.set_trainable(student, cfg)
+    step = losses.MultiTaskLoss(student, cfg.losses)
     opt = torch.optim.AdamW(train.param_groups(student, cfg))
-    S, T = student.cfg.encoder.img_size, teachers[2].config.image_size
+    S = student.cfg.encoder.img_size
+    T = teachers["clip"].config.image_size
     base = vit_det.scaled_side(224, student.cfg.encoder)
     n = max(1, round(clip_batch * (base / resolution) ** 2))                  # constant pixels per batch
     g = torch.Generator().manual_seed(0)
@@ -317,12 +320,12 @@ def build_distill_step(preset, resolution, clip_batch, sam_batch, masks, device)
                "teacher": torch.randn(n, 3, T, T, generator=g),
                "index": torch.arange(n), "ok": torch.ones(n, dtype=torch.bool)}
     sam_in = random_sam_batch(sam_batch, masks, S, g)
-    clip_in, sam_in = data.to_device(clip_in, device), data.to_device(sam_in, device)
+    batches = {"clip": data.to_device(clip_in, device), "sam": data.to_device(sam_in, device)}
 
     def one_step():
         with torch.no_grad():
-            clip_target, sam_target = losses.teacher_targets(teachers, clip_in, sam_in, cfg.sam_rounds)
-        out = step(clip_in["student"], clip_target, clip_in["ok"], sam_in, sam_target)
+            targets = losses.teacher_targets(teachers, batches, cfg.losses, cfg.sam_rounds)
+        out = step(batches, targets)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ by text) lives in zero_shot.py.
 Shape legend: B batch, H W token grid, C backbone width, D CLIP embedding size, L text length.
 """
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 import torch
 from torch import nn
@@ -35,8 +35,13 @@ import weights
 @dataclass
 class SAMCLIPConfig:
     encoder: vit_det.ViTDetConfig     # the shared backbone (SAM's image encoder)
-    head_sam: heads.SAMHeadConfig     # SAM's prompt encoder + mask decoder
-    head_clip: heads.HeadCLIPConfig   # the new CLIP head
+    # One head per teacher; each field names the module its config builds (SAMCLIP.__init__), so a
+    # fork's new head is one more field here, e.g. head_dino with default None (README, "Adding a
+    # teacher"). A head whose config is None is not built.
+    # SAM's prompt encoder (frozen) + mask decoder
+    head_sam: heads.SAMHeadConfig = field(metadata={"module": heads.HeadSAM})
+    # the new CLIP head
+    head_clip: heads.HeadCLIPConfig = field(metadata={"module": heads.HeadCLIP})
     clip: clip.CLIPConfig             # the CLIP teacher; its text tower is kept, frozen
     # A closed world's class names (the toy's eight), empty for the open vocabulary of a real CLIP.
     # zero_shot.segment_by_text lets the names not prompted compete as background: a toy CLIP never
@@ -45,10 +50,20 @@ class SAMCLIPConfig:
 
     @staticmethod
     def from_dict(d):
-        enc = dict(d["encoder"], global_attn_indexes=tuple(d["encoder"]["global_attn_indexes"]))
-        return SAMCLIPConfig(vit_det.ViTDetConfig(**enc), heads.SAMHeadConfig(**d["head_sam"]),
-                             heads.HeadCLIPConfig(**d["head_clip"]), clip.CLIPConfig(**d["clip"]),
-                             tuple(d.get("vocabulary", ())))
+        """The config of a checkpoint (asdict of this class) back as dataclasses; fields missing
+        from an older file take their defaults."""
+        values = {}
+        for f in fields(SAMCLIPConfig):
+            value = d.get(f.name)
+            if value is None:
+                continue
+            if is_dataclass(f.type):
+                # JSON-like lists back to the tuples the configs hold (global_attn_indexes)
+                value = f.type(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+            else:
+                value = tuple(value)
+            values[f.name] = value
+        return SAMCLIPConfig(**values)
 
 
 def head_clip_config(enc: vit_det.ViTDetConfig, clip_cfg: clip.CLIPConfig, mlp_hidden=None):
@@ -76,8 +91,11 @@ class SAMCLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = vit_det.ImageEncoderViT(cfg.encoder)
-        self.head_sam = heads.HeadSAM(cfg.head_sam)
-        self.head_clip = heads.HeadCLIP(cfg.head_clip)
+        # the heads: self.head_sam = heads.HeadSAM(cfg.head_sam), self.head_clip = ..., and any
+        # head a fork declares in SAMCLIPConfig, built by the module its field names
+        for f in fields(cfg):
+            if "module" in f.metadata and getattr(cfg, f.name) is not None:
+                self.add_module(f.name, f.metadata["module"](getattr(cfg, f.name)))
         self.text = clip.TextTower(cfg.clip)
         self.register_buffer("logit_scale", torch.tensor(4.6052))  # CLIP's learned log temperature
         self.text.requires_grad_(False)               # TextEncCLIP stays frozen (Sec. 3)
@@ -120,18 +138,23 @@ class SAMCLIP(nn.Module):
     def from_teachers(cls, sam_checkpoint, clip_checkpoint, verbose=True):
         """The starting point of training: encoder + HeadSAM from SAM, text tower and logit scale
         from CLIP, HeadCLIP fresh with each block a copy of SAM's last encoder block (App. A)."""
-        return cls.from_modules(*load_teachers(sam_checkpoint, clip_checkpoint, verbose))
+        return cls.from_modules(load_teachers(sam_checkpoint, clip_checkpoint, verbose))
 
     @classmethod
-    def from_modules(cls, enc, head, teacher, vocabulary=()):
-        """As from_teachers, from already loaded modules (train.py keeps them as frozen teachers)."""
-        cfg = SAMCLIPConfig(enc.cfg, head.cfg, head_clip_config(enc.cfg, teacher.config), teacher.config,
-                            tuple(vocabulary))
+    def from_modules(cls, teachers, vocabulary=(), **more_heads):
+        """As from_teachers, from the teachers already loaded (train.py keeps them, frozen).
+        teachers: {"sam_encoder", "sam_head", "clip"}; more_heads: configs of heads a fork adds
+        (their fields in SAMCLIPConfig), which start from their own initialisation."""
+        enc = teachers["sam_encoder"]
+        teacher_clip = teachers["clip"]
+        cfg = SAMCLIPConfig(enc.cfg, teachers["sam_head"].cfg,
+                            head_clip_config(enc.cfg, teacher_clip.config), teacher_clip.config,
+                            tuple(vocabulary), **more_heads)
         model = cls(cfg)
         model.encoder.load_state_dict(enc.state_dict())
-        model.head_sam.load_state_dict(head.state_dict())
-        model.text.load_state_dict(teacher.text.state_dict())
-        model.logit_scale.data.copy_(teacher.logit_scale.data)
+        model.head_sam.load_state_dict(teachers["sam_head"].state_dict())
+        model.text.load_state_dict(teacher_clip.text.state_dict())
+        model.logit_scale.data.copy_(teacher_clip.logit_scale.data)
         model.head_clip.init_from_block(model.encoder.blocks[-1])
         return model
 
@@ -155,14 +178,16 @@ class SAMCLIP(nn.Module):
 
 
 def load_teachers(sam_checkpoint, clip_checkpoint, verbose=True):
-    """The frozen teachers of Sec. 3 from the official files: SAM's image encoder and HeadSAM (the
-    targets of L_SAM and the student's initialisation) and CLIP (EncCLIP for L_CLIP; TextEncCLIP,
-    which the merged model keeps). -> (encoder, head, clip), no gradients, eval mode."""
+    """The frozen teachers of Sec. 3 from the official files, by name: "sam_encoder" and "sam_head"
+    (the targets of L_SAM and the student's initialisation) and "clip" (EncCLIP for L_CLIP;
+    TextEncCLIP, which the merged model keeps). No gradients, eval mode. A fork adds its teacher
+    to this dict where train.py builds it (train.build_teachers)."""
     sam_sd = weights.read_state_dict(sam_checkpoint, "SAM checkpoint")    # read the file once
     src = weights.source_name(sam_checkpoint)
-    teachers = (vit_det.load_sam_encoder(sam_sd, verbose=verbose, source=src),
-                heads.load_sam_head(sam_sd, verbose=verbose, source=src), clip.load_clip(clip_checkpoint))
-    for teacher in teachers:
+    teachers = {"sam_encoder": vit_det.load_sam_encoder(sam_sd, verbose=verbose, source=src),
+                "sam_head": heads.load_sam_head(sam_sd, verbose=verbose, source=src),
+                "clip": clip.load_clip(clip_checkpoint)}
+    for teacher in teachers.values():
         teacher.requires_grad_(False).eval()
     return teachers
 
@@ -199,5 +224,7 @@ def build_samclip(preset="tiny", seed=0):
     """A randomly initialised SAMCLIP of a preset (what `--preset tiny` trains without any weights)."""
     torch.manual_seed(seed)
     cfg = PRESETS[preset]()
-    return SAMCLIP.from_modules(vit_det.build_vit_det(cfg.encoder), heads.build_head_sam(cfg.head_sam),
-                                clip.build_clip(cfg.clip))
+    teachers = {"sam_encoder": vit_det.build_vit_det(cfg.encoder),
+                "sam_head": heads.build_head_sam(cfg.head_sam),
+                "clip": clip.build_clip(cfg.clip)}
+    return SAMCLIP.from_modules(teachers)

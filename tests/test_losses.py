@@ -67,4 +67,28 @@ def test_loss_sam_weights_and_total():
     assert math.isclose(parts["focal"].item(), focal, rel_tol=1e-4)
     assert math.isclose(parts["dice"].item(), 0.2, rel_tol=1e-4)
     assert math.isclose(total.item(), 20 * focal + 0.2, rel_tol=1e-4)
-    assert math.isclose(losses.loss_total(torch.tensor(0.5), torch.tensor(0.1)).item(), 1.5, rel_tol=1e-6)
+
+
+class ConstantTerms(torch.nn.Module):
+    """A stand-in model for MultiTaskLoss: clip_features gives a fixed pooled embedding."""
+
+    def __init__(self, pooled):
+        super().__init__()
+        self.pooled = pooled
+
+    def clip_features(self, images):
+        return self.pooled, None
+
+
+def test_multitask_total_is_the_stage_weighted_sum_of_named_terms():
+    """L = sum of weight * term over the terms a stage names (Sec. 3: L_CLIP + lam * L_SAM); a
+    stage without loss_sam computes no L_SAM and needs no D_SAM batch."""
+    pooled = torch.tensor([[1.0, 0.0]])
+    teacher = torch.tensor([[1.0, 1.0]])
+    batches = {"clip": {"student": torch.zeros(1, 3, 4, 4), "ok": torch.tensor([True])}}
+    step = losses.MultiTaskLoss(ConstantTerms(pooled), {"loss_clip": 3.0})
+    out = step(batches, {"loss_clip": teacher})
+    # 1 - cos 45 degrees, weighted 3
+    assert set(out) == {"loss", "loss_clip"}
+    assert math.isclose(out["loss_clip"].item(), 1 - 1 / math.sqrt(2), rel_tol=1e-6)
+    assert math.isclose(out["loss"].item(), 3 * (1 - 1 / math.sqrt(2)), rel_tol=1e-6)

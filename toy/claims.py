@@ -44,7 +44,7 @@ import toy
 import train
 import zero_shot
 from model import SAMCLIP
-from toy import layouts, scenes
+from toy import layouts, prepare, scenes
 from toy.drawing import CLASSES
 
 EVAL_SIZES = {"semseg": 100, "instances": 100, "classify": 25}   # heldout scenes (classify: crops per class)
@@ -72,6 +72,7 @@ def trained(out, *flags):
     interrupted one finished (samclip.pt is written after every stage, so its presence alone would
     not say the run is complete) -> the path of its samclip.pt."""
     start = time.time()
+    prepare.prepare("toy")                       # the preset's data (kept when already written)
     train.main(["--preset", "toy", "--out", out, "--resume", *flags])
     print(f"toy.claims: {out} trained (or found finished) in {time.time() - start:.0f} s")
     return os.path.join(out, "samclip.pt")

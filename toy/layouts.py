@@ -174,19 +174,20 @@ def write_all(root, seed=0, sizes=None):
             "retrieve": write_clip_images(os.path.join(test, "retrieve"), sizes["retrieve"], seed, "heldout")}
 
 
-def write_training_set(root, clip_images, sam_images, seed=0, write=True):
-    """D_CLIP and D_SAM of train.py's built-in presets, in the train hand: root/clip (images and
-    captions.json; data.CLIPImages reads the images) and root/sa1b. Same seed, same bytes; a set
-    already complete (root/written.json) is kept; write=False only names the folders (the other
-    ranks of a distributed run, which wait for rank 0). -> (clip folder, sa1b folder)."""
-    folders = os.path.join(root, "clip"), os.path.join(root, "sa1b")
-    marker, spec = os.path.join(root, "written.json"), {"clip": clip_images, "sa1b": sam_images, "seed": seed}
-    if not write or (os.path.isfile(marker) and read_json(marker) == spec):   # or written before (resumed)
-        return folders
-    write_clip_images(folders[0], clip_images, seed, "train")
-    write_sa1b(folders[1], sam_images, seed, "train")
+def write_training_set(root, clip_images, sam_images, seed=0):
+    """D_CLIP and D_SAM of train.py's built-in presets (toy.prepare), in the train hand: root/clip
+    (images and captions.json; data.CLIPImages reads the images) and root/sa1b. Same seed, same
+    bytes; a set already complete (root/written.json) is kept. -> (clip folder, sa1b folder)."""
+    clip_folder = os.path.join(root, "clip")
+    sam_folder = os.path.join(root, "sa1b")
+    marker = os.path.join(root, "written.json")
+    spec = {"clip": clip_images, "sa1b": sam_images, "seed": seed}
+    if os.path.isfile(marker) and read_json(marker) == spec:     # written before
+        return clip_folder, sam_folder
+    write_clip_images(clip_folder, clip_images, seed, "train")
+    write_sa1b(sam_folder, sam_images, seed, "train")
     write_json(marker, spec)                                      # last: a set cut off midway is redrawn
-    return folders
+    return clip_folder, sam_folder
 
 
 def main(argv=None):
