@@ -32,7 +32,8 @@ line. The total is the weighted sum of the terms a stage names; a stage without 
 runs SAM. A fork adds a term in the same three places: its target in teacher_targets, its value
 in MultiTaskLoss, its weight in a STAGES row (README, "Adding a teacher").
 
-The teachers travel by name too: a dict {"sam_encoder", "sam_head", "clip", ...} (model.load_teachers).
+The teachers travel by name too: a dict {"sam_encoder", "sam_head", "clip", ...}
+(model.load_teachers).
 SAM's interactive prompt rounds, whose answers are the z of Eq. 2, are replayed in prompts.py.
 
 Shape legend: B batch, D embedding size, M masks (prompts x outputs), h w low-res mask grid,

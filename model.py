@@ -59,7 +59,8 @@ class SAMCLIPConfig:
                 continue
             if is_dataclass(f.type):
                 # JSON-like lists back to the tuples the configs hold (global_attn_indexes)
-                value = f.type(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+                value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                value = f.type(**value)
             else:
                 value = tuple(value)
             values[f.name] = value
@@ -68,7 +69,8 @@ class SAMCLIPConfig:
 
 def head_clip_config(enc: vit_det.ViTDetConfig, clip_cfg: clip.CLIPConfig, mlp_hidden=None):
     """HeadCLIP sized to copy the encoder's last block and to output the teacher's embedding."""
-    return heads.HeadCLIPConfig(width=enc.embed_dim, num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio,
+    return heads.HeadCLIPConfig(width=enc.embed_dim, num_heads=enc.num_heads,
+                                mlp_ratio=enc.mlp_ratio,
                                 rel_pos_size=enc.grid, mlp_hidden=mlp_hidden or enc.embed_dim,
                                 out_dim=clip_cfg.embed_dim, eps=enc.layer_norm_eps)
 
@@ -80,7 +82,7 @@ def make_config(encoder="vit_b", head_sam="sam", teacher="openclip_vit_l_14"):
 
 PRESETS = {
     "vit_b": lambda: make_config("vit_b", "sam", "openclip_vit_l_14"),   # the paper's model
-    "tiny": lambda: make_config("tiny", "tiny", "tiny"),                  # CPU tests and the built-in demo
+    "tiny": lambda: make_config("tiny", "tiny", "tiny"),                  # CPU tests
 }
 
 
@@ -103,7 +105,8 @@ class SAMCLIP(nn.Module):
 
     # -- CLIP side ---------------------------------------------------------------------------
     def clip_features(self, images):
-        """(B, 3, H, W) SAM-normalised -> pooled (B, D) and dense (B, H/16, W/16, D) HeadCLIP features."""
+        """(B, 3, H, W) SAM-normalised -> HeadCLIP's pooled (B, D) and dense (B, H/16, W/16, D)
+        features."""
         return self.head_clip(self.encoder.forward_tokens(images))
 
     def encode_image(self, images):
@@ -111,7 +114,7 @@ class SAMCLIP(nn.Module):
         return self.clip_features(images)[0]
 
     def encode_text(self, tokens):
-        """(B, L) tokens from clip.tokenize -> (B, D), unnormalised, through the frozen text tower."""
+        """(B, L) tokens from clip.tokenize -> (B, D), unnormalised, by the frozen text tower."""
         return self.text(tokens)
 
     # -- both heads from one forward (Sec. 4.4) ----------------------------------------------
@@ -160,20 +163,24 @@ class SAMCLIP(nn.Module):
 
     def save(self, path, **extra):
         """Write {"kind": "samclip", "config", "model", **extra} atomically to `path`."""
-        weights.atomic_save({"kind": "samclip", "config": asdict(self.cfg), "model": self.state_dict(), **extra}, path)
+        ckpt = {"kind": "samclip", "config": asdict(self.cfg), "model": self.state_dict(), **extra}
+        weights.atomic_save(ckpt, path)
 
     @classmethod
     def load(cls, path):
-        """A merged checkpoint written by `save`, in eval mode. A SAM or CLIP file gets a clear error."""
-        ckpt = weights.safe_load(path, "SAM-CLIP checkpoint", mmap=True)   # read as the tensors are used
+        """A merged checkpoint written by `save`, in eval mode. A SAM or CLIP file gets a clear
+        error."""
+        # memory-mapped: read as the tensors are used
+        ckpt = weights.safe_load(path, "SAM-CLIP checkpoint", mmap=True)
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "samclip":
             kind = weights.guess_kind(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise weights.CheckpointError(f"{path}: expected a merged SAM-CLIP checkpoint (written by "
-                                          f"SAMCLIP.save or train.py), but it is {kind}")
-        with weights.skeleton():   # shapes only: no random initialisation that the file would overwrite
+            raise weights.CheckpointError(
+                f"{path}: expected a merged SAM-CLIP checkpoint (written by SAMCLIP.save or "
+                f"train.py), but it is {kind}")
+        with weights.skeleton():   # shapes only: no random init that the file would overwrite
             model = cls(SAMCLIPConfig.from_dict(ckpt["config"]))
-        weights.load_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
-                             path, "SAM-CLIP", assign=True)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        weights.load_checked(model, state, path, "SAM-CLIP", assign=True)
         return model.eval()
 
 
@@ -204,16 +211,17 @@ def fast_bf16(device):
 
 def autocast(device, dtype):
     """The context every inference entry point runs in: torch.autocast to bfloat16 on `device` for
-    dtype "bf16" (matmuls and convolutions in bf16; softmax, norms and losses stay fp32 by autocast's
-    own rules), a no-op for "fp32"."""
+    dtype "bf16" (matmuls and convolutions in bf16; softmax, norms and losses stay fp32 by
+    autocast's own rules), a no-op for "fp32"."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 def compile_modules(model, enabled):
-    """--compile: torch.compile, in place, what every path runs through (each encoder block, the neck,
-    HeadCLIP) with nn.Module.compile, so parameter names and checkpoints stay as they are; HeadSAM's
-    prompt-dependent shapes would recompile per call and stay eager. Compilation happens at the
-    first call (and again for a new input shape), so callers time a warm-up to report it. -> model."""
+    """--compile: torch.compile, in place, what every path runs through (each encoder block, the
+    neck, HeadCLIP) with nn.Module.compile, so parameter names and checkpoints stay as they are;
+    HeadSAM's prompt-dependent shapes would recompile per call and stay eager. Compilation happens
+    at the first call (and again for a new input shape), so callers time a warm-up to report it.
+    -> model."""
     if enabled:
         for module in (*model.encoder.blocks, model.encoder.neck, model.head_clip):
             module.compile()
@@ -221,7 +229,7 @@ def compile_modules(model, enabled):
 
 
 def build_samclip(preset="tiny", seed=0):
-    """A randomly initialised SAMCLIP of a preset (what `--preset tiny` trains without any weights)."""
+    """A randomly initialised SAMCLIP of a preset (what `--preset tiny` trains, no weights)."""
     torch.manual_seed(seed)
     cfg = PRESETS[preset]()
     teachers = {"sam_encoder": vit_det.build_vit_det(cfg.encoder),

@@ -28,7 +28,8 @@ import data
 def prompt_args(coords, labels, boxes=None, mask_inputs=None):
     """HeadSAM's keyword arguments for one prompt group, the same for teacher and student. A box
     with no follow-up points passes no points: SAM's box-only prompt is its 2 corner tokens."""
-    return dict(points=(coords, labels) if coords.shape[1] else None, boxes=boxes, masks=mask_inputs)
+    points = (coords, labels) if coords.shape[1] else None
+    return dict(points=points, boxes=boxes, masks=mask_inputs)
 
 
 def sample_error_points(pred, gt, inside, draws, stride):
@@ -42,14 +43,20 @@ def sample_error_points(pred, gt, inside, draws, stride):
     n, H, W = gt.shape
     error = ((pred ^ gt) & inside).flatten(1)                                    # (n, H'*W')
     count = error.sum(1)                                                          # (n,)
-    k = torch.minimum((draws * count).long(), (count - 1).clamp(min=0))          # (n,) which error cell, 0-based
+    k = torch.minimum((draws * count).long(), (count - 1).clamp(min=0))   # (n,) which error cell
     # the k-th error cell: the first position whose running count of error cells reaches k + 1
-    idx = torch.searchsorted(error.cumsum(1), (k + 1)[:, None]).squeeze(1).clamp(max=H * W - 1)  # (n,)
-    r, c = idx // W, idx % W
-    # cell (r, c) covers input pixels [stride * c, stride * (c + 1)), centre (c + 0.5) * stride; SA1B's
-    # points are pixel centre - 0.5 (SAM's prompt encoder adds the 0.5 back), so the point hits the centre
-    coords = torch.stack([(c + 0.5) * stride - 0.5, (r + 0.5) * stride - 0.5], dim=-1).float()   # (n, 2)
-    labels = gt.flatten(1).gather(1, idx[:, None]).squeeze(1).long()            # in the object: missed -> 1
+    idx = torch.searchsorted(error.cumsum(1), (k + 1)[:, None]).squeeze(1)   # (n,)
+    idx = idx.clamp(max=H * W - 1)
+    r = idx // W
+    c = idx % W
+    # cell (r, c) covers input pixels [stride * c, stride * (c + 1)), centre (c + 0.5) * stride;
+    # SA1B's points are pixel centre - 0.5 (SAM's prompt encoder adds the 0.5 back), so the point
+    # hits the centre
+    x = (c + 0.5) * stride - 0.5
+    y = (r + 0.5) * stride - 0.5
+    coords = torch.stack([x, y], dim=-1).float()                           # (n, 2)
+    # inside the object: a missed cell -> 1; outside: a spilled one -> 0
+    labels = gt.flatten(1).gather(1, idx[:, None]).squeeze(1).long()      # (n,)
     empty = count == 0
     return coords.masked_fill(empty[:, None], 0.0), labels.masked_fill(empty, -1)
 
@@ -96,8 +103,8 @@ def teacher_rounds(head, embeddings, batch, rounds):
     rows = (torch.arange(H, device=dev) + 0.5) * stride                   # (4h,) cell centres, y
     cols = (torch.arange(W, device=dev) + 0.5) * stride                   # (4w,) cell centres, x
     inside = (rows[None, :, None] < h2[:, None, None]) & (cols[None, None, :] < w2[:, None, None])
-    image = torch.arange(B, device=dev).repeat_interleave(K)              # (B*K,) image of each slot
-    coords = batch["point_coords"].flatten(0, 1)                          # (B, K, P, 2) -> (B*K, P, 2)
+    image = torch.arange(B, device=dev).repeat_interleave(K)              # (B*K,) each slot's image
+    coords = batch["point_coords"].flatten(0, 1)                          # (B*K, P, 2)
     labels = batch["point_labels"].flatten(0, 1)                          # (B, K, P) -> (B*K, P)
     boxes = batch["boxes"].flatten(0, 1)                                  # (B*K, 4)
     has_box = batch["has_box"].flatten()                                  # (B*K,)
@@ -147,8 +154,8 @@ def _group_rounds(head, emb, image, valid, boxes, coords, labels, gt, inside, dr
         m, i = head.all_outputs(emb, **prompt)                            # (n, 4, 4h, 4w), (n, 4)
         logits.append(m)
         ious.append(i)
-        choice = torch.zeros(n, dtype=torch.long, device=dev)             # token 0: single-mask output
-        if r == 0 and one_prompt:   # of the 3 multimask outputs (tokens 1..3), the closest to the truth
+        choice = torch.zeros(n, dtype=torch.long, device=dev)   # token 0: the single-mask output
+        if r == 0 and one_prompt:   # of the 3 multimask outputs (tokens 1..3), the closest to gt
             pred = m[:, 1:] > 0                                           # (n, 3, 4h, 4w)
             target = gt[:, None]                                          # (n, 1, 4h, 4w)
             inter = (pred & target).flatten(2).sum(-1)                    # (n, 3)

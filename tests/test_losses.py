@@ -1,5 +1,6 @@
 # python -m pytest tests/test_losses.py -q
 """Eq. 1 and Eq. 2 against hand-computed values; each loss vanishes when student equals teacher."""
+
 import math
 
 import torch
@@ -13,7 +14,11 @@ def test_loss_clip_hand_case():
     # cosines 1/sqrt(2) and 1 -> mean of (1 - cos) = (1 - 0.7071) / 2
     assert math.isclose(losses.loss_clip(s, t).item(), (1 - 1 / math.sqrt(2)) / 2, rel_tol=1e-6)
     # a placeholder sample (unreadable image) is left out of the mean
-    assert math.isclose(losses.loss_clip(s, t, torch.tensor([True, False])).item(), 1 - 1 / math.sqrt(2), rel_tol=1e-6)
+    assert math.isclose(
+        losses.loss_clip(s, t, torch.tensor([True, False])).item(),
+        1 - 1 / math.sqrt(2),
+        rel_tol=1e-6,
+    )
 
 
 def test_focal_hand_case_and_hard_targets():
@@ -42,14 +47,14 @@ def test_losses_vanish_when_student_equals_teacher():
     total, parts = losses.loss_sam(z, z, iou, iou)
     assert abs(total.item()) < 1e-6 and all(abs(v.item()) < 1e-6 for v in parts.values())
     e = torch.randn(5, 12)
-    assert losses.loss_clip(e, 3 * e).item() < 1e-6          # cosine ignores the scale
+    assert losses.loss_clip(e, 3 * e).item() < 1e-6  # cosine ignores the scale
     # and they do not vanish otherwise
     assert losses.loss_sam(z, -z)[0].item() > 0.1 and losses.loss_clip(e, -e).item() > 1.9
 
 
 def test_loss_sam_is_never_below_zero_beyond_rounding():
-    """L_SAM subtracts no constant (losses.py docstring): soft-target cross-entropy, dice and the IoU
-    MSE are each >= 0, so over any student and teacher it stays above -1e-6 (float rounding only)."""
+    """L_SAM subtracts no constant (losses.py docstring): soft-target cross-entropy, dice and the
+    IoU MSE are each >= 0, so over any student and teacher it stays above -1e-6 (rounding only)."""
     g = torch.Generator().manual_seed(3)
     for scale in (0.1, 1.0, 10.0):
         s = torch.randn(6, 4, 8, 8, generator=g) * scale
