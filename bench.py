@@ -40,7 +40,9 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils import flop_counter
 
 import clip
@@ -50,7 +52,6 @@ import losses
 import model as samclip_model
 import train
 import vit_det
-from toy import layouts
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -354,24 +355,96 @@ def random_sam_batch(B, K, S, g, P=3):
     return batch
 
 
-def data_speed(preset, n=24):
-    """What one DataLoader worker delivers: D_CLIP samples (decode, random crop, student and teacher
-    views) and D_SAM samples (decode, SAM's resize + pad, every mask decoded for the prompts) per
-    second, in this process, on toy-world JPEGs written to a temporary folder (320 to 640 px; real
-    CC12M / SA-1B images are larger and slower to decode, so read it as an upper bound)."""
+# Synthetic stand-ins for the training data, sized as the real sets are: decoding costs grow with
+# the pixels of an image and with the masks decoded for its prompts.
+CLIP_SIDES = (400, 700)   # D_CLIP: each side of a CC12M-like image drawn from 400 to 700 px
+SA1B_HW = (1500, 2250)    # D_SAM: SA-1B's released images, shorter side 1500 px (SAM Sec. 5)
+SA1B_MASKS = 100          # SA-1B: 1.1B masks on 11M images, about 100 an image (SAM Sec. 5)
+
+
+def synthetic_photo(h, w, rng):
+    """An (h, w) RGB PIL image: a smooth random colour field (one random colour every 48 px,
+    bicubic in between) plus uniform pixel noise of +-6, so that its JPEG holds about as many
+    bytes per pixel as a photo's (~1.5 bits at quality 90) and decodes about as slowly; a flat
+    image would compress to little and decode faster."""
+    coarse = rng.integers(0, 256, (max(2, h // 48), max(2, w // 48), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    noise = rng.integers(-6, 7, (h, w, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+
+
+def synthetic_annotations(h, w, n, rng):
+    """n SA-1B annotations of an (h, w) image: rectangles and ellipses, each side log-uniform from
+    2% to 50% of the image's (most SA-1B masks are small parts), as COCO RLE (data.rle_encode).
+    -> [{"id", "segmentation", "area", "bbox" XYWH}]"""
+    anns = []
+    for i in range(n):
+        mh = int(h * np.exp(rng.uniform(np.log(0.02), np.log(0.5))))
+        mw = int(w * np.exp(rng.uniform(np.log(0.02), np.log(0.5))))
+        top = int(rng.integers(0, h - mh + 1))
+        left = int(rng.integers(0, w - mw + 1))
+        mask = np.zeros((h, w), dtype=bool)
+        if i % 2 == 0:
+            mask[top:top + mh, left:left + mw] = True
+        else:
+            ys, xs = np.ogrid[:mh, :mw]
+            inside = ((ys + 0.5) / mh - 0.5) ** 2 + ((xs + 0.5) / mw - 0.5) ** 2 <= 0.25
+            mask[top:top + mh, left:left + mw] = inside
+        rows = np.flatnonzero(mask.any(1))
+        cols = np.flatnonzero(mask.any(0))
+        bbox = [int(cols[0]), int(rows[0]), int(cols[-1] + 1 - cols[0]), int(rows[-1] + 1 - rows[0])]
+        anns.append({"id": i, "segmentation": data.rle_encode(mask), "area": int(mask.sum()),
+                     "bbox": bbox})
+    return anns
+
+
+def write_synthetic_data(root, clip_images, sam_images, clip_sides=CLIP_SIDES, sam_hw=SA1B_HW,
+                         masks=SA1B_MASKS, seed=0):
+    """D_CLIP and D_SAM as the loaders read them, from synthetic_photo: root/clip/clip_<i>.jpg
+    (data.CLIPImages; each side drawn from clip_sides) and root/sa1b/sa_<i>.jpg + sa_<i>.json
+    (data.SA1B; sam_hw images), the JSON in SA-1B's schema: {"image": {image_id, width, height,
+    file_name}, "annotations": [{id, segmentation, area, bbox}]}. Every SA-1B image carries the
+    same `masks` annotations: decoding them costs the same, and encoding them once keeps the
+    writing short. -> (clip folder, sa1b folder)"""
+    rng = np.random.default_rng(seed)
+    clip_folder = os.path.join(root, "clip")
+    sam_folder = os.path.join(root, "sa1b")
+    os.makedirs(clip_folder)
+    os.makedirs(sam_folder)
+    for i in range(clip_images):
+        h, w = rng.integers(clip_sides[0], clip_sides[1] + 1, 2).tolist()
+        synthetic_photo(h, w, rng).save(os.path.join(clip_folder, f"clip_{i}.jpg"), quality=90)
+    h, w = sam_hw
+    anns = synthetic_annotations(h, w, masks, rng)
+    for i in range(sam_images):
+        synthetic_photo(h, w, rng).save(os.path.join(sam_folder, f"sa_{i}.jpg"), quality=90)
+        image = {"image_id": i, "width": w, "height": h, "file_name": f"sa_{i}.jpg"}
+        with open(os.path.join(sam_folder, f"sa_{i}.json"), "w") as f:
+            json.dump({"image": image, "annotations": anns}, f)
+    return clip_folder, sam_folder
+
+
+def data_speed(preset, n=24, clip_sides=CLIP_SIDES, sam_hw=SA1B_HW, masks=SA1B_MASKS):
+    """What one DataLoader worker delivers: D_CLIP samples (decode, random crop, student and
+    teacher views) and D_SAM samples (decode, SAM's resize + pad, a mask decoded for each of 32
+    prompts) per second, in this process, on n D_CLIP and n // 3 D_SAM images that
+    write_synthetic_data writes to a temporary folder. -> {"clip": img/s, "sam": img/s}"""
     enc_name, _, clip_name = NAMES[preset]
-    S, T = vit_det.PRESETS[enc_name].img_size, clip.PRESETS[clip_name].image_size
+    S = vit_det.PRESETS[enc_name].img_size
+    T = clip.PRESETS[clip_name].image_size
+    resolution = vit_det.scaled_side(224, vit_det.PRESETS[enc_name])   # the smallest D_CLIP side
     with tempfile.TemporaryDirectory() as root:
-        layouts.write_training_set(root, n, n // 3)
+        clip_folder, sam_folder = write_synthetic_data(root, n, n // 3, clip_sides, sam_hw, masks)
+        loaders = {"clip": (data.CLIPImages(clip_folder, teacher_size=T),
+                            [(i, resolution, 0) for i in range(n)]),
+                   "sam": (data.SA1B(sam_folder, S, masks_per_image=32),
+                           [(i, 0) for i in range(n // 3)])}
         rates = {}
-        for name, ds, items in (("clip", data.CLIPImages(os.path.join(root, "clip"), teacher_size=T),
-                                 [(i, vit_det.scaled_side(224, vit_det.PRESETS[enc_name]), 0) for i in range(n)]),
-                                ("sam", data.SA1B(os.path.join(root, "sa1b"), S, masks_per_image=32),
-                                 [(i, 0) for i in range(n // 3)])):
-            ds[items[0]]                                                     # warm-up
+        for name, (dataset, items) in loaders.items():
+            dataset[items[0]]                                                # warm-up
             start = time.perf_counter()
             for item in items:
-                ds[item]
+                dataset[item]
             rates[name] = len(items) / (time.perf_counter() - start)
     return rates
 
