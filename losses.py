@@ -153,9 +153,11 @@ class MultiTaskLoss(torch.nn.Module):
 
     def forward(self, batches, targets):
         out = {}
+        clip_batch = batches["clip"]
+        # one backbone forward on the D_CLIP images serves every head that reads them
+        tokens = self.model.encoder.forward_tokens(clip_batch["student"])    # (B, H, W, C)
         if "loss_clip" in self.weights:                                  # Eq. 1
-            clip_batch = batches["clip"]
-            pooled, _ = self.model.clip_features(clip_batch["student"])  # (B, D)
+            pooled, _ = self.model.head_clip(tokens)                     # (B, D)
             out["loss_clip"] = loss_clip(pooled, targets["loss_clip"], clip_batch["ok"])
         if "loss_sam" in self.weights:                                   # Eq. 2
             out["loss_sam"], parts = self.sam_term(batches["sam"], targets["loss_sam"])

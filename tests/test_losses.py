@@ -75,14 +75,13 @@ def test_loss_sam_weights_and_total():
 
 
 class ConstantTerms(torch.nn.Module):
-    """A stand-in model for MultiTaskLoss: clip_features gives a fixed pooled embedding."""
+    """A stand-in model for MultiTaskLoss: HeadCLIP gives a fixed pooled embedding."""
 
     def __init__(self, pooled):
         super().__init__()
-        self.pooled = pooled
-
-    def clip_features(self, images):
-        return self.pooled, None
+        self.encoder = torch.nn.Module()
+        self.encoder.forward_tokens = lambda images: None
+        self.head_clip = lambda tokens: (pooled, None)
 
 
 def test_multitask_total_is_the_stage_weighted_sum_of_named_terms():
