@@ -22,6 +22,15 @@ import bench
 import data
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models gain nothing from threads, and on a shared CPU extra threads only wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ticking_clock(monkeypatch, tick):
     """bench's time.perf_counter moves `tick` seconds a call: every timed run lasts one tick."""
     clock = itertools.count(step=tick)
@@ -60,19 +69,26 @@ def block_params(C, hd=None, rel_side=None):
 
 # vit_det tiny: C 64, 16 px patches, 10 x 10 grid, 4 heads (hd 16), windows of 4, blocks 1 and 3
 # global, neck to 32 channels.
-TINY_ENCODER = (
-    3 * 16 * 16 * 64 + 64                       # patch embedding conv, with bias
-    + 10 * 10 * 64                              # absolute position embedding
-    + 2 * block_params(64, 16, rel_side=4)      # windowed blocks 0, 2
-    + 2 * block_params(64, 16, rel_side=10)     # global blocks 1, 3
-    + 64 * 32 + 2 * 32 + 9 * 32 * 32 + 2 * 32   # neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d
+TINY_ENCODER = sum(
+    [
+        3 * 16 * 16 * 64 + 64,  # patch embedding conv, with bias
+        10 * 10 * 64,  # absolute position embedding
+        2 * block_params(64, 16, rel_side=4),  # windowed blocks 0, 2
+        2 * block_params(64, 16, rel_side=10),  # global blocks 1, 3
+        64 * 32 + 2 * 32,  # neck: 1x1 conv (no bias), LayerNorm2d
+        9 * 32 * 32 + 2 * 32,  # neck: 3x3 conv (no bias), LayerNorm2d
+    ]
 )
 # CLIP tiny image tower: C 128, 16 px patches on 64 px (4 x 4 grid + class token), 2 blocks, D 32.
-TINY_CLIP_TOWER = (
-    3 * 16 * 16 * 128                           # patch conv, no bias
-    + 128 + 17 * 128                            # class embedding, position embedding
-    + 2 * 128 + 2 * block_params(128) + 2 * 128  # ln_pre, blocks, ln_post
-    + 128 * 32                                  # proj
+TINY_CLIP_TOWER = sum(
+    [
+        3 * 16 * 16 * 128,  # patch conv, no bias
+        128 + 17 * 128,  # class embedding, position embedding
+        2 * 128,  # ln_pre
+        2 * block_params(128),
+        2 * 128,  # ln_post
+        128 * 32,  # proj
+    ]
 )
 # HeadCLIP of SAM-CLIP tiny: 3 global blocks of the encoder's width (rel. tables for the 10 x 10
 # grid), a LayerNorm, an MLP 64 -> 64 -> 64 -> 32.
@@ -127,7 +143,9 @@ def test_encoder_row_against_sams_official_attention(capsys, monkeypatch):
     monkeypatch.setattr(bench, "random_encoder", hooked_encoder)
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
     monkeypatch.setattr(bench, "peak_rss_mb", lambda: memory["MB"])
-    res = bench.main(["speed", "--preset", "tiny", "--repeats", "3", "--in-process", "--encoder-only"])
+    res = bench.main(
+        ["speed", "--preset", "tiny", "--repeats", "3", "--in-process", "--encoder-only"]
+    )
     official, ours = res["rows"]
     assert official["name"] == "tiny encoder @ 160 px, SAM's official attention"
     assert ours["name"] == "tiny encoder @ 160 px"
@@ -216,8 +234,8 @@ def test_train_speed_tiny_keeps_pixels_per_batch(capsys, monkeypatch):
     keep it fed, more than the 2 / 1 that D_SAM needs."""
     ticking_clock(monkeypatch, 0.5)
     monkeypatch.setattr(bench, "data_speed", lambda preset: {"clip": 4.0, "sam": 1.0})
-    args = ["train-speed", "--preset", "tiny", "--repeats", "1", "--clip-batch", "8", "--masks", "4"]
-    res = bench.main(args + ["--in-process", "--peak-tflops", "2.0"])
+    args = "train-speed --preset tiny --repeats 1 --clip-batch 8 --masks 4 --in-process"
+    res = bench.main(args.split() + ["--peak-tflops", "2.0"])
     text = capsys.readouterr().out
     rows = res["rows"]
     assert [r["resolution"] for r in rows] == [48, 80]  # 224 and 448 px scaled to 160 px
