@@ -131,45 +131,36 @@ def get_rel_pos(q_size, k_size, rel_pos):
     return rel_pos[relative.long()]                         # (q, k, hd)
 
 
-def decomposed_rel_pos_bias(q, Rh, Rw, start, W, out=None):
-    """MViTv2's decomposed relative positions as an additive attention bias, for a run of queries.
-
-    bias[(i, j), (k, l)] = q_(i,j) . Rh[i, k] + q_(i,j) . Rw[j, l] on the *unscaled* query, so the
-    bias is a sum of a height term and a width term instead of a full (H*W)^2 table.
-    q: (..., n, hd), the queries of tokens start .. start+n-1 of the row-major H x W grid;
-    Rh (H, H, hd), Rw (W, W, hd) from get_rel_pos -> bias (..., n, H*W), written into `out` if
-    given (a bias of the same shape that is no longer needed; without gradients only)."""
-    n = q.shape[-2]
-    token = torch.arange(start, start + n, device=q.device)                # (n,) their grid positions
-    rel_h = torch.einsum("...qc,qkc->...qk", q, Rh[token // W])            # (..., n, H): row i of each query
-    rel_w = torch.einsum("...qc,qkc->...qk", q, Rw[token % W])             # (..., n, W): column j
-    if out is not None:
-        return torch.add(rel_h[..., :, None], rel_w[..., None, :], out=out.unflatten(-1, (-1, W))).flatten(-2)
-    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)        # (..., n, H, W) -> (..., n, H*W)
-
-
-# Queries per scaled_dot_product_attention call. The bias of a global block at 1024 px would be
-# (B, heads, 4096, 4096), 0.8 GB for ViT-B in fp32; in runs of 1024 queries only a quarter of it exists
-# at once in inference, and the result is exact (every query's row is computed as before). Without
-# gradients the runs write their bias into one buffer: fresh 200 MB buffers cost page faults (half of
-# the encoder's 1.3M per forward, and ~5% of its time). Measured on a 2-core CPU (ViT-B global block
-# at 1024 px, fp32): 1.4 s chunked vs 2.2 s for the full bias, and 3.4 s for folding the bias into the
-# query and key (q' = [q/sqrt(hd), q.Rh, q.Rw], k' = [k, one-hot row, one-hot column]: exact as well,
-# no bias at all, but a 3x wider q.k product that the CPU kernel does not hide; on GPUs with fused
-# kernels that trade may differ, untested here).
-QUERY_CHUNK = 1024
+def add_decomposed_rel_pos(attn, q, rel_pos_h, rel_pos_w, q_size, k_size):
+    """SAM's add_decomposed_rel_pos (from MViTv2): the attention logits plus the decomposed
+    relative-position bias, attn[(i, j), (k, l)] += q_(i,j) . Rh[i, k] + q_(i,j) . Rw[j, l], on the
+    *unscaled* query, so the bias is a height term plus a width term instead of a full table.
+    attn (B, nh, q_h*q_w, k_h*k_w), q (B, nh, q_h*q_w, hd) -> attn with the bias added."""
+    q_h, q_w = q_size
+    k_h, k_w = k_size
+    Rh = get_rel_pos(q_h, k_h, rel_pos_h)                               # (q_h, k_h, hd)
+    Rw = get_rel_pos(q_w, k_w, rel_pos_w)                               # (q_w, k_w, hd)
+    r_q = q.unflatten(2, (q_h, q_w))                                    # (B, nh, q_h, q_w, hd)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)                   # (B, nh, q_h, q_w, k_h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)                   # (B, nh, q_h, q_w, k_w)
+    attn = attn.unflatten(3, (k_h, k_w)).unflatten(2, (q_h, q_w))       # (B, nh, q_h, q_w, k_h, k_w)
+    attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
+    return attn.flatten(4).flatten(2, 3)                                # (B, nh, q_h*q_w, k_h*k_w)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over a token grid with decomposed relative-position bias.
+    """Multi-head self-attention over a token grid with decomposed relative-position bias, SAM's
+    image-encoder attention: softmax(q k^T / sqrt(hd) + bias) v, the bias from
+    add_decomposed_rel_pos. Every block, windowed or global, runs it through
+    chunked_rel_pos_attention (below): the same numbers, faster and in less memory."""
 
-    The bias goes into `scaled_dot_product_attention` as its additive mask, so the fused kernel
-    does the softmax; the default scale hd**-0.5 is SAM's. Queries go in runs of QUERY_CHUNK."""
+    chunked = True  # False: the formula as written in forward (the tests compare the two)
 
     def __init__(self, dim, num_heads, rel_pos_size):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
+        self.scale = head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
         # one table entry per relative offset -(S-1)..(S-1) along each axis (S = window or grid side)
@@ -178,18 +169,66 @@ class Attention(nn.Module):
 
     def forward(self, x):                                   # x: (B, H, W, C)
         B, H, W, C = x.shape
-        nh, N = self.num_heads, H * W
-        qkv = self.qkv(x).reshape(B, N, 3, nh, C // nh)     # (B, N, 3, nh, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)       # 3 x (B, nh, N, hd)
-        Rh, Rw = get_rel_pos(H, H, self.rel_pos_h), get_rel_pos(W, W, self.rel_pos_w)  # (H, H, hd), (W, W, hd)
-        out, bias = [], None
-        for start in range(0, N, QUERY_CHUNK):
-            q_run = q[:, :, start:start + QUERY_CHUNK]                      # (B, nh, n, hd)
-            reuse = bias is not None and bias.shape[2] == q_run.shape[2] and not torch.is_grad_enabled()
-            bias = decomposed_rel_pos_bias(q_run, Rh, Rw, start, W, out=bias if reuse else None)  # (B, nh, n, N)
-            out.append(F.scaled_dot_product_attention(q_run, k, v, attn_mask=bias.to(q.dtype)))  # (B, nh, n, hd)
-        x = torch.cat(out, dim=2).transpose(1, 2).reshape(B, H, W, C)   # (B, nh, N, hd) -> (B, H, W, C)
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1)     # (B, N, 3, nh, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # 3 x (B, nh, N, hd)
+        if self.chunked:
+            x = chunked_rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (H, W))
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)              # (B, nh, N, N)
+            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+            attn = attn.softmax(dim=-1)
+            x = attn @ v                                               # (B, nh, N, hd)
+        x = x.transpose(1, 2).reshape(B, H, W, C)           # (B, nh, N, hd) -> (B, H, W, C)
         return self.proj(x)
+
+
+# Queries per scaled_dot_product_attention call in chunked_rel_pos_attention. A global block's bias
+# at 1024 px is (B, nh, 4096, 4096), 0.8 GB for ViT-B in fp32; in runs of 1024 queries only a
+# quarter of it exists at once in inference. (Folding the bias into q and k instead, q' = [q/sqrt(hd),
+# q.Rh, q.Rw] and k' = [k, one-hot row, one-hot column], is exact too and needs no bias at all, but
+# its 3x wider q.k product was slower on CPU than the bias it saves.)
+QUERY_CHUNK = 1024
+
+
+def decomposed_rel_pos_bias(q, Rh, Rw, start, W, out=None):
+    """add_decomposed_rel_pos's bias on its own, for a run of queries: bias[(i, j), (k, l)] =
+    q_(i,j) . Rh[i, k] + q_(i,j) . Rw[j, l].
+    q: (..., n, hd), the queries of tokens start .. start+n-1 of the row-major H x W grid;
+    Rh (H, H, hd), Rw (W, W, hd) from get_rel_pos -> bias (..., n, H*W), written into `out` if
+    given (a bias of the same shape that is no longer needed; without gradients only)."""
+    n = q.shape[-2]
+    token = torch.arange(start, start + n, device=q.device)     # (n,) the queries' grid positions
+    rel_h = torch.einsum("...qc,qkc->...qk", q, Rh[token // W])  # (..., n, H): row i of each query
+    rel_w = torch.einsum("...qc,qkc->...qk", q, Rw[token % W])   # (..., n, W): column j
+    if out is not None:
+        out = out.unflatten(-1, (-1, W))                         # (..., n, H, W)
+        return torch.add(rel_h[..., :, None], rel_w[..., None, :], out=out).flatten(-2)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)  # (..., n, H, W) -> (..., n, H*W)
+
+
+def chunked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size):
+    """Attention's formula, softmax(q k^T / sqrt(hd) + bias) v, computed faster and in less memory:
+    the bias goes into `scaled_dot_product_attention` as its additive mask, so the fused kernel
+    does the scaling (its default scale hd**-0.5 is SAM's), the softmax and the product with v;
+    queries go in runs of QUERY_CHUNK, so only a run's bias exists at once. Every query's row is
+    computed as in the formula, so the result is the same up to float rounding (tested).
+    Without gradients the runs write their bias into one shared buffer: a fresh buffer per run
+    costs page faults (about half of the encoder's in a forward).
+    q, k, v (B, nh, N, hd) over an H x W grid, size (H, W) -> (B, nh, N, hd)."""
+    H, W = size
+    N = H * W
+    Rh = get_rel_pos(H, H, rel_pos_h)                       # (H, H, hd)
+    Rw = get_rel_pos(W, W, rel_pos_w)                       # (W, W, hd)
+    out = []
+    bias = None
+    for start in range(0, N, QUERY_CHUNK):
+        q_run = q[:, :, start:start + QUERY_CHUNK]          # (B, nh, n, hd)
+        same_shape = bias is not None and bias.shape[2] == q_run.shape[2]
+        reuse = bias if same_shape and not torch.is_grad_enabled() else None
+        bias = decomposed_rel_pos_bias(q_run, Rh, Rw, start, W, out=reuse)          # (B, nh, n, N)
+        run = F.scaled_dot_product_attention(q_run, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, n, hd)
+        out.append(run)
+    return torch.cat(out, dim=2)                            # (B, nh, N, hd)
 
 
 def window_partition(x, ws):

@@ -98,31 +98,66 @@ def test_abs_pos_resize_rule_keeps_smooth_tables_and_does_not_alias():
     assert enc.abs_pos(28, 28).abs().mean() < 0.05
 
 
-def test_attention_in_query_runs_equals_the_full_bias(monkeypatch):
-    """Queries in runs of QUERY_CHUNK (here 7: runs that cross grid rows and a ragged last run) give
-    the attention of the full (N, N) bias, written out independently: softmax(q.k / sqrt(hd) +
-    q.Rh[i, k] + q.Rw[j, l]) v, as SAM's Attention computes it; with gradients and without (where
-    the runs share one bias buffer)."""
-    torch.manual_seed(0)
+def _attention_with_tables(seed=0):
+    torch.manual_seed(seed)
     attn = vit_det.Attention(dim=16, num_heads=2, rel_pos_size=5)
-    torch.nn.init.normal_(attn.rel_pos_h), torch.nn.init.normal_(attn.rel_pos_w)
+    torch.nn.init.normal_(attn.rel_pos_h)                            # zero at init: no bias to test
+    torch.nn.init.normal_(attn.rel_pos_w)
+    return attn
+
+
+def test_attention_formula_equals_a_bias_written_out():
+    """Attention's formula (chunked off) against the bias written out entry by entry, independently:
+    softmax(q.k / sqrt(hd) + q.Rh[i, k] + q.Rw[j, l]) v, as SAM's Attention computes it."""
+    attn = _attention_with_tables()
+    attn.chunked = False
     x = torch.randn(2, 5, 4, 16)                                     # (B, H, W, C): N = 20 tokens
-    monkeypatch.setattr(vit_det, "QUERY_CHUNK", 7)
-    ours = attn(x)
     B, H, W, C = x.shape
-    q, k, v = attn.qkv(x).reshape(B, H * W, 3, 2, C // 2).permute(2, 0, 3, 1, 4)   # 3 x (B, nh, N, hd)
-    Rh, Rw = vit_det.get_rel_pos(H, H, attn.rel_pos_h), vit_det.get_rel_pos(W, W, attn.rel_pos_w)
-    bias = torch.zeros(B, 2, H * W, H * W)
-    for i in range(H):
-        for j in range(W):
-            for kk in range(H):
-                for ll in range(W):
-                    bias[:, :, i * W + j, kk * W + ll] = (q[:, :, i * W + j] * (Rh[i, kk] + Rw[j, ll])).sum(-1)
-    weights = (q @ k.transpose(-1, -2) / (C // 2) ** 0.5 + bias).softmax(-1)
-    reference = attn.proj((weights @ v).transpose(1, 2).reshape(B, H, W, C))
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x), reference, rtol=1e-5, atol=1e-5)
+        ours = attn(x)
+        qkv = attn.qkv(x).reshape(B, H * W, 3, 2, C // 2)            # (B, N, 3, nh, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                         # 3 x (B, nh, N, hd)
+        Rh = vit_det.get_rel_pos(H, H, attn.rel_pos_h)
+        Rw = vit_det.get_rel_pos(W, W, attn.rel_pos_w)
+        bias = torch.zeros(B, 2, H * W, H * W)
+        for i in range(H):
+            for j in range(W):
+                for kk in range(H):
+                    for ll in range(W):
+                        r = Rh[i, kk] + Rw[j, ll]
+                        bias[:, :, i * W + j, kk * W + ll] = (q[:, :, i * W + j] * r).sum(-1)
+        weights = (q @ k.transpose(-1, -2) / (C // 2) ** 0.5 + bias).softmax(-1)
+        reference = attn.proj((weights @ v).transpose(1, 2).reshape(B, H, W, C))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_attention_equals_the_formula(monkeypatch):
+    """chunked_rel_pos_attention, in runs of 7 queries (runs that cross grid rows and a ragged last
+    run), gives the formula's output and gradients; without gradients too, where the runs share
+    one bias buffer."""
+    monkeypatch.setattr(vit_det, "QUERY_CHUNK", 7)
+    attn = _attention_with_tables()
+    x = torch.randn(2, 5, 4, 16)
+    results = []
+    for chunked in (False, True):
+        attn.chunked = chunked
+        attn.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        out = attn(x_in)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in attn.named_parameters()}
+        with torch.no_grad():
+            results.append((out.detach(), x_in.grad, grads, attn(x)))
+    (out0, dx0, grads0, nograd0), (out1, dx1, grads1, nograd1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nograd1, out0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nograd0, out0, rtol=0, atol=0)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-5)
+    assert grads0.keys() == grads1.keys() == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
+                                              "rel_pos_h", "rel_pos_w"}
+    for name, grad in grads0.items():
+        assert grad.abs().max() > 1e-3, name                         # every part gets a gradient
+        torch.testing.assert_close(grads1[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_gradient_checkpointing_changes_no_number():
