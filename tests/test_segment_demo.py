@@ -2,6 +2,7 @@
 """segment_demo.py end to end, in-process through main(argv): both modes on images of odd PIL
 modes and sizes write mask PNGs of the original (post-EXIF) size and an overlay; every bad input
 ends with exit code 2 and exactly one line on stderr naming what is wrong."""
+
 import os
 
 import numpy as np
@@ -26,7 +27,8 @@ def scene(w, h):
 
 
 def make_image(kind, folder):
-    """Write an image of an awkward kind; return (path, (W, H) as PIL reports it after EXIF rotation)."""
+    """Write an image of an awkward kind; return (path, (W, H) as PIL reports it after EXIF
+    rotation)."""
     path = os.path.join(folder, f"{kind}.png")
     if kind == "gray":
         scene(37, 53).convert("L").save(path)
@@ -40,7 +42,7 @@ def make_image(kind, folder):
         scene(50, 31).convert("P", palette=Image.ADAPTIVE, colors=16).save(path)
         return path, (50, 31)
     if kind == "16bit":
-        a = (np.asarray(scene(45, 29).convert("L"), dtype=np.uint16) * 257)   # (H, W) on 0..65535
+        a = np.asarray(scene(45, 29).convert("L"), dtype=np.uint16) * 257  # (H, W) on 0..65535
         img = Image.fromarray(a)
         assert img.mode == "I;16"
         img.save(path)
@@ -55,13 +57,23 @@ def make_image(kind, folder):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind, mode", [("gray", "sam"), ("gray", "clip"), ("rgba", "sam"), ("palette", "clip"),
-                                        ("16bit", "sam"), ("exif", "sam"), ("exif", "clip")])
+CASES = [
+    ("gray", "sam"),
+    ("gray", "clip"),
+    ("rgba", "sam"),
+    ("palette", "clip"),
+    ("16bit", "sam"),
+    ("exif", "sam"),
+    ("exif", "clip"),
+]
+
+
+@pytest.mark.parametrize("kind, mode", CASES)
 def test_demo_writes_masks_at_the_original_size(ckpt, tmp_path, capsys, kind, mode):
     path, size = make_image(kind, str(tmp_path))
     out = tmp_path / "out"
-    rc = segment_demo.main([path, "house", "red car!", "--checkpoint", ckpt, "--mode", mode,
-                            "--out", str(out), "--device", "cpu"])
+    options = ["--checkpoint", ckpt, "--mode", mode, "--out", str(out), "--device", "cpu"]
+    rc = segment_demo.main([path, "house", "red car!", *options])
     assert rc == 0
     printed = capsys.readouterr().out
     for name in ("mask_1_house.png", "mask_2_red-car.png"):
@@ -70,20 +82,22 @@ def test_demo_writes_masks_at_the_original_size(ckpt, tmp_path, capsys, kind, mo
         assert set(np.unique(np.asarray(m)).tolist()) <= {0, 255}
         assert str(out / name) in printed
     overlay = Image.open(out / "overlay.png")
-    assert overlay.mode == "RGB" and overlay.height > size[1]              # image + legend strip below
+    assert overlay.mode == "RGB" and overlay.height > size[1]  # image + legend strip below
     assert "px (" in printed and "confidence" in printed and "latency" in printed
 
 
 def test_masks_are_disjoint_and_match_the_printed_areas(ckpt, tmp_path, capsys):
     path = str(tmp_path / "scene.jpg")
     segment_demo.draw_example_scene().save(path, quality=90)
-    assert segment_demo.main([path, "house", "tree", "sky", "--checkpoint", ckpt, "--out", str(tmp_path),
-                              "--device", "cpu"]) == 0
+    options = ["--checkpoint", ckpt, "--out", str(tmp_path), "--device", "cpu"]
+    assert segment_demo.main([path, "house", "tree", "sky", *options]) == 0
     printed = capsys.readouterr().out
-    masks = [np.asarray(Image.open(tmp_path / f"mask_{i}_{s}.png")) > 0
-             for i, s in ((1, "house"), (2, "tree"), (3, "sky"))]
-    assert (sum(m.astype(int) for m in masks) <= 1).all()                 # one label per pixel
-    for m, q in zip(masks, ("house", "tree", "sky")):
+    names = ("house", "tree", "sky")
+    masks = [
+        np.asarray(Image.open(tmp_path / f"mask_{i + 1}_{s}.png")) > 0 for i, s in enumerate(names)
+    ]
+    assert (sum(m.astype(int) for m in masks) <= 1).all()  # one label per pixel
+    for m, q in zip(masks, names):
         assert f"'{q}': {int(m.sum())} px" in printed
 
 
@@ -114,11 +128,14 @@ def test_missing_and_corrupt_images(ckpt, tmp_path, capsys):
     assert str(corrupt) in line and "not a readable image" in line
 
 
-@pytest.mark.parametrize("prompts, expect", [
+BAD_PROMPTS = [
     (["cat", ""], "prompt 2 is empty"),
     (["   "], "prompt 1 is empty"),
     (["dog", " ".join(["word"] * 300)], "prompt 2 ('word word"),
-])
+]
+
+
+@pytest.mark.parametrize("prompts, expect", BAD_PROMPTS)
 def test_bad_prompts(ckpt, good_image, capsys, prompts, expect):
     assert segment_demo.main([good_image, *prompts, "--checkpoint", ckpt]) == 2
     line = one_error_line(capsys)
@@ -132,14 +149,15 @@ def test_missing_and_wrong_checkpoints(good_image, tmp_path, capsys, monkeypatch
     assert segment_demo.main([good_image, "cat", "--checkpoint", missing]) == 2
     line = one_error_line(capsys)
     assert missing in line and "not found" in line
-    sam = os.path.join(FIXTURES, "sam_tiny.pt")                          # a SAM file, not a merged model
+    sam = os.path.join(FIXTURES, "sam_tiny.pt")  # a SAM file, not a merged model
     assert segment_demo.main([good_image, "cat", "--checkpoint", sam]) == 2
     line = one_error_line(capsys)
     assert sam in line and "SAM-CLIP" in line
-    monkeypatch.chdir(tmp_path)                                          # no runs/toy/samclip.pt here
+    monkeypatch.chdir(tmp_path)  # no runs/toy/samclip.pt here
     assert segment_demo.main([good_image, "cat"]) == 2
     line = one_error_line(capsys)
-    assert "runs/toy/samclip.pt" in line and "python train.py --preset toy --out runs/toy" in line
+    assert "runs/toy/samclip.pt" in line
+    assert "python -m toy.prepare && python train.py --preset toy --out runs/toy" in line
 
 
 def test_slug():
