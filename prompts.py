@@ -20,9 +20,45 @@ Shape legend: B images, K prompt slots per image, n slots of one group, R rounds
 h w the image-embedding grid (SAM's low-res mask grid is 4h x 4w).
 """
 
+import numpy as np
 import torch
 
 import data
+
+
+def first_prompt(mask, scale, input_size, side, generator, point_prob=0.5, max_points=3,
+                 box_jitter=0.1):
+    """SAM's first prompt for one mask (SAM App. A, "Training algorithm"): with probability
+    `point_prob` 1..max_points foreground points drawn uniformly from the mask, else the mask's
+    box, each coordinate moved by N(0, (box_jitter * box side)^2) noise capped at
+    data.MAX_BOX_JITTER px of a 1024 frame, then kept inside the resized image.
+
+    mask (h, w) bool at the original size, not empty; scale (sx, sy) from the original to the
+    resized frame (SAM's ResizeLongestSide); input_size (h', w') the resized image inside the
+    padded (side, side) frame; generator the sample's torch.Generator, drawn from in a fixed order
+    (the kind, then the count and the pixels, or the box's 4 noises), so a seed gives one prompt.
+    Coordinates follow SAM's PromptEncoder, which adds 0.5 (pixel index -> centre): a point is
+    the resized pixel centre minus 0.5, a box the mask's pixel extent [x0, x1) scaled.
+    -> (points (n, 2) float32 x, y with n = 0 for a box, box (4,) x0 y0 x1 y1 or None)."""
+    sx, sy = scale
+    h2, w2 = input_size
+    if torch.rand(1, generator=generator).item() < point_prob:
+        fg = np.flatnonzero(mask)                                         # (area,) into (h, w)
+        n = torch.randint(1, max_points + 1, (1,), generator=generator).item()
+        picked = fg[torch.randint(0, len(fg), (n,), generator=generator).numpy()]   # (n,)
+        ys, xs = np.divmod(picked, mask.shape[1])
+        points = np.stack([(xs + 0.5) * sx - 0.5, (ys + 0.5) * sy - 0.5], 1)     # (n, 2) x, y
+        return torch.from_numpy(points).float(), None
+    cols = np.flatnonzero(mask.any(0))
+    rows = np.flatnonzero(mask.any(1))
+    box = torch.tensor([cols[0] * sx, rows[0] * sy, (cols[-1] + 1) * sx, (rows[-1] + 1) * sy])
+    box_side = (box[2:] - box[:2]).repeat(2)                              # (w, h, w, h)
+    cap = data.MAX_BOX_JITTER * side / 1024
+    noise = (torch.randn(4, generator=generator) * box_jitter * box_side).clamp(-cap, cap)
+    frame = torch.tensor([w2, h2, w2, h2]).float()
+    box = torch.minimum((box + noise).clamp(min=0), frame)
+    corners = [torch.minimum(box[:2], box[2:]), torch.maximum(box[:2], box[2:])]
+    return torch.zeros(0, 2), torch.cat(corners)
 
 
 def prompt_args(coords, labels, boxes=None, mask_inputs=None):

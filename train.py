@@ -13,7 +13,8 @@ A distill step (Sec. 4.1): a D_CLIP batch at the step's resolution (2048 images 
 at 448: constant pixels) gives L_CLIP against the frozen CLIP ViT-L/14 image tower, a D_SAM batch
 (32 images at 1024 px, 32 prompts each, replayed over SAM's interactive rounds) gives L_SAM against
 the frozen SAM; one backward of their sum (the paper's two accumulated backwards), one optimizer
-step. Losses and targets: losses.py; SAM's prompt rounds: prompts.py; data: data.py.
+step. Losses and targets: losses.py; SAM's prompt rounds: prompts.py; data: data.py; which
+sample each rank reads in which step: sampling.py; the CLIP teacher's cache: teacher_cache.py.
 
 Run (one device, or torchrun; nccl on GPU, gloo on CPU):
     python -m toy.prepare && python train.py --preset toy --out runs/toy   # ~3 min on a CPU
@@ -43,6 +44,8 @@ from tqdm import tqdm
 import clip
 import data
 import losses
+import sampling
+import teacher_cache
 import vit_det
 import weights
 from model import SAMCLIP, autocast as model_autocast, build_samclip, compile_modules, load_teachers
@@ -272,16 +275,16 @@ def data_loaders(cfg, model, world, rank, device):
                               fixed_crops=bool(cfg.cache_teacher),   # a cached target: same crop
                               native_size=model.cfg.encoder.img_size)   # 1024: SAM's padded frame
     clip_ds.check_readable(min_images=cfg.clip_batch)   # else no step, or only placeholders
-    clip_sampler = data.VariableResolutionSampler(len(clip_ds), cfg.clip_batch // per_rank,
-                                                  cfg.resolutions, None, world, rank, cfg.seed)
+    clip_sampler = sampling.VariableResolutionSampler(len(clip_ds), cfg.clip_batch // per_rank,
+                                                      cfg.resolutions, None, world, rank, cfg.seed)
     clip_loader = torch.utils.data.DataLoader(clip_ds, batch_sampler=clip_sampler,
                                               collate_fn=data.collate, **loader_args)
     loaders = {"clip": (clip_loader, clip_sampler)}
     if "loss_sam" in cfg.losses:
         sam_ds = data.SA1B(cfg.sam_data, model.cfg.encoder.img_size, cfg.masks_per_image,
                            seed=cfg.seed)
-        sam_sampler = data.FixedBatchSampler(len(sam_ds), cfg.sam_batch // per_rank, world, rank,
-                                             cfg.seed)
+        sam_sampler = sampling.FixedBatchSampler(len(sam_ds), cfg.sam_batch // per_rank, world,
+                                                 rank, cfg.seed)
         if not sam_sampler.drop_last:
             log0(rank, f"stage {cfg.stage}: --sam-data {cfg.sam_data} holds {len(sam_ds)} images, "
                        f"fewer than one D_SAM batch of {cfg.sam_batch // cfg.accum_steps}: every "
@@ -293,8 +296,8 @@ def data_loaders(cfg, model, world, rank, device):
     if cfg.cache_teacher:
         meta = {"clip_data": os.path.abspath(cfg.clip_data), "n": len(clip_ds), "seed": cfg.seed,
                 "teacher": cfg.clip_checkpoint or cfg.preset, "teacher_size": cfg.teacher_size}
-        cache = data.TeacherCache(cfg.cache_teacher, len(clip_ds), model.cfg.clip.embed_dim, meta,
-                                  rank)
+        cache = teacher_cache.TeacherCache(cfg.cache_teacher, len(clip_ds),
+                                           model.cfg.clip.embed_dim, meta, rank)
     return loaders, cache
 
 
@@ -355,11 +358,11 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     streams = {}
     for source, (loader, sampler) in loaders.items():
         epochs = cfg.epochs if source == "clip" else None         # D_CLIP's epochs end the stage
-        streams[source] = data.stream(loader, sampler, step * cfg.accum_steps, epochs)
+        streams[source] = sampling.stream(loader, sampler, step * cfg.accum_steps, epochs)
     bar = tqdm(total=last, initial=step, disable=rank != 0, desc=cfg.stage, dynamic_ncols=True,
                mininterval=2)
     epoch = None
-    tally = data.EpochTally()
+    tally = sampling.EpochTally()
     sam_skipped = 0
     while step < last:
         t0 = time.time()
@@ -375,7 +378,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
                 if source == "clip" and batch_epoch != epoch:
                     end_epoch(epoch, tally)
                     epoch = batch_epoch
-                    tally = data.EpochTally()
+                    tally = sampling.EpochTally()
                 if source == "clip":
                     tally.count(batch)
                 if source == "sam":

@@ -1,6 +1,8 @@
 # python -m pytest tests/test_data.py -q
-"""data.py: COCO RLE against hand-encoded masks, SA-1B prompts in the resized frame, D_CLIP crops
-shared by student and teacher, the samplers' rank and resume invariants, corrupt files."""
+"""data.py: COCO RLE against hand-encoded masks, SA-1B prompts in the resized frame (drawn by
+prompts.first_prompt), D_CLIP crops shared by student and teacher, corrupt files. The samplers
+and the stream: test_sampling.py."""
+
 import json
 import os
 
@@ -11,18 +13,26 @@ from PIL import Image
 
 import clip
 import data
-from data import (SA1B, SAM_PIXEL_MEAN, SAM_PIXEL_STD, CLIPImages, FixedBatchSampler, VariableResolutionSampler,
-                  collate, collate_sam, list_images, rle_decode, rle_encode)
-
+from data import (
+    SA1B,
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    CLIPImages,
+    collate,
+    collate_sam,
+    list_images,
+    rle_decode,
+    rle_encode,
+)
+from sampling import VariableResolutionSampler
 
 # ----------------------------------------------------------------------------- RLE
+
 
 def test_rle_decode_uncompressed_by_hand():
     # Column by column: col0 = 0,0,1  col1 = 1,1,1  col2 = 1,0,0  col3 = 0,0,0
     # -> 0 0 | 1 1 1 1 1 | 0 0 0 0 0 -> counts [2, 5, 5]
-    expected = np.array([[0, 1, 1, 0],
-                         [0, 1, 0, 0],
-                         [1, 1, 0, 0]], dtype=bool)
+    expected = np.array([[0, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]], dtype=bool)
     np.testing.assert_array_equal(rle_decode({"size": [3, 4], "counts": [2, 5, 5]}), expected)
     # a mask starting with a foreground pixel opens with a zero-length background run
     np.testing.assert_array_equal(rle_decode({"counts": [0, 1, 3]}, shape=(2, 2)), [[1, 0], [0, 0]])
@@ -30,26 +40,36 @@ def test_rle_decode_uncompressed_by_hand():
 
 def test_rle_is_column_major():
     # two ones first: column-major fills the first COLUMN, row-major would fill the first row
-    np.testing.assert_array_equal(rle_decode({"size": [2, 3], "counts": [0, 2, 4]}), [[1, 0, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(
+        rle_decode({"size": [2, 3], "counts": [0, 2, 4]}), [[1, 0, 0], [1, 0, 0]]
+    )
 
 
 def test_rle_decode_compressed_by_hand():
-    # counts [4, 10, 20, 2] on a 6x6 mask, each number written as 5-bit chunks (+48), low chunk first;
+    # counts [4, 10, 20, 2] on a 6x6 mask, each number written as 5-bit chunks (+48), low chunk
+    # first;
     # 0x20 on a char means "more follow", 0x10 on the last char is the sign; counts[3] is stored as
     # counts[3] - counts[1]:
     #   4  -> 4            -> chr(52) '4'
     #   10 -> 10           -> chr(58) ':'
     #   20 -> 20 has 0x10 set, so it needs a second chunk: (20 | 0x20) = 52 -> 'd', then 0 -> '0'
     #   2 - 10 = -8 -> -8 & 31 = 24 (0x10 set: negative), -8 >> 5 = -1, done -> chr(72) 'H'
-    # Column-major: col0 = 0 0 0 0 1 1, col1 = ones, col2 = 1 1 0 0 0 0, col3 col4 = zeros, col5 = 0 0 0 0 1 1
-    expected = np.array([[0, 1, 1, 0, 0, 0],
-                         [0, 1, 1, 0, 0, 0],
-                         [0, 1, 0, 0, 0, 0],
-                         [0, 1, 0, 0, 0, 0],
-                         [1, 1, 0, 0, 0, 1],
-                         [1, 1, 0, 0, 0, 1]], dtype=bool)
+    # Column-major: col0 = 0 0 0 0 1 1, col1 = ones, col2 = 1 1 0 0 0 0, col3 col4 = zeros,
+    # col5 = 0 0 0 0 1 1
+    expected = np.array(
+        [
+            [0, 1, 1, 0, 0, 0],
+            [0, 1, 1, 0, 0, 0],
+            [0, 1, 0, 0, 0, 0],
+            [0, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 1],
+            [1, 1, 0, 0, 0, 1],
+        ],
+        dtype=bool,
+    )
     np.testing.assert_array_equal(rle_decode({"size": [6, 6], "counts": "4:d0H"}), expected)
-    # 100 = 0b11_00100 -> low chunk 4 with "more" -> chr(4 + 32 + 48) 'T', then 3 -> '3'; 20 -> 'd0' as above.
+    # 100 = 0b11_00100 -> low chunk 4 with "more" -> chr(4 + 32 + 48) 'T', then 3 -> '3';
+    # 20 -> 'd0' as above.
     # counts [100, 20] on 10x12: ten zero columns, then two columns of ones
     m = rle_decode({"size": [10, 12], "counts": b"T3d0"})
     assert m.shape == (10, 12) and not m[:, :10].any() and m[:, 10:].all()
@@ -61,7 +81,8 @@ def test_rle_encode_matches_hand_strings_and_round_trips():
     rng = np.random.default_rng(0)
     masks = [np.zeros((5, 7), bool), np.ones((5, 7), bool), rng.random((1, 9)) > 0.5]
     masks += [rng.random((h, w)) > p for h, w, p in [(13, 17, 0.5), (40, 30, 0.9), (64, 64, 0.05)]]
-    masks += [np.kron(rng.random((8, 8)) > 0.5, np.ones((20, 20), bool))]   # long runs -> multi-char numbers
+    blocks = np.kron(rng.random((8, 8)) > 0.5, np.ones((20, 20), bool))
+    masks.append(blocks)  # long runs -> multi-char numbers
     for m in masks:
         rle = rle_encode(m)
         assert rle["size"] == list(m.shape) and isinstance(rle["counts"], str)
@@ -75,54 +96,75 @@ def test_rle_decode_rejects_wrong_total():
 
 # ----------------------------------------------------------------------------- SA-1B
 
+
 # three disjoint masks on a 200 (w) x 100 (h) image: two rectangles and a disc
 def _sa1b_masks(h=100, w=200):
     yy, xx = np.mgrid[:h, :w]
-    return [(yy >= 10) & (yy < 50) & (xx >= 20) & (xx < 60),
-            (yy >= 60) & (yy < 95) & (xx >= 10) & (xx < 150),
-            (yy - 30) ** 2 + (xx - 140) ** 2 < 20 ** 2]
+    return [
+        (yy >= 10) & (yy < 50) & (xx >= 20) & (xx < 60),
+        (yy >= 60) & (yy < 95) & (xx >= 10) & (xx < 150),
+        (yy - 30) ** 2 + (xx - 140) ** 2 < 20**2,
+    ]
 
 
 def _write_sa1b(folder, name, h=100, w=200):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, name + ".jpg"))
+    pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, name + ".jpg"))
     anns = []
     for i, m in enumerate(_sa1b_masks(h, w)):
         ys, xs = np.nonzero(m)
-        anns.append({"id": i, "segmentation": rle_encode(m), "area": int(m.sum()),
-                     "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)],   # XYWH
-                     "predicted_iou": 0.9, "point_coords": [[float(xs[0]), float(ys[0])]], "stability_score": 0.95,
-                     "crop_box": [0, 0, w, h]})
+        xywh = [int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)]
+        anns.append(
+            {
+                "id": i,
+                "segmentation": rle_encode(m),
+                "area": int(m.sum()),
+                "bbox": xywh,
+                "predicted_iou": 0.9,
+                "point_coords": [[float(xs[0]), float(ys[0])]],
+                "stability_score": 0.95,
+                "crop_box": [0, 0, w, h],
+            }
+        )
     with open(os.path.join(folder, name + ".json"), "w") as f:
-        json.dump({"image": {"image_id": 1, "width": w, "height": h, "file_name": name + ".jpg"},
-                   "annotations": anns}, f)
+        image = {"image_id": 1, "width": w, "height": h, "file_name": name + ".jpg"}
+        json.dump({"image": image, "annotations": anns}, f)
 
 
 @pytest.fixture
 def sa1b_root(tmp_path):
     _write_sa1b(tmp_path / "sa1b", "sa_1")
     _write_sa1b(tmp_path / "sa1b" / "part2", "sa_2")
-    (tmp_path / "sa1b" / "sa_3.jpg").write_bytes(b"no json beside me")   # not a pair: ignored
+    (tmp_path / "sa1b" / "sa_3.jpg").write_bytes(b"no json beside me")  # not a pair: ignored
     return str(tmp_path / "sa1b")
 
 
 def test_sa1b_layout_and_shapes(sa1b_root, tmp_path):
     ds = SA1B(sa1b_root, img_size=160, masks_per_image=5, max_points=3)
-    assert [os.path.relpath(j, sa1b_root) for j, _ in ds.pairs] == [os.path.join("part2", "sa_2.jpg"), "sa_1.jpg"]
+    assert [os.path.relpath(j, sa1b_root) for j, _ in ds.pairs] == [
+        os.path.join("part2", "sa_2.jpg"),
+        "sa_1.jpg",
+    ]
     assert all(j[:-4] + ".json" == a for j, a in ds.pairs)
     s = ds[(0, 0)]
     assert s["ok"] and s["image"].shape == (3, 160, 160) and s["num_prompts"] == 3
     assert s["input_size"].tolist() == [80, 160] and s["original_size"].tolist() == [100, 200]
-    assert s["image"][:, 80:].abs().sum() == 0                        # padded bottom
+    assert s["image"][:, 80:].abs().sum() == 0  # padded bottom
     assert s["point_coords"].shape == (5, 3, 2) and s["point_labels"].shape == (5, 3)
     assert s["point_labels"].dtype == torch.int64 and s["boxes"].shape == (5, 4)
     assert s["valid"].tolist() == [True] * 3 + [False] * 2
     assert not s["has_box"][3:].any() and (s["point_labels"][3:] == -1).all()
-    assert SA1B(sa1b_root, img_size=160, masks_per_image=2)[0]["num_prompts"] == 2   # K < masks: K of them
+    fewer = SA1B(sa1b_root, img_size=160, masks_per_image=2)
+    assert fewer[0]["num_prompts"] == 2  # K < masks: K of them
     b = collate_sam([ds[(0, 0)], ds[(1, 0)]])
     assert b["image"].shape == (2, 3, 160, 160) and b["point_coords"].shape == (2, 5, 3, 2)
-    assert b["point_labels"].shape == (2, 5, 3) and b["boxes"].shape == (2, 5, 4) and b["has_box"].shape == (2, 5)
+    assert (
+        b["point_labels"].shape == (2, 5, 3)
+        and b["boxes"].shape == (2, 5, 4)
+        and b["has_box"].shape == (2, 5)
+    )
     assert b["valid"].shape == (2, 5) and b["num_prompts"].tolist() == [3, 3] and b["ok"].all()
     assert b["input_size"].shape == (2, 2) and b["bad_paths"] == []
     empty = tmp_path / "empty"
@@ -133,7 +175,8 @@ def test_sa1b_layout_and_shapes(sa1b_root, tmp_path):
 
 def test_sa1b_points_lie_in_their_mask(sa1b_root):
     masks = _sa1b_masks()
-    sx, sy = 160 / 200, 80 / 100
+    sx = 160 / 200
+    sy = 80 / 100
     ds = SA1B(sa1b_root, img_size=160, point_prob=1.0, max_points=3, seed=1)
     counts = set()
     for epoch in range(10):
@@ -146,22 +189,26 @@ def test_sa1b_points_lie_in_their_mask(sa1b_root):
             assert 1 <= n <= 3 and (lab[:n] == 1).all() and (lab[n:] == -1).all()
             # the prompt encoder adds 0.5; that position maps back to an original pixel of the mask
             xy = s["point_coords"][k, :n].numpy()
-            cols, rows = np.floor((xy[:, 0] + 0.5) / sx).astype(int), np.floor((xy[:, 1] + 0.5) / sy).astype(int)
+            cols = np.floor((xy[:, 0] + 0.5) / sx).astype(int)
+            rows = np.floor((xy[:, 1] + 0.5) / sy).astype(int)
             owner = [i for i, m in enumerate(masks) if m[rows[0], cols[0]]]
-            assert len(owner) == 1 and masks[owner[0]][rows, cols].all()   # all points in one mask
+            assert len(owner) == 1 and masks[owner[0]][rows, cols].all()  # all points in one mask
     assert counts == {1, 2, 3}
 
 
 def test_sa1b_boxes_scale_and_jitter(sa1b_root):
     masks = _sa1b_masks()
-    exact = {tuple(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float))
-             for xs, ys in ((np.nonzero(m)[1], np.nonzero(m)[0]) for m in masks)}
+    exact = {
+        tuple(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float))
+        for xs, ys in ((np.nonzero(m)[1], np.nonzero(m)[0]) for m in masks)
+    }
     # no jitter: the mask's extent, scaled into the 1024 x 512 frame of a 200 x 100 image
     s = SA1B(sa1b_root, img_size=1024, point_prob=0.0, box_jitter=0.0)[0]
     assert s["input_size"].tolist() == [512, 1024] and s["has_box"][:3].all()
     got = {tuple((s["boxes"][k].numpy() / 5.12).round(4)) for k in range(3)}
     assert got == exact and (s["point_labels"][:3] == -1).all()
-    # heavy jitter: inside the image part of the frame, within the 20 px cap (scaled to 160 px) of the truth
+    # heavy jitter: inside the image part of the frame, within the 20 px cap (scaled to 160 px) of
+    # the truth
     ds = SA1B(sa1b_root, img_size=160, point_prob=0.0, box_jitter=0.5)
     cap = 20 * 160 / 1024
     truth = [np.array(b) * 0.8 for b in exact]
@@ -177,12 +224,14 @@ def test_sa1b_boxes_scale_and_jitter(sa1b_root):
 
 def test_sa1b_deterministic_and_mixed(sa1b_root):
     ds = SA1B(sa1b_root, img_size=160)
-    a, b, c = ds[(0, 3)], ds[(0, 3)], ds[(0, 4)]
+    a = ds[(0, 3)]
+    b = ds[(0, 3)]
+    c = ds[(0, 4)]
     for key in ("point_coords", "point_labels", "boxes", "has_box"):
         assert torch.equal(a[key], b[key])
     assert not all(torch.equal(a[key], c[key]) for key in ("point_coords", "boxes"))
     kinds = torch.cat([ds[(i % 2, e)]["has_box"][:3] for e in range(8) for i in range(2)])
-    assert kinds.any() and not kinds.all()                            # point_prob 0.5: both kinds
+    assert kinds.any() and not kinds.all()  # point_prob 0.5: both kinds
 
 
 def test_sa1b_corrupt_image_or_json_is_skipped_counted_and_named(sa1b_root):
@@ -210,21 +259,25 @@ def _seg(size=(100, 200), counts="abc"):
     return {"annotations": [{"segmentation": {"size": list(size), "counts": counts}}]}
 
 
-@pytest.mark.parametrize("doc, expected", [
-    ({"image": {}}, 'an "annotations" list'),
-    ([1, 2], 'an "annotations" list'),
-    ({"annotations": {"segmentation": {}}}, 'an "annotations" list'),
-    ({"annotations": [{"bbox": [0, 0, 1, 1]}]}, r'annotations\[0\].*"segmentation"'),
-    ({"annotations": [{"segmentation": {"counts": "abc"}}]}, '"size" and "counts"'),
-    (_seg(size=(50, 200)), r"\[100, 200\]"),                    # not the image's size
-    (_seg(size=("100", "200")), r"\[100, 200\]"),                # ill-typed size
-    (_seg(size=(100.0, 200.0)), r"\[100, 200\]"),
-    (_seg(counts=7), "counts"),
-    (_seg(counts=[1.5, 19998.5]), "counts"),
-    (_seg(counts=[-1, 20001]), "counts"),
-    (_seg(counts=[5, 10]), r"annotations\[0\].*sum to 15"),      # caught when the mask is decoded
-    (_seg(counts="0a"), r"annotations\[0\].*ends inside a number"),   # 'a' says "more chars follow"
-])
+@pytest.mark.parametrize(
+    "doc, expected",
+    [
+        ({"image": {}}, 'an "annotations" list'),
+        ([1, 2], 'an "annotations" list'),
+        ({"annotations": {"segmentation": {}}}, 'an "annotations" list'),
+        ({"annotations": [{"bbox": [0, 0, 1, 1]}]}, r'annotations\[0\].*"segmentation"'),
+        ({"annotations": [{"segmentation": {"counts": "abc"}}]}, '"size" and "counts"'),
+        (_seg(size=(50, 200)), r"\[100, 200\]"),  # not the image's size
+        (_seg(size=("100", "200")), r"\[100, 200\]"),  # ill-typed size
+        (_seg(size=(100.0, 200.0)), r"\[100, 200\]"),
+        (_seg(counts=7), "counts"),
+        (_seg(counts=[1.5, 19998.5]), "counts"),
+        (_seg(counts=[-1, 20001]), "counts"),
+        (_seg(counts=[5, 10]), r"annotations\[0\].*sum to 15"),  # caught when the mask is decoded
+        # 'a' says "more chars follow"
+        (_seg(counts="0a"), r"annotations\[0\].*ends inside a number"),
+    ],
+)
 def test_sa1b_malformed_annotations_are_skipped_with_one_clear_line(sa1b_root, doc, expected):
     """The schema SA1B reads (data.read_sa1b_annotations): {"annotations": [{"segmentation":
     {"size": [h, w] of the image, "counts": str or [int >= 0, ...]}}, ...]}; each break of it
@@ -238,15 +291,22 @@ def test_sa1b_malformed_annotations_are_skipped_with_one_clear_line(sa1b_root, d
     assert not s["ok"] and ds.skipped == 1
     message = str(record[0].message)
     assert len(record) == 1 and path in message and "\n" not in message
-    assert ds[(1, 0)]["ok"] and ds.skipped == 1                       # the good pair still reads
+    assert ds[(1, 0)]["ok"] and ds.skipped == 1  # the good pair still reads
 
 
-@pytest.mark.parametrize("name, error", [
-    ("rle_decode", TypeError), ("low_res_cells", IndexError), ("sam_preprocess", KeyError),
-    ("preprocess_shape", ValueError), ("read_sa1b_annotations", TypeError),
-])
+@pytest.mark.parametrize(
+    "name, error",
+    [
+        ("rle_decode", TypeError),
+        ("low_res_cells", IndexError),
+        ("sam_preprocess", KeyError),
+        ("preprocess_shape", ValueError),
+        ("read_sa1b_annotations", TypeError),
+    ],
+)
 def test_sa1b_bugs_in_our_own_code_raise(sa1b_root, monkeypatch, name, error):
     """A bug in data.py is not a bad file: it must stop the run, not be skipped as data."""
+
     def broken(*args, **kwargs):
         raise error("a bug in data.py")
 
@@ -268,36 +328,44 @@ def test_clip_images_bugs_in_our_own_code_raise(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "random_resized_crop_box", broken)
     with pytest.raises(TypeError, match="a bug"):
         ds[(0, 32, 0)]
-    monkeypatch.setattr(data.ImageOps, "exif_transpose", broken)   # after the decode, in load_image
+    monkeypatch.setattr(data.ImageOps, "exif_transpose", broken)  # after the decode, in load_image
     with pytest.raises(TypeError, match="a bug"):
         data.load_image(str(tmp_path / "a.jpg"))
 
 
 # ----------------------------------------------------------------------------- D_CLIP
 
+
 def _unnorm_sam(x):
-    return x * torch.tensor(SAM_PIXEL_STD).view(3, 1, 1) + torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+    """SAM's normalisation undone: back to the 0-255 scale."""
+    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+    return x * std + mean
 
 
 def _unnorm_clip(x):
-    return (x * torch.tensor(clip.CLIP_STD).view(3, 1, 1) + torch.tensor(clip.CLIP_MEAN).view(3, 1, 1)) * 255
+    """CLIP's normalisation undone: back to the 0-255 scale."""
+    std = torch.tensor(clip.CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(clip.CLIP_MEAN).view(3, 1, 1)
+    return (x * std + mean) * 255
 
 
 def test_student_and_teacher_share_the_crop(tmp_path):
     img = np.zeros((90, 120, 3), np.uint8)
-    img[:, :60, 0] = 255                                              # left half red, right half blue
+    img[:, :60, 0] = 255  # left half red, right half blue
     img[:, 60:, 2] = 255
     Image.fromarray(img).save(tmp_path / "rb.png")
     ds = CLIPImages(str(tmp_path), teacher_size=24, scale=(0.1, 0.5))
     fractions = []
     for epoch in range(12):
         s = ds[(0, 48, epoch)]
-        st, te = _unnorm_sam(s["student"]), _unnorm_clip(s["teacher"])
+        st = _unnorm_sam(s["student"])
+        te = _unnorm_clip(s["teacher"])
         red_st = (st[0] > st[2]).float().mean().item()
         red_te = (te[0] > te[2]).float().mean().item()
         assert abs(red_st - red_te) < 0.07, (epoch, red_st, red_te)
         fractions.append(red_st)
-    assert max(fractions) - min(fractions) > 0.3                     # the crops do differ
+    assert max(fractions) - min(fractions) > 0.3  # the crops do differ
 
 
 def test_clip_images_sources_and_shapes(tmp_path):
@@ -306,15 +374,16 @@ def test_clip_images_sources_and_shapes(tmp_path):
         Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / p)
     (tmp_path / "a" / "notes.txt").write_text("not an image")
     paths = list_images(str(tmp_path / "a"))
-    assert [os.path.relpath(p, tmp_path) for p in paths] == \
-        [os.path.join("a", p) for p in ["b/y.jpg", "b/z.webp", "w.jpeg", "x.PNG"]]
+    assert [os.path.relpath(p, tmp_path) for p in paths] == [
+        os.path.join("a", p) for p in ["b/y.jpg", "b/z.webp", "w.jpeg", "x.PNG"]
+    ]
     (tmp_path / "list.txt").write_text("a/w.jpeg\n\na/b/y.jpg\n")
     ds = CLIPImages(str(tmp_path / "list.txt"), teacher_size=32)
     assert ds.paths == [str(tmp_path / "a" / "w.jpeg"), str(tmp_path / "a" / "b" / "y.jpg")]
     for r in (32, 64):
         s = ds[(1, r, 0)]
         assert s["ok"] and s["student"].shape == (3, r, r) and s["teacher"].shape == (3, 32, 32)
-    assert torch.equal(ds[(0, 32, 5)]["student"], ds[(0, 32, 5)]["student"])   # seeded crop
+    assert torch.equal(ds[(0, 32, 5)]["student"], ds[(0, 32, 5)]["student"])  # seeded crop
     for bad in [str(tmp_path / "missing"), str(tmp_path / "a" / "b" / "y.jpg.lst")]:
         with pytest.raises(ValueError, match="missing|y.jpg.lst"):
             list_images(bad)
@@ -330,10 +399,15 @@ def test_corrupt_clip_image_keeps_batches_full(tmp_path):
     ds = CLIPImages(str(tmp_path), teacher_size=16)
     s = ds[(3, 32, 0)]
     assert not s["ok"] and s["path"].endswith("img3.jpg")
-    assert s["student"].shape == (3, 32, 32) and s["teacher"].shape == (3, 16, 16) and s["student"].abs().sum() == 0
-    sampler = VariableResolutionSampler(len(ds), base_batch_size=2, resolutions=(16, 32), drop_last=False)
+    assert (
+        s["student"].shape == (3, 32, 32)
+        and s["teacher"].shape == (3, 16, 16)
+        and s["student"].abs().sum() == 0
+    )
+    sampler = VariableResolutionSampler(len(ds), 2, resolutions=(16, 32), drop_last=False)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
-    seen, bad = 0, []
+    seen = 0
+    bad = []
     for batch in loader:
         r = batch["student"].shape[-1]
         assert batch["student"].shape[0] == sampler.batch_size(r) == batch["ok"].shape[0]
@@ -344,119 +418,69 @@ def test_corrupt_clip_image_keeps_batches_full(tmp_path):
     assert seen >= 6 and len(set(bad)) == 1 and bad[0].endswith("img3.jpg")
 
 
-# ----------------------------------------------------------------------------- samplers
-
-def test_pixels_per_batch_constant():
-    s = VariableResolutionSampler(10_000, base_batch_size=64, resolutions=(224, 320, 448))
-    assert s.base_resolution == 224 and s.batch_size(224) == 64 and s.batch_size(448) == 16
-    for r in (224, 320, 448):
-        exact = 64 * 224 ** 2 / r ** 2
-        assert abs(s.batch_size(r) - exact) <= 0.5                    # pixels per batch within rounding
-    assert VariableResolutionSampler(10, 3, resolutions=(224, 2048)).batch_size(2048) == 1
-
-
-def test_sampler_ranks_agree_and_never_share():
-    kw = dict(num_samples=1000, base_batch_size=8, resolutions=(224, 448), num_replicas=2, seed=7)
-    r0, r1 = VariableResolutionSampler(rank=0, **kw), VariableResolutionSampler(rank=1, **kw)
-    for epoch in (0, 1):
-        r0.set_epoch(epoch), r1.set_epoch(epoch)
-        b0, b1 = list(r0), list(r1)
-        plan = r0.plan(epoch)
-        assert len(b0) == len(b1) == len(r0) == len(plan) and {r for r, _ in plan} == {224, 448}
-        seen = []
-        for (res, n), x, y in zip(plan, b0, b1):
-            assert {t[1] for t in x} == {t[1] for t in y} == {res} and {t[2] for t in x + y} == {epoch}
-            assert len(x) == len(y) == r0.batch_size(res) and len(x) + len(y) == n
-            seen += [t[0] for t in x + y]
-        assert len(seen) == len(set(seen))                            # no sample twice, on any rank
-        assert 1000 - len(seen) < 8 * 2                               # only a tail short of a global batch dropped
-    # coverage: the two ranks' batches together are exactly the global batches of a one-rank run
-    # with twice the per-rank batch (same seed, so same resolutions and permutation)
-    one = VariableResolutionSampler(num_samples=1000, base_batch_size=16, resolutions=(224, 448), seed=7)
-    one.set_epoch(1)
-    assert [sorted(t[0] for t in x + y) for x, y in zip(b0, b1)] == [sorted(t[0] for t in z) for z in one]
-
-
-def test_sampler_determinism_and_resume():
-    kw = dict(num_samples=500, base_batch_size=4, resolutions=(224, 448), num_replicas=2, rank=1)
-    a, b = VariableResolutionSampler(seed=3, **kw), VariableResolutionSampler(seed=3, **kw)
-    assert list(a) == list(b)
-    a.set_epoch(1)
-    assert list(a) != list(b)                                         # epochs differ
-    assert list(VariableResolutionSampler(seed=4, **kw)) != list(b)   # seeds differ
-    full = list(a.batches(1))
-    a.set_epoch(1, start_step=5)
-    assert list(a) == full[5:] and len(a) == len(full) - 5
-    f = FixedBatchSampler(50, 4, num_replicas=2, rank=0, seed=1)
-    f.set_epoch(2)
-    full = list(f)
-    assert len(full) == len(f) == 50 // 8 and all(len(x) == 4 and x[0][1] == 2 for x in full)
-    f.set_epoch(2, start_step=4)
-    assert list(f) == full[4:] and len(f) == 2
-
-
-def test_fixed_sampler_ranks_and_no_drop_last():
-    kw = dict(num_samples=21, batch_size=3, num_replicas=2, seed=0, drop_last=False)
-    b0, b1 = list(FixedBatchSampler(rank=0, **kw)), list(FixedBatchSampler(rank=1, **kw))
-    assert len(b0) == len(b1) == 4 and all(len(x) == len(y) == 3 for x, y in zip(b0, b1))
-    idx = [i for x in b0 + b1 for i, _ in x]
-    assert set(idx) == set(range(21)) and len(idx) == 24              # the last batch wraps around
-    v = VariableResolutionSampler(100, 4, resolutions=(224, 448), num_replicas=3, rank=2, drop_last=False)
-    v0 = VariableResolutionSampler(100, 4, resolutions=(224, 448), num_replicas=3, rank=0, drop_last=False)
-    assert {i for x in list(v) + list(v0) for i, _, _ in x} <= set(range(100))
-    assert [len(x) for x in v] == [len(x) for x in v0]
-
-
 def test_sa1b_low_res_gt_masks_in_the_padded_frame(sa1b_root):
-    # 200 x 100 image -> 160 x 80 in the 160 px frame (x 0.8); SAM's low-res grid is 40 x 40, 4 px a cell.
-    # Cell (r, c) is the original pixel under its centre ((c + 0.5) * 4, (r + 0.5) * 4) / 0.8, i.e.
-    # (5c + 2, 5r + 2); rows 20..39 lie in the padding (centres >= 80).
+    # 200 x 100 image -> 160 x 80 in the 160 px frame (x 0.8); SAM's low-res grid is 40 x 40, 4 px
+    # a cell. Cell (r, c) is the original pixel under its centre ((c + 0.5) * 4, (r + 0.5) * 4)
+    # / 0.8, i.e. (5c + 2, 5r + 2); rows 20..39 lie in the padding (centres >= 80).
     ds = SA1B(sa1b_root, img_size=160, point_prob=0.0, box_jitter=0.0, masks_per_image=4)
-    s = ds[(1, 0)]                                                     # sa_1.jpg
+    s = ds[(1, 0)]  # sa_1.jpg
     assert s["gt_masks"].shape == (4, 40, 40) and s["gt_masks"].dtype == torch.bool
     expected = [torch.zeros(40, 40, dtype=torch.bool) for _ in range(3)]
-    expected[0][2:10, 4:12] = True     # rows 10..49 -> r with 5r+2 in [10, 50): 2..9; cols 20..59 -> c 4..11
-    expected[1][12:19, 2:30] = True    # rows 60..94 -> r 12..18; cols 10..149 -> c 2..29
+    # rows 10..49 -> r with 5r+2 in [10, 50): 2..9; cols 20..59 -> c 4..11
+    expected[0][2:10, 4:12] = True
+    # rows 60..94 -> r 12..18; cols 10..149 -> c 2..29
+    expected[1][12:19, 2:30] = True
     disc = _sa1b_masks()[2]
     expected[2][:20] = torch.from_numpy(disc[np.ix_(5 * np.arange(20) + 2, 5 * np.arange(40) + 2)])
     # which mask each prompt came from: its (unjittered) box, scaled back by 1 / 0.8
-    boxes = [tuple(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float))
-             for xs, ys in ((np.nonzero(m)[1], np.nonzero(m)[0]) for m in _sa1b_masks())]
+    boxes = [
+        tuple(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float))
+        for xs, ys in ((np.nonzero(m)[1], np.nonzero(m)[0]) for m in _sa1b_masks())
+    ]
     for k in range(3):
         owner = boxes.index(tuple((s["boxes"][k].numpy() / 0.8).round(4)))
         assert torch.equal(s["gt_masks"][k], expected[owner]), owner
-    assert not s["gt_masks"][3].any() and not s["gt_masks"][:, 20:].any()   # padding row, padding of the frame
+    assert not s["gt_masks"][3].any()  # a padding row
+    assert not s["gt_masks"][:, 20:].any()  # the padding of the frame
     # the draws that place follow-up points: uniform, fixed by (seed, epoch, index)
-    again, other = ds[(1, 0)], ds[(1, 1)]
-    assert s["error_draws"].shape == (4, 8) and 0 <= s["error_draws"].min() and s["error_draws"].max() < 1
-    assert torch.equal(s["error_draws"], again["error_draws"])
-    assert not torch.equal(s["error_draws"], other["error_draws"])
+    again = ds[(1, 0)]
+    other = ds[(1, 1)]
+    draws = s["error_draws"]
+    assert draws.shape == (4, 8) and 0 <= draws.min() and draws.max() < 1
+    assert torch.equal(draws, again["error_draws"])
+    assert not torch.equal(draws, other["error_draws"])
     b = collate_sam([ds[(0, 0)], s])
     assert b["gt_masks"].shape == (2, 4, 40, 40) and torch.equal(b["gt_masks"][1], s["gt_masks"])
     assert b["error_draws"].shape == (2, 4, 8)
 
 
 def test_native_resolution_student_sees_sam_padding_teacher_a_square(tmp_path):
-    from data import normalize_clip, normalize_sam, to_tensor
     rng = np.random.default_rng(0)
-    # 40 x 20 and 20 x 40 with scale (1, 1): a crop of the whole area with aspect in 3/4..4/3 never fits
-    # (its short side would be >= 24), so the crop is the fallback centre crop of aspect 4/3 (3/4):
-    # 27 x 20 at x = (40 - 27) // 2 = 6, and 20 x 27 at y = 6. At the native 40 px its long side 27
-    # becomes 40 and its short side 20 * 40 / 27 = 29.6 -> 30, then zero padding to 40 x 40.
-    cases = {"tall.png": ((20, 40), (0, 6, 20, 33), (40, 30)), "wide.png": ((40, 20), (6, 0, 33, 20), (30, 40))}
+    # 40 x 20 and 20 x 40 with scale (1, 1): a crop of the whole area with aspect in 3/4..4/3 never
+    # fits (its short side would be >= 24), so the crop is the fallback centre crop of aspect 4/3
+    # (3/4): 27 x 20 at x = (40 - 27) // 2 = 6, and 20 x 27 at y = 6. At the native 40 px its long
+    # side 27 becomes 40 and its short side 20 * 40 / 27 = 29.6 -> 30, then zero padding to 40 x 40.
+    cases = {  # name: (image w, h), crop box, (h', w') of the resized crop
+        "tall.png": ((20, 40), (0, 6, 20, 33), (40, 30)),
+        "wide.png": ((40, 20), (6, 0, 33, 20), (30, 40)),
+    }
     for name, ((w, h), _, _) in cases.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
     ds = CLIPImages(str(tmp_path), teacher_size=16, scale=(1.0, 1.0), native_size=40)
     for i, path in enumerate(ds.paths):
-        img, (_, box, (h2, w2)) = Image.open(path).convert("RGB"), cases[os.path.basename(path)]
+        img = Image.open(path).convert("RGB")
+        _, box, (h2, w2) = cases[os.path.basename(path)]
         item = ds[(i, 40, 0)]
-        s = item["student"]                                             # (3, 40, 40)
-        assert (s[:, h2:] == 0).all() and (s[:, :, w2:] == 0).all()     # zero padding bottom-right, normalised space
-        assert (s[:, :h2, :w2] != 0).all()    # content: integer pixels never equal SAM's fractional means
-        crop = img.crop(box)
-        assert torch.allclose(s[:, :h2, :w2], normalize_sam(to_tensor(crop.resize((w2, h2), Image.BILINEAR))))
+        s = item["student"]  # (3, 40, 40)
+        # zero padding bottom-right, in the normalised space
+        assert (s[:, h2:] == 0).all() and (s[:, :, w2:] == 0).all()
+        # content: integer pixels never equal SAM's fractional means
+        assert (s[:, :h2, :w2] != 0).all()
+        resized = img.crop(box).resize((w2, h2), Image.BILINEAR)
+        assert torch.allclose(s[:, :h2, :w2], data.normalize_sam(data.to_tensor(resized)))
         # the teacher keeps its square view of the same crop
-        assert torch.allclose(item["teacher"], normalize_clip(to_tensor(img.resize((16, 16), Image.BICUBIC, box=box))))
+        square = img.resize((16, 16), Image.BICUBIC, box=box)
+        assert torch.allclose(item["teacher"], data.normalize_clip(data.to_tensor(square)))
         # below the native side the crop is squashed to a square, no padding
-        squashed = normalize_sam(to_tensor(img.resize((20, 20), Image.BICUBIC, box=box)))
+        squashed = data.normalize_sam(data.to_tensor(img.resize((20, 20), Image.BICUBIC, box=box)))
         assert torch.allclose(ds[(i, 20, 0)]["student"], squashed)

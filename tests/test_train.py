@@ -16,6 +16,7 @@ import torch
 import data
 import heads
 import losses
+import sampling
 import train
 from conftest import ROOT
 from toy import layouts
@@ -298,16 +299,16 @@ def test_sam_folder_smaller_than_a_batch_trains_with_what_there_is(tmp_path, tin
         run(["--stage", "distill", "--out", out, "--clip-data", tiny_data[0], "--sam-data", one, "--max-steps", "1"])
     assert "holds 1 images, fewer than one D_SAM batch of 2" in capsys.readouterr().out
     assert [m["step"] for m in metrics(out)] == [1] and native == [160]   # tiny encoder: 160 px native
-    assert not data.FixedBatchSampler(1, 2).drop_last            # D_SAM's sampler wraps rather than plan nothing
-    sampler = data.VariableResolutionSampler(1, 2, (1,))         # 1 image, batch 2, drop_last: no batch in any epoch
+    assert not sampling.FixedBatchSampler(1, 2).drop_last            # D_SAM's sampler wraps rather than plan nothing
+    sampler = sampling.VariableResolutionSampler(1, 2, (1,))         # 1 image, batch 2, drop_last: no batch in any epoch
     with deadline(10), pytest.raises(ValueError, match="holds no batch"):
-        next(data.stream([], sampler, 0))
+        next(sampling.stream([], sampler, 0))
     with deadline(10), pytest.raises(ValueError, match="holds no batch"):
-        data.locate(sampler, 3)
+        sampling.locate(sampler, 3)
     # 1 sample, sizes 2 (resolution 1) or 1 (resolution 2): an epoch has a batch only when its first draw is 2
-    mixed = data.VariableResolutionSampler(1, 2, (1, 2), seed=6)
+    mixed = sampling.VariableResolutionSampler(1, 2, (1, 2), seed=6)
     assert [len(mixed.plan(e)) for e in (0, 1)] == [1, 0]
-    endless = data.stream(mixed, mixed, 0)                      # the sampler is its own loader here
+    endless = sampling.stream(mixed, mixed, 0)                      # the sampler is its own loader here
     assert next(endless)[0] == 0
     with deadline(10), pytest.raises(ValueError, match="epoch 1 of an endless batch stream holds no batch"):
         next(endless)
@@ -336,74 +337,6 @@ def test_epoch_without_one_readable_image_stops_saved(tmp_path, tiny_data, monke
              "--resolutions", "48", "--epochs", "3"])                # one step per epoch
     ckpt = torch.load(os.path.join(out, "ckpt_probe.pt"), weights_only=True)
     assert ckpt["step"] == 1 and not ckpt["done"] and not os.path.exists(os.path.join(out, "samclip.pt"))
-
-
-class FakeTeacher:
-    """Embeds image i (all pixels (i + 1) / 4, see _teacher_images) as a row of (i + 1) / 4 + 1,
-    exact in float16, and records which images it was asked for."""
-
-    def __init__(self):
-        self.asked = []
-
-    def __call__(self, images):
-        self.asked.append(sorted(int(v * 4 - 1) for v in images[:, 0, 0, 0]))
-        return images.flatten(1)[:, :4] + 1.0                                        # (B, 4)
-
-
-def _teacher_images(index):
-    return ((index.float() + 1) / 4)[:, None, None, None].expand(-1, 3, 2, 2)          # (B, 3, 2, 2)
-
-
-def test_teacher_cache_recomputes_zero_and_nan_rows(tmp_path):
-    folder, meta, teacher = str(tmp_path), {"data": "x"}, FakeTeacher()
-    idx, ok = torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool)
-    expected = (idx.float()[:, None] + 1) / 4 + 1.0 + torch.zeros(3, 4)
-    cache = data.TeacherCache(folder, 6, 4, meta, rank=0)
-    assert torch.equal(cache(idx, ok, _teacher_images(idx), teacher), expected) and teacher.asked == [[0, 1, 2]]
-    rows = np.memmap(os.path.join(folder, "rank0.rows"), np.float16, "r+").reshape(-1, 4)
-    rows[1], rows[2] = 0.0, np.nan              # the flags (index entries) of images 1 and 2 survive, their rows not
-    rows.flush()
-    del rows
-    assert torch.equal(cache(idx, ok, _teacher_images(idx), teacher), expected)
-    assert teacher.asked == [[0, 1, 2], [1, 2]]                                      # only the bad rows again
-    for rank in (0, 1):           # a restart, and rank 1 of another world size: the new rows win, nothing recomputed
-        again = data.TeacherCache(folder, 6, 4, meta, rank=rank)
-        assert torch.equal(again(idx, ok, _teacher_images(idx), teacher), expected)
-    assert teacher.asked == [[0, 1, 2], [1, 2]]
-
-
-def test_teacher_cache_row_is_on_disk_before_its_flag(tmp_path, monkeypatch):
-    folder, meta, teacher = str(tmp_path), {"data": "x"}, FakeTeacher()
-    rows_path = os.path.join(folder, "rank0.rows")
-    cache = data.TeacherCache(folder, 6, 4, meta, rank=0)
-    events, real_fsync, real_append = [], os.fsync, data.append_durable
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_flag(path, payload):
-        events.append(("append", os.path.basename(path)))
-        if path.endswith(".index"):                  # die just before the flags are written
-            raise Crash
-        real_append(path, payload)
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or real_fsync(fd))
-    monkeypatch.setattr(data, "append_durable", crash_at_flag)
-    idx01, ok = torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool)
-    with pytest.raises(Crash):
-        cache(idx01, ok, _teacher_images(idx01), teacher)
-    # the rows were written and synced before the flag write began
-    assert events == [("append", "rank0.rows"), ("fsync", os.stat(rows_path).st_ino), ("append", "rank0.index")]
-    assert os.path.getsize(rows_path) == 2 * 4 * 2                                   # 2 float16 rows of 4, unflagged
-    monkeypatch.setattr(data, "append_durable", real_append)
-    restart = data.TeacherCache(folder, 6, 4, meta, rank=0)     # cuts the unflagged rows off, so new rows line up
-    assert os.path.getsize(rows_path) == 0
-    idx23 = torch.tensor([2, 3])
-    restart(idx23, ok, _teacher_images(idx23), teacher)
-    later = data.TeacherCache(folder, 6, 4, meta, rank=0)
-    assert torch.equal(later(idx23, ok, _teacher_images(idx23), teacher), (idx23.float()[:, None] + 1) / 4 + 1.0
-                       + torch.zeros(2, 4))
-    later(idx01, ok, _teacher_images(idx01), teacher)             # images 0 and 1 were never flagged: computed
-    assert teacher.asked == [[0, 1], [2, 3], [0, 1]]
 
 
 SLOW_SAVE = """
