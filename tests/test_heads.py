@@ -87,6 +87,33 @@ def test_full_size_head_layout():
     assert ours == {k: tuple(v.shape) for k, v in official.items()}
 
 
+def head_clip_reference(head, block, tokens):
+    """HeadCLIP written out independently, in plain tensor ops on its parameter tensors: `block` (the
+    encoder block every head block copies, App. A) once per head block, the maximum over the
+    patches, the layer-norm formula, and the MLP as matmuls with erf GELU.
+    tokens (B, H, W, C) -> pooled (B, D), dense (B, H, W, D)."""
+    x = tokens
+    for _ in range(head.cfg.depth):
+        x = block(x)
+    pooled = x.reshape(x.shape[0], -1, x.shape[-1]).max(dim=1).values   # (B, H*W, C) -> (B, C)
+    return _norm_mlp_reference(head, pooled), _norm_mlp_reference(head, x)
+
+
+def _norm_mlp_reference(head, x):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    x = (x - mean) / torch.sqrt(var + head.norm.eps) * head.norm.weight + head.norm.bias
+    w1, w2, w3 = head.mlp[0].weight, head.mlp[2].weight, head.mlp[4].weight
+    b1, b2, b3 = head.mlp[0].bias, head.mlp[2].bias, head.mlp[4].bias
+    x = _erf_gelu(x @ w1.T + b1)
+    x = _erf_gelu(x @ w2.T + b2)
+    return x @ w3.T + b3
+
+
+def _erf_gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / 2 ** 0.5))
+
+
 def test_head_clip_pooling_and_dense_features(sam_fixture):
     torch.manual_seed(0)
     enc = vit_det.load_sam_encoder(sam_fixture["state_dict"], verbose=False)
@@ -95,16 +122,15 @@ def test_head_clip_pooling_and_dense_features(sam_fixture):
     hc.init_from_block(enc.blocks[-1])
     assert all(torch.equal(a, b) for a, b in zip(hc.blocks[2].state_dict().values(),
                                                  enc.blocks[-1].state_dict().values()))
+    for p in [*hc.norm.parameters(), *hc.mlp.parameters()]:  # not ones and zeros: all are used
+        torch.nn.init.normal_(p, std=0.3)
     tokens = torch.randn(2, 7, 7, 64)                       # a 112 px image's grid
     with torch.no_grad():
         pooled, dense = hc(tokens)
-        x = tokens
-        for blk in [enc.blocks[-1]] * 3:                    # the copies equal SAM's last block
-            x = blk(x)
-        ref_pooled = hc.mlp(hc.norm(x.reshape(2, 49, 64).max(dim=1).values))
-        ref_dense = hc.mlp(hc.norm(x))
+        ref_pooled, ref_dense = head_clip_reference(hc, enc.blocks[-1], tokens)
     assert pooled.shape == (2, 24) and dense.shape == (2, 7, 7, 24)
-    assert torch.allclose(pooled, ref_pooled, atol=1e-5) and torch.allclose(dense, ref_dense, atol=1e-5)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense, ref_dense, rtol=1e-5, atol=1e-5)
 
 
 def test_head_clip_adds_about_a_quarter_of_vit_b():

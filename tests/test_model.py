@@ -12,6 +12,7 @@ import model as samclip_model
 import vit_det
 import weights
 from conftest import FIXTURES
+from test_heads import head_clip_reference
 
 SAM, CLIP = os.path.join(FIXTURES, "sam_tiny.pt"), os.path.join(FIXTURES, "clip_tiny.pt")
 
@@ -43,16 +44,31 @@ def test_from_teachers_takes_each_part_from_its_teacher(merged, sam_fixture, cli
 
 
 def test_one_forward_serves_both_heads(merged, sam_fixture):
+    """SAMCLIP.forward runs the encoder once for both heads (Sec. 4.4), and each output matches a
+    reference that is not computed by the merged model: the official encoder's image embeddings
+    (fixture), the teacher's HeadSAM (loaded from the SAM file) on those official embeddings, and
+    HeadCLIP written out in plain ops (test_heads.head_clip_reference) on the teacher's tokens."""
     x = sam_fixture["inputs"]["image"]
     boxes = torch.tensor([[10.0, 20.0, 90.0, 120.0], [0.0, 0.0, 60.0, 60.0]])
+    encoder_calls = []
+    hook = merged.encoder.patch_embed.register_forward_hook(lambda *_: encoder_calls.append(1))
     with torch.no_grad():
         out = merged(x, boxes=boxes)
-        emb = merged.encoder(x)
-        masks, iou = merged.head_sam(emb, boxes=boxes, multimask_output=False)
-        pooled, dense = merged.clip_features(x)
-    assert torch.allclose(out["image_embeddings"], sam_fixture["outputs"]["image_embeddings"], atol=1e-4, rtol=1e-4)
-    assert torch.allclose(out["masks"], masks) and torch.allclose(out["iou"], iou)
-    assert torch.allclose(out["clip_pooled"], pooled) and torch.allclose(out["clip_dense"], dense)
+    hook.remove()
+    assert len(encoder_calls) == 1
+    official = sam_fixture["outputs"]["image_embeddings"]                  # (2, 32, 10, 10)
+    teacher_encoder = vit_det.load_sam_encoder(SAM, verbose=False)
+    teacher_head = heads.load_sam_head(SAM, verbose=False)
+    with torch.no_grad():
+        masks, iou = teacher_head(official, boxes=boxes, multimask_output=False)
+        tokens = teacher_encoder.forward_tokens(x)                          # (2, 10, 10, 64)
+        pooled, dense = head_clip_reference(merged.head_clip, teacher_encoder.blocks[-1], tokens)
+    torch.testing.assert_close(out["image_embeddings"], official, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["masks"], masks, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["iou"], iou, atol=1e-4, rtol=1e-4)
+    # the fresh HeadCLIP's outputs are small (std 0.02 MLP): a tolerance relative to their size
+    torch.testing.assert_close(out["clip_pooled"], pooled, atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(out["clip_dense"], dense, atol=1e-7, rtol=1e-4)
     assert out["clip_pooled"].shape == (2, 32) and out["clip_dense"].shape == (2, 10, 10, 32)
     with torch.no_grad():
         low = merged.clip_features(torch.randn(1, 3, 64, 64))  # the CLIP side at a lower resolution
