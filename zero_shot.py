@@ -1,4 +1,5 @@
-"""Zero-shot use of SAM-CLIP: text -> class embeddings -> dense logits -> masks (Sec. 4.2, 4.4, App. C).
+"""Zero-shot use of SAM-CLIP: text -> class embeddings -> dense logits -> masks (Sec. 4.2, 4.4,
+App. C).
 
 Everything the demo (segment_demo.py) and the evaluation (evaluate.py) share to turn class names
 into per-pixel scores, in the order a prompt travels:
@@ -33,7 +34,8 @@ import vit_det
 
 # CLIP's 80 ImageNet prompt templates (Radford et al. 2021, Sec. 3.1.4; OpenAI's notebook
 # "Prompt_Engineering_for_ImageNet.ipynb"), in the notebook's order. SAM-CLIP uses them for
-# zero-shot classification and segmentation (Sec. 4.2).
+# zero-shot classification and segmentation (Sec. 4.2). Three a line, as a table.
+# fmt: off
 OPENAI_IMAGENET_TEMPLATES = (
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
     "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
@@ -63,18 +65,20 @@ OPENAI_IMAGENET_TEMPLATES = (
     "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
     "a photo of a small {}.", "a tattoo of the {}.",
 )
+# fmt: on
 
-BACKGROUND = "background"   # the implicit extra class of segment_by_text (see there)
-CLIP_SEMSEG_SIDE = 448      # Sec. 4.2: zero-shot semantic segmentation runs at 448 x 448
-MASK_PROMPT_EPS = 1e-4      # log-odds of the mask prompt are clipped at logit(1 - eps) = 9.2
+BACKGROUND = "background"  # the implicit extra class of segment_by_text (see there)
+CLIP_SEMSEG_SIDE = 448  # Sec. 4.2: zero-shot semantic segmentation runs at 448 x 448
+MASK_PROMPT_EPS = 1e-4  # log-odds of the mask prompt are clipped at logit(1 - eps) = 9.2
 
 
 def _short(text, n=60):
-    return text if len(text) <= n else text[:n - 3] + "..."
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def check_class_names(class_names, templates=OPENAI_IMAGENET_TEMPLATES, context_length=77,
-                      what="class name", first=0):
+def check_class_names(
+    class_names, templates=OPENAI_IMAGENET_TEMPLATES, context_length=77, what="class name", first=0
+):
     """Raise ValueError (one line) for an empty or whitespace-only name, or for a name that makes
     some template longer than CLIP's context. The length is measured on the untruncated tokens:
     `clip.tokenize` silently cuts a long text to its first 75 tokens, which would embed a
@@ -87,11 +91,13 @@ def check_class_names(class_names, templates=OPENAI_IMAGENET_TEMPLATES, context_
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{what} {i} is empty ({name!r})")
         for template in templates:
-            n = len(tok.encode(template.format(name))) + 2      # + start and end tokens
+            n = len(tok.encode(template.format(name))) + 2  # + start and end tokens
             if n > context_length:
-                raise ValueError(f"{what} {i} ({_short(name)!r}) is too long: the prompt "
-                                 f"{_short(template.format(name))!r} has {n} tokens, CLIP's text "
-                                 f"tower reads at most {context_length} (start and end included)")
+                raise ValueError(
+                    f"{what} {i} ({_short(name)!r}) is too long: the prompt "
+                    f"{_short(template.format(name))!r} has {n} tokens, CLIP's text tower reads "
+                    f"at most {context_length} (start and end included)"
+                )
 
 
 @torch.no_grad()
@@ -103,15 +109,21 @@ def class_embeddings(model, class_names, templates=OPENAI_IMAGENET_TEMPLATES, ba
     through the text tower in batches of up to `batch_size` texts of one token length
     (clip.encode_text_by_length): the demo's few classes take one pass per length.
     """
-    names, templates = list(class_names), list(templates)
+    names = list(class_names)
+    templates = list(templates)
     ctx = (model.cfg.clip if hasattr(model, "cfg") else model.config).context_length
     check_class_names(names, templates, ctx)
-    prompts = [t.format(name) for name in names for t in templates]            # K*T texts
-    tokens = clip.tokenize(prompts, ctx)                                        # (K*T, L)
+    prompts = [t.format(name) for name in names for t in templates]  # K*T texts
+    tokens = clip.tokenize(prompts, ctx)  # (K*T, L)
     device = model.logit_scale.device
-    feats = clip.encode_text_by_length(lambda t: model.encode_text(t.to(device)), tokens, batch_size)  # (K*T, D)
-    emb = F.normalize(feats.float(), dim=-1).reshape(len(names), len(templates), -1)  # (K*T, D) -> (K, T, D)
-    return F.normalize(emb.mean(dim=1), dim=-1)                                 # (K, D)
+
+    def encode(batch):  # (n, L) tokens of one length -> (n, D)
+        return model.encode_text(batch.to(device))
+
+    feats = clip.encode_text_by_length(encode, tokens, batch_size)  # (K*T, D)
+    emb = F.normalize(feats.float(), dim=-1)
+    emb = emb.reshape(len(names), len(templates), -1)  # (K*T, D) -> (K, T, D)
+    return F.normalize(emb.mean(dim=1), dim=-1)  # (K, D)
 
 
 def _cosine_logits(model, dense, class_emb):
@@ -151,29 +163,39 @@ def draw_points(prob, threshold, max_points, generator=None, patch_size=16, vali
     A cell (r, c) becomes the pixel (x, y) = ((c + 0.5) * patch_size, (r + 0.5) * patch_size),
     its centre in the encoder's input frame; SAM takes points as (x, y).
     Returns coords (max_points, 2) float and labels (max_points,) long: 1 for the n drawn points,
-    -1 (SAM's "not a point") for the padding that lets all classes share one batched decoder call."""
+    -1 (SAM's "not a point") for the padding that lets all classes share one batched decoder
+    call."""
     prob = prob.detach().float().cpu()
     if valid is not None:
-        prob = prob.masked_fill(~valid.cpu(), float("-inf"))               # padding cells never pass
-    floor = max(threshold, 0.0)                  # a cell of confidence 0 has no weight to be drawn
-    cells = (prob > floor).nonzero()                                       # (C, 2) rows of (r, c)
+        prob = prob.masked_fill(~valid.cpu(), float("-inf"))  # padding cells never pass
+    floor = max(threshold, 0.0)  # a cell of confidence 0 has no weight to be drawn
+    cells = (prob > floor).nonzero()  # (C, 2) rows of (r, c)
     if len(cells) == 0:
-        pick = (prob == prob.max()).nonzero()[:1]                          # argmax cell, (1, 2)
+        pick = (prob == prob.max()).nonzero()[:1]  # argmax cell, (1, 2)
     else:
         n = 1 + int(torch.randint(min(max_points, len(cells)), (1,), generator=generator))
-        confidence = prob[cells[:, 0], cells[:, 1]]                        # (C,) sampling weights
-        drawn = torch.multinomial(confidence, n, replacement=False, generator=generator)  # (n,)
-        pick = cells[drawn]                                                # (n, 2) as (r, c)
+        confidence = prob[cells[:, 0], cells[:, 1]]  # (C,) sampling weights
+        drawn = torch.multinomial(confidence, n, replacement=False, generator=generator)
+        pick = cells[drawn]  # (n, 2) as (r, c)
     n = len(pick)
     coords = torch.zeros(max_points, 2)
-    coords[:n] = (pick.flip(1).float() + 0.5) * patch_size                 # (r, c) -> (x, y) pixels
+    coords[:n] = (pick.flip(1).float() + 0.5) * patch_size  # (r, c) -> (x, y) pixels
     labels = torch.full((max_points,), -1, dtype=torch.long)
     labels[:n] = 1
     return coords, labels
 
 
-def refine_with_sam(model, image_1024, class_emb, classes=None, threshold=0.5, max_points=3, generator=None, *,
-                    input_size):
+def refine_with_sam(
+    model,
+    image_1024,
+    class_emb,
+    classes=None,
+    threshold=0.5,
+    max_points=3,
+    generator=None,
+    *,
+    input_size,
+):
     """Both heads from one forward (Sec. 4.4, App. C, Table 5).
 
     image_1024 (1, 3, S, S): SAM-preprocessed at the encoder's native side S (1024 for vit_b);
@@ -204,32 +226,46 @@ def refine_with_sam(model, image_1024, class_emb, classes=None, threshold=0.5, m
         inside input_size, and the mask prompt is "surely not" (-9.2) on the padded rows and
         columns of its 4h x 4w grid. HeadCLIP's logits there describe black padding, which can
         win a class's softmax (every VOC image is non-square)."""
-    S, p = model.cfg.encoder.img_size, model.cfg.encoder.patch_size
+    S = model.cfg.encoder.img_size
+    p = model.cfg.encoder.patch_size
     if image_1024.ndim != 4 or image_1024.shape[0] != 1 or tuple(image_1024.shape[2:]) != (S, S):
-        raise ValueError(f"refine_with_sam takes one image at the encoder's native size (1, 3, {S}, {S}), "
-                         f"got {list(image_1024.shape)}")
+        raise ValueError(
+            f"refine_with_sam takes one image at the encoder's native size (1, 3, {S}, {S}), "
+            f"got {list(image_1024.shape)}"
+        )
     in_h, in_w = (int(v) for v in input_size)
     if not (0 < in_h <= S and 0 < in_w <= S):
-        raise ValueError(f"refine_with_sam: input_size {tuple(input_size)} must lie inside the {S} x {S} frame")
-    emb, tokens = model.encoder.forward_features(image_1024)              # (1, C', h, w), (1, h, w, C)
+        raise ValueError(
+            f"refine_with_sam: input_size {tuple(input_size)} must lie inside the {S} x {S} frame"
+        )
+    emb, tokens = model.encoder.forward_features(image_1024)  # (1, C', h, w), (1, h, w, C)
     # the encoder's grid, 64 x 64 at 1024 px, not the paper's 32 x 32: see "Choices" above
-    coarse = _cosine_logits(model, model.head_clip(tokens)[1], class_emb)[0]  # (1, K, h, w) -> (K, h, w)
+    coarse = _cosine_logits(model, model.head_clip(tokens)[1], class_emb)  # (1, K, h, w)
+    coarse = coarse[0]  # (1, K, h, w) -> (K, h, w)
     classes = list(range(coarse.shape[0])) if classes is None else [int(k) for k in classes]
-    prob = coarse.softmax(dim=0)[classes]                                 # (K', h, w)
+    prob = coarse.softmax(dim=0)[classes]  # (K', h, w)
     h, w = coarse.shape[1:]
-    centre = (torch.arange(max(h, w)) + 0.5) * p                          # cell centres in input pixels
-    valid = (centre[:h, None] < in_h) & (centre[None, :w] < in_w)         # (h, w): the image's cells
-    pts = [draw_points(prob[i], threshold, max_points, generator, p, valid) for i in range(len(classes))]
-    coords = torch.stack([c for c, _ in pts]).to(emb.device)              # (K', P, 2)
-    labels = torch.stack([l for _, l in pts]).to(emb.device)              # (K', P)
-    mask_prompt = torch.logit(prob, eps=MASK_PROMPT_EPS)[:, None]         # (K', h, w) -> (K', 1, h, w)
+    centre = (torch.arange(max(h, w)) + 0.5) * p  # cell centres in input pixels
+    valid = (centre[:h, None] < in_h) & (centre[None, :w] < in_w)  # (h, w): the image's cells
+    coords = []
+    labels = []
+    for i in range(len(classes)):
+        class_coords, class_labels = draw_points(
+            prob[i], threshold, max_points, generator, p, valid
+        )
+        coords.append(class_coords)
+        labels.append(class_labels)
+    coords = torch.stack(coords).to(emb.device)  # (K', P, 2)
+    labels = torch.stack(labels).to(emb.device)  # (K', P)
+    mask_prompt = torch.logit(prob, eps=MASK_PROMPT_EPS)[:, None]  # (K', h, w) -> (K', 1, h, w)
     mask_prompt = F.interpolate(mask_prompt, (4 * h, 4 * w), mode="bilinear", align_corners=False)
-    floor = math.log(MASK_PROMPT_EPS / (1 - MASK_PROMPT_EPS))             # -9.2: "surely not"
-    mask_prompt[..., math.ceil(in_h * 4 * h / S):, :] = floor             # padded rows of the 4h x 4w grid
-    mask_prompt[..., :, math.ceil(in_w * 4 * w / S):] = floor             # padded columns
-    masks, _ = model.head_sam(emb, points=(coords, labels), masks=mask_prompt.to(emb.dtype),
-                              multimask_output=False)                     # (K', 1, 4h, 4w)
-    return masks[:, 0], coarse                                            # (K', 4h, 4w), (K, h, w)
+    floor = math.log(MASK_PROMPT_EPS / (1 - MASK_PROMPT_EPS))  # -9.2: "surely not"
+    mask_prompt[..., math.ceil(in_h * 4 * h / S) :, :] = floor  # padded rows of the 4h x 4w grid
+    mask_prompt[..., :, math.ceil(in_w * 4 * w / S) :] = floor  # padded columns
+    masks, _ = model.head_sam(
+        emb, points=(coords, labels), masks=mask_prompt.to(emb.dtype), multimask_output=False
+    )  # (K', 1, 4h, 4w)
+    return masks[:, 0], coarse  # (K', 4h, 4w), (K, h, w)
 
 
 @torch.no_grad()
@@ -243,9 +279,9 @@ def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=No
 
     Background rule: an implicit class "background" (its 80 template prompts) joins the softmax
     unless a prompt is already "background", and so does every name of the model's closed
-    vocabulary (model.cfg.vocabulary, the toy world's classes) that is not a prompt. With one prompt
-    a softmax over it alone would be 1 everywhere, and with two a winner always has >= 0.5, so
-    without them no pixel could be left out. A pixel is labelled with its most probable prompt if
+    vocabulary (model.cfg.vocabulary, the toy world's classes) that is not a prompt. With one
+    prompt a softmax over it alone would be 1 everywhere, and with two a winner always has >= 0.5,
+    so without them no pixel could be left out. A pixel is labelled with its most probable prompt if
     that probability is >= 0.5 (in sam mode: inside that class's SAM mask), else -1 (background).
     Background classes get no SAM decode and no output row.
 
@@ -254,39 +290,57 @@ def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=No
     prompts = list(prompts)
     if mode not in ("sam", "clip"):
         raise ValueError(f"mode must be 'sam' or 'clip', got {mode!r}")
-    check_class_names(prompts, context_length=model.cfg.clip.context_length, what="prompt", first=1)
-    K, (W, H) = len(prompts), img.size
+    context_length = model.cfg.clip.context_length
+    check_class_names(prompts, context_length=context_length, what="prompt", first=1)
+    K = len(prompts)
+    W, H = img.size
     asked = {q.strip().lower() for q in prompts}
     others = [w for w in (BACKGROUND, *model.cfg.vocabulary) if w.lower() not in asked]
-    class_emb = class_embeddings(model, prompts + others)                        # (K + background classes, D)
+    class_emb = class_embeddings(model, prompts + others)  # (K + background classes, D)
     device = model.logit_scale.device
     if mode == "clip":
-        x = data.square_resize(img, clip_mode_side(model))[None].to(device)      # (1, 3, s, s)
-        logits = dense_logits(model, x, class_emb)                               # (1, K+B, h, w)
-        logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)  # (1, K+B, H, W)
-        probs = logits[0].softmax(dim=0)[:K]                                     # (K, H, W)
+        x = data.square_resize(img, clip_mode_side(model))[None].to(device)  # (1, 3, s, s)
+        logits = dense_logits(model, x, class_emb)  # (1, K+B, h, w)
+        logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)
+        probs = logits[0].softmax(dim=0)[:K]  # (1, K+B, H, W) -> (K, H, W)
     else:
         S = model.cfg.encoder.img_size
-        x, input_size = data.sam_preprocess(img, S)                              # (3, S, S), (h', w')
-        masks, _ = refine_with_sam(model, x[None].to(device), class_emb, classes=range(K), threshold=threshold,
-                                   generator=generator, input_size=input_size)   # (K, 4h, 4w)
+        x, input_size = data.sam_preprocess(img, S)  # (3, S, S), (h', w')
+        masks, _ = refine_with_sam(
+            model,
+            x[None].to(device),
+            class_emb,
+            classes=range(K),
+            threshold=threshold,
+            generator=generator,
+            input_size=input_size,
+        )  # (K, 4h, 4w)
         masks = heads.postprocess_masks(masks[None], input_size, (H, W), img_size=S)  # (1, K, H, W)
-        probs = masks[0].sigmoid()                                               # (K, H, W)
-    best, labels = probs.max(dim=0)                                              # (H, W), (H, W)
+        probs = masks[0].sigmoid()  # (K, H, W)
+    best, labels = probs.max(dim=0)  # (H, W), (H, W)
     labels[best < 0.5] = -1
-    confidence = torch.stack([probs[k][labels == k].mean() if (labels == k).any() else probs.new_zeros(())
-                              for k in range(K)])                                # (K,)
-    return {"probs": probs.float().cpu(), "labels": labels.cpu(), "confidence": confidence.float().cpu()}
+    confidence = probs.new_zeros(K)  # (K,)
+    for k in range(K):
+        if (labels == k).any():
+            confidence[k] = probs[k][labels == k].mean()
+    return {
+        "probs": probs.float().cpu(),
+        "labels": labels.cpu(),
+        "confidence": confidence.float().cpu(),
+    }
 
 
 # ----------------------------------------------------------------------------- pictures
 
 # One colour per label for every picture the repository draws (the demo's overlay, evaluate.py's
-# --visualize panels, the toy world's figures): matplotlib's tab10 first, then fixed random colours;
-# 255, the "ignore" label of segmentation maps, is white.
+# --visualize panels, the toy world's figures): matplotlib's tab10 first, then fixed random
+# colours; 255, the "ignore" label of segmentation maps, is white.
+# fmt: off
 _TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-PALETTE = np.concatenate([np.array(_TAB10, np.uint8), np.random.default_rng(0).integers(0, 256, (246, 3), np.uint8)])
+# fmt: on
+_RANDOM = np.random.default_rng(0).integers(0, 256, (246, 3), np.uint8)
+PALETTE = np.concatenate([np.array(_TAB10, np.uint8), _RANDOM])  # (256, 3)
 PALETTE[255] = 255
 
 
@@ -294,10 +348,10 @@ def paint(img, labels, alpha=0.55):
     """The one overlay painter: RGB PIL image (W, H) and integer labels (H, W) -> a new RGB image
     in which every pixel of label k >= 0 is blended with PALETTE[k] (alpha: the colour's weight);
     label -1 leaves the pixel as it is."""
-    rgb = np.asarray(img, dtype=np.float32).copy()                           # (H, W, 3)
+    rgb = np.asarray(img, dtype=np.float32).copy()  # (H, W, 3)
     lab = np.asarray(labels, dtype=np.int64)
     on = lab >= 0
-    rgb[on] = (1 - alpha) * rgb[on] + alpha * PALETTE[lab[on] % 256]         # (n, 3) painted pixels
+    rgb[on] = (1 - alpha) * rgb[on] + alpha * PALETTE[lab[on] % 256]  # (n, 3) painted pixels
     return Image.fromarray(rgb.round().astype(np.uint8))
 
 
@@ -307,9 +361,9 @@ def colorize(labels):
 
 
 def overlay(img, masks):
-    """Bool instance masks (N, H, W) painted onto an RGB image, instance i in colour i (a later mask
-    over an earlier one)."""
-    labels = np.full(np.shape(masks)[1:], -1, np.int64)                     # (H, W), -1: no instance
+    """Bool instance masks (N, H, W) painted onto an RGB image, instance i in colour i (a later
+    mask over an earlier one)."""
+    labels = np.full(np.shape(masks)[1:], -1, np.int64)  # (H, W), -1: no instance
     for i, mk in enumerate(np.asarray(masks, dtype=bool)):
         labels[mk] = i
     return paint(img, labels)
@@ -322,8 +376,12 @@ def text_panel(text, size=(256, 256)):
 
 
 def panels_row(panels, titles, height=256):
-    """Panels (PIL images) scaled to one height, side by side, a title strip above each -> RGB image."""
-    panels = [p.resize((max(1, round(p.width * height / p.height)), height), Image.NEAREST) for p in panels]
+    """Panels (PIL images) scaled to one height, side by side, a title strip above each -> RGB
+    image."""
+    panels = [
+        p.resize((max(1, round(p.width * height / p.height)), height), Image.NEAREST)
+        for p in panels
+    ]
     canvas = Image.new("RGB", (sum(p.width for p in panels), height + 20), "white")
     x = 0
     for p, t in zip(panels, titles):
