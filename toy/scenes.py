@@ -30,30 +30,55 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFilter
 
-from toy.drawing import (CAR, CLASSES, CLOUD, GRASS, HANDS, HOUSE, MIN_AREA, ROAD, SKY, STUFF, SUN, THINGS, TREE,
-                         Canvas, draw_car, draw_cloud, draw_grass, draw_house, draw_road, draw_sky, draw_sun,
-                         draw_tree)
+from toy.drawing import (
+    CAR,
+    CLASSES,
+    CLOUD,
+    GRASS,
+    HANDS,
+    HOUSE,
+    MIN_AREA,
+    ROAD,
+    SKY,
+    STUFF,
+    SUN,
+    THINGS,
+    TREE,
+    Canvas,
+    draw_car,
+    draw_cloud,
+    draw_grass,
+    draw_house,
+    draw_road,
+    draw_sky,
+    draw_sun,
+    draw_tree,
+)
 
 # ----------------------------------------------------------------------------- 1. the scene
+
 
 @dataclass
 class Scene:
     """One drawn scene and its labels, as draw_scene returns it."""
-    image: Image.Image          # RGB (W, H), blurred, noisy and JPEG-compressed unless drawn clean
-    class_map: np.ndarray       # (H, W) uint8 class index under each pixel's centre, 0..7, no gaps
-    instances: list             # [Instance]: every object and stuff region, masks disjoint
-    caption: str                # a caption of the whole scene
-    edge: np.ndarray            # (H, W) bool: pixels whose colour blends more than one class
-    style: str                  # the hand that drew it
-    jpeg: bytes = field(default=None, repr=False)   # the JPEG that `image` decodes from (None if clean)
+
+    image: Image.Image  # RGB (W, H), blurred, noisy and JPEG-compressed unless drawn clean
+    class_map: np.ndarray  # (H, W) uint8 class index under each pixel's centre, 0..7, no gaps
+    instances: list  # [Instance]: every object and stuff region, masks disjoint
+    caption: str  # a caption of the whole scene
+    edge: np.ndarray  # (H, W) bool: pixels whose colour blends more than one class
+    style: str  # the hand that drew it
+    # the JPEG that `image` decodes from (None if clean)
+    jpeg: bytes = field(default=None, repr=False)
 
 
-HOUSE_COUNTS = (0.25, 0.4, 0.25, 0.1)     # P(0, 1, 2, 3 houses)
+HOUSE_COUNTS = (0.25, 0.4, 0.25, 0.1)  # P(0, 1, 2, 3 houses)
 TREE_COUNTS = (0.2, 0.35, 0.3, 0.15)
-CAR_COUNTS = (0.3, 0.4, 0.2, 0.1)         # with a road
+CAR_COUNTS = (0.3, 0.4, 0.2, 0.1)  # with a road
 CAR_COUNTS_NO_ROAD = (0.75, 0.2, 0.05, 0.0)
 CLOUD_COUNTS = (0.25, 0.35, 0.25, 0.15)
-SUN_PROB, ROAD_PROB = 0.6, 0.6
+SUN_PROB = 0.6
+ROAD_PROB = 0.6
 
 
 def random_size(rng):
@@ -80,39 +105,53 @@ def draw_scene(seed_or_rng, style="train", size=None, clean=False):
     numpy Generator, or the Generator itself. size: (W, H), random (random_size) if None.
     clean=True leaves out blur, noise and JPEG (for tests that compare pixels with labels).
     -> Scene."""
-    rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
+    if isinstance(seed_or_rng, np.random.Generator):
+        rng = seed_or_rng
+    else:
+        rng = np.random.default_rng(seed_or_rng)
     hand = HANDS[style]
     W, H = size or random_size(rng)
     c = Canvas(W, H)
-    ref = (W * H) ** 0.5             # sizes scale with the picture's area, not one side
+    ref = (W * H) ** 0.5  # sizes scale with the picture's area, not one side
     horizon = H * rng.uniform(0.42, 0.68)
     sky = draw_sky(c, rng, hand, horizon)
-    if rng.random() < SUN_PROB:      # drawn before the grass: a low sun sets behind the hills
+    if rng.random() < SUN_PROB:  # drawn before the grass: a low sun sets behind the hills
         r = ref * rng.uniform(0.045, 0.09)
-        draw_sun(c, rng, hand, rng.uniform(0.05, 0.95) * W, rng.uniform(0.08 * H, horizon + 0.3 * r), r,
-                 sky == "orange")
+        sun_x = rng.uniform(0.05, 0.95) * W
+        sun_y = rng.uniform(0.08 * H, horizon + 0.3 * r)
+        draw_sun(c, rng, hand, sun_x, sun_y, r, sky == "orange")
     for _ in range(pick_count(rng, CLOUD_COUNTS)):
-        draw_cloud(c, rng, hand, rng.uniform(0, W), rng.uniform(0.08, 0.8) * horizon, ref * rng.uniform(0.16, 0.35),
-                   sky == "grey")
+        cloud_x = rng.uniform(0, W)
+        cloud_y = rng.uniform(0.08, 0.8) * horizon
+        cloud_width = ref * rng.uniform(0.16, 0.35)
+        draw_cloud(c, rng, hand, cloud_x, cloud_y, cloud_width, sky == "grey")
     ground = draw_grass(c, rng, hand, horizon)
-    far, near = (ground + 0.02 * H, H - 0.01 * H)
+    far = ground + 0.02 * H  # the y range objects stand in: far .. near
+    near = H - 0.01 * H
     road = draw_road(c, rng, hand, ground) if rng.random() < ROAD_PROB else None
-    behind, front = ((far, road[0][0] + 2), (road[0][1] - 1, near)) if road else ((far, near), (0, 0))
-    objects = []                     # (base y, drawer, cx, size)
+    if road:  # (y0, y1) zones behind and in front of the road
+        behind = (far, road[0][0] + 2)
+        front = (road[0][1] - 1, near)
+    else:
+        behind = (far, near)
+        front = (0, 0)
+    objects = []  # (base y, drawer, cx, size)
 
-    def depth(y):                    # nearer objects (lower base) are drawn larger
+    def depth(y):  # nearer objects (lower base) are drawn larger
         return 0.6 + 0.7 * (y - ground) / max(1, H - ground)
 
     for _ in range(pick_count(rng, HOUSE_COUNTS)):
         y = sample_y(rng, [behind] if behind[1] - behind[0] > 0.04 * H else [front, (far, near)])
-        objects.append((y, draw_house, rng.uniform(-0.05, 1.05) * W, ref * rng.uniform(0.2, 0.36) * depth(y)))
+        x = rng.uniform(-0.05, 1.05) * W
+        objects.append((y, draw_house, x, ref * rng.uniform(0.2, 0.36) * depth(y)))
     for _ in range(pick_count(rng, TREE_COUNTS)):
         y = sample_y(rng, [behind, front])
         objects.append((y, draw_tree, rng.uniform(0, W), ref * rng.uniform(0.3, 0.55) * depth(y)))
     for _ in range(pick_count(rng, CAR_COUNTS if road else CAR_COUNTS_NO_ROAD)):
         y, x = road[1]() if road else (sample_y(rng, [(far, near)]), rng.uniform(0, W))
         objects.append((y, draw_car, x, ref * rng.uniform(0.16, 0.26) * depth(y)))
-    for y, drawer, x, s in sorted(objects, key=lambda o: o[0]):   # back to front: nearer objects occlude
+    # back to front: nearer objects occlude
+    for y, drawer, x, s in sorted(objects, key=lambda o: o[0]):
         drawer(c, rng, hand, x, y, s)
     image, class_map, edge, instances = c.finish()
     jpeg = None
@@ -127,7 +166,9 @@ def degrade(image, rng):
     if rng.random() < 0.7:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
     if rng.random() < 0.7:
-        noisy = np.asarray(image, np.float32) + rng.normal(0, rng.uniform(1, 6), (image.height, image.width, 3))
+        sigma = rng.uniform(1, 6)
+        noise = rng.normal(0, sigma, (image.height, image.width, 3))
+        noisy = np.asarray(image, np.float32) + noise
         image = Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=int(rng.integers(60, 96)))
@@ -136,10 +177,20 @@ def degrade(image, rng):
 
 # ----------------------------------------------------------------------------- 2. captions
 
-THING_SHARE = 0.3      # an object counts in a crop if this share of its visible pixels is inside ...
-THING_FILL = 0.1       # ... or it fills this share of the crop
-STUFF_SHARE = 0.04     # stuff is named when it covers this share of the crop (a road band is ~5-10% of a scene)
-COLOUR_PROB = {HOUSE: 0.85, CAR: 0.85, TREE: 0.25, CLOUD: 0.25, SUN: 0.3, SKY: 0.6, GRASS: 0.25, ROAD: 0.2}
+THING_SHARE = 0.3  # an object counts in a crop if this share of its visible pixels is inside ...
+THING_FILL = 0.1  # ... or it fills this share of the crop
+# stuff is named when it covers this share of the crop (a road band is ~5-10% of a scene)
+STUFF_SHARE = 0.04
+COLOUR_PROB = {
+    HOUSE: 0.85,
+    CAR: 0.85,
+    TREE: 0.25,
+    CLOUD: 0.25,
+    SUN: 0.3,
+    SKY: 0.6,
+    GRASS: 0.25,
+    ROAD: 0.2,
+}
 NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five"}
 PREFIXES = ("", "", "", "a drawing of ", "a picture of ", "a cartoon of ", "an illustration of ")
 
@@ -163,7 +214,8 @@ def join(phrases):
 
 def noun_phrase(cls, colours, rng):
     """'a red house', 'two trees', 'three white clouds', 'a red and a blue car'."""
-    noun, n = CLASSES[cls], len(colours)
+    noun = CLASSES[cls]
+    n = len(colours)
     colour = say_colour(rng, cls)
     if n == 1:
         return article(f"{colours[0]} {noun}" if colour else noun)
@@ -185,14 +237,18 @@ def caption(instances, box=None, rng=None):
     H, W = instances[0].mask.shape
     left, top, right, bottom = box or (0, 0, W, H)
     box_area = max(1, (right - left) * (bottom - top))
-    objects, stuff, largest = {}, {}, {}
+    objects = {}  # class -> [(pixels in the box, colour)] of its objects that count as seen
+    stuff = {}  # class -> its pixels in the box
+    largest = {}  # class -> (pixels in the box, colour) of its most visible instance
     for cls, mask, attrs in instances:
         inside = int(mask[top:bottom, left:right].sum())
         if inside > largest.get(cls, (0, ""))[0]:
             largest[cls] = (inside, attrs.get("colour", ""))
         if cls in STUFF:
             stuff[cls] = stuff.get(cls, 0) + inside
-        elif inside >= MIN_AREA and (inside >= THING_SHARE * attrs["area"] or inside >= THING_FILL * box_area):
+        elif inside >= MIN_AREA and (
+            inside >= THING_SHARE * attrs["area"] or inside >= THING_FILL * box_area
+        ):
             objects.setdefault(cls, []).append((inside, attrs.get("colour", "")))
     present = {cls for cls, n in stuff.items() if n >= STUFF_SHARE * box_area}
     if not objects and not present:  # a sliver of something: name whatever holds most of the box
@@ -201,23 +257,33 @@ def caption(instances, box=None, rng=None):
             present.add(cls)
         else:
             objects[cls] = [largest[cls]]
-    order = sorted(objects, key=lambda k: -sum(a for a, _ in objects[k]))   # the most visible first
+    # the most visible first
+    order = sorted(objects, key=lambda k: -sum(a for a, _ in objects[k]))
     if rng is not None and rng.random() < 0.3:
         order = [order[i] for i in rng.permutation(len(order))]
-    ground = [noun_phrase(k, [col for _, col in objects[k]], rng) for k in order if k in (HOUSE, TREE, CAR)]
-    aloft = [noun_phrase(k, [col for _, col in objects[k]], rng) for k in order if k in (SUN, CLOUD)]
+    colours_of = {k: [col for _, col in objects[k]] for k in objects}
+    ground = [noun_phrase(k, colours_of[k], rng) for k in order if k in (HOUSE, TREE, CAR)]
+    aloft = [noun_phrase(k, colours_of[k], rng) for k in order if k in (SUN, CLOUD)]
     colour = {k: largest[k][1] for k in STUFF if k in largest}
-    grass = f"{colour[GRASS]} grass" if GRASS in present and say_colour(rng, GRASS) else "grass"
-    road = article(f"{colour[ROAD]} road") if ROAD in present and say_colour(rng, ROAD) else "a road"
-    sky = article(f"{colour[SKY]} sky") if SKY in present and say_colour(rng, SKY) else "the sky"
-    if ground:                       # where the ground objects stand
+    grass = "grass"
+    if GRASS in present and say_colour(rng, GRASS):
+        grass = f"{colour[GRASS]} grass"
+    road = "a road"
+    if ROAD in present and say_colour(rng, ROAD):
+        road = article(f"{colour[ROAD]} road")
+    sky = "the sky"
+    if SKY in present and say_colour(rng, SKY):
+        sky = article(f"{colour[SKY]} sky")
+    if ground:  # where the ground objects stand
         cars = any(k == CAR for k in objects)
-        if ROAD in present and GRASS in present:
-            where = choose(rng, (f"on {road} through the {grass}", f"on the {grass} by {road}")) if cars else \
-                choose(rng, (f"on the {grass} by {road}", f"by {road} through the {grass}"))
+        if ROAD in present and GRASS in present and cars:
+            where = choose(rng, (f"on {road} through the {grass}", f"on the {grass} by {road}"))
+        elif ROAD in present and GRASS in present:
+            where = choose(rng, (f"on the {grass} by {road}", f"by {road} through the {grass}"))
+        elif ROAD in present and cars:
+            where = choose(rng, (f"on {road}", f"driving on {road}"))
         elif ROAD in present:
-            where = choose(rng, (f"on {road}", f"driving on {road}")) if cars else \
-                choose(rng, (f"by {road}", f"next to {road}"))
+            where = choose(rng, (f"by {road}", f"next to {road}"))
         elif GRASS in present:
             where = choose(rng, (f"on the {grass}", f"in the {grass}", f"standing on {grass}"))
         else:
@@ -241,7 +307,9 @@ def caption(instances, box=None, rng=None):
         elif aloft:
             text = choose(rng, (f"{low} under {high}", f"{high} above {low}", f"{low} with {high}"))
         else:
-            text = choose(rng, (f"{low} under {high}", f"{low} below {high}", f"{low} against {high}"))
+            text = choose(
+                rng, (f"{low} under {high}", f"{low} below {high}", f"{low} against {high}")
+            )
     else:
         text = low or high
     return choose(rng, PREFIXES) + text
@@ -249,9 +317,11 @@ def caption(instances, box=None, rng=None):
 
 # ----------------------------------------------------------------------------- 3. crops
 
+
 def mask_box(mask):
     """bool (H, W) -> its bounding box (left, top, right, bottom), right/bottom exclusive."""
-    cols, rows = np.flatnonzero(mask.any(0)), np.flatnonzero(mask.any(1))
+    cols = np.flatnonzero(mask.any(0))
+    rows = np.flatnonzero(mask.any(1))
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
@@ -274,20 +344,22 @@ def random_crop_with_caption(scene, rng, object_prob=0.6, stuff_prob=0.15):
     u = rng.random()
     if u < object_prob and things:
         left, top, right, bottom = mask_box(things[rng.integers(len(things))].mask)
-        m = rng.uniform(1.1, 1.8, 2)
-        box = fit_box((left + right) / 2, (top + bottom) / 2, (right - left) * m[0], (bottom - top) * m[1], W, H)
+        m = rng.uniform(1.1, 1.8, 2)  # the box's width and height over the object's
+        cx, cy = (left + right) / 2, (top + bottom) / 2
+        box = fit_box(cx, cy, (right - left) * m[0], (bottom - top) * m[1], W, H)
     elif u < object_prob + stuff_prob and regions:
         ys, xs = np.nonzero(regions[rng.integers(len(regions))].mask)
         k = rng.integers(len(xs))
         side = rng.uniform(0.2, 0.5) * min(W, H)
         box = fit_box(xs[k], ys[k], side, side * rng.uniform(0.75, 1.33), W, H)
     else:
-        area, aspect = rng.uniform(0.25, 1.0) * W * H, np.exp(rng.uniform(np.log(0.75), np.log(1.33)))
+        area = rng.uniform(0.25, 1.0) * W * H
+        aspect = np.exp(rng.uniform(np.log(0.75), np.log(1.33)))
         bw, bh = (area * aspect) ** 0.5, (area / aspect) ** 0.5
-        box = fit_box(rng.uniform(bw / 2, max(bw / 2, W - bw / 2)), rng.uniform(bh / 2, max(bh / 2, H - bh / 2)),
-                      bw, bh, W, H)
+        cx = rng.uniform(bw / 2, max(bw / 2, W - bw / 2))
+        cy = rng.uniform(bh / 2, max(bh / 2, H - bh / 2))
+        box = fit_box(cx, cy, bw, bh, W, H)
     return scene.image.crop(box), caption(scene.instances, box, rng), box
-
 
 
 def dominated_box(scene, cls, rng):
@@ -301,7 +373,8 @@ def dominated_box(scene, cls, rng):
             return None
         left, top, right, bottom = mask_box(found[rng.integers(len(found))].mask)
         m = rng.uniform(1.0, 1.25)
-        box = fit_box((left + right) / 2, (top + bottom) / 2, (right - left) * m, (bottom - top) * m, W, H)
+        cx, cy = (left + right) / 2, (top + bottom) / 2
+        box = fit_box(cx, cy, (right - left) * m, (bottom - top) * m, W, H)
         need = 0.0
     else:
         ys, xs = np.nonzero(scene.class_map == cls)
@@ -311,7 +384,7 @@ def dominated_box(scene, cls, rng):
         side = rng.uniform(0.2, 0.45) * min(W, H)
         box = fit_box(xs[k], ys[k], side, side, W, H)
         need = 0.6
-    share = np.bincount(scene.class_map[box[1]:box[3], box[0]:box[2]].ravel(), minlength=len(CLASSES))
+    inside = scene.class_map[box[1] : box[3], box[0] : box[2]]
+    share = np.bincount(inside.ravel(), minlength=len(CLASSES))
     share = share / share.sum()
     return box if share.argmax() == cls and share[cls] >= need else None
-
