@@ -1,4 +1,5 @@
 """Shared test set-up: the repository root on sys.path, the fixture files, and tsv manifests."""
+
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ def clip_fixture():
 
 
 def meta_state_dict(tsv_name):
-    """Every key of a full-size official checkpoint as a meta tensor of its listed shape (no memory)."""
+    """A full-size official checkpoint's keys as meta tensors of their listed shapes (no memory)."""
     sd = {}
     with open(os.path.join(FIXTURES, tsv_name)) as f:
         for line in f:

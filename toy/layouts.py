@@ -6,7 +6,7 @@ segmentation (evaluate.py semseg, probe), COCO instances (evaluate.py instseg) a
 (evaluate.py classify). `write_all` writes a training set in the train hand and an evaluation set in
 the heldout hand. Every scene is seeded by (seed, writer, style, index), so any file can be redrawn.
 
-Run: python -m toy.layouts --out DIR [--seed 0]     (about a minute for the default sizes)
+Run: python -m toy.layouts --out DIR [--seed 0]
 """
 
 import argparse
@@ -23,12 +23,13 @@ from toy.scenes import caption, dominated_box, draw_scene, mask_box
 
 # ----------------------------------------------------------------------------- writers
 
-WRITERS = ("sa1b", "clip", "semseg", "instances", "classify")   # a writer's index enters its scenes' seeds
+# a writer's index enters its scenes' seeds
+WRITERS = ("sa1b", "clip", "semseg", "instances", "classify")
 
 
 def scene_rng(seed, writer, style, index, *extra):
-    """The generator of scene `index` of a writer: seeded by (seed, writer, style, index), so the
-    same seed gives different scenes in different writers and styles, and any scene can be redrawn."""
+    """The generator of scene `index` of a writer, seeded by (seed, writer, style, index): the same
+    seed gives different scenes in different writers and styles, and any scene can be redrawn."""
     return np.random.default_rng([seed, WRITERS.index(writer), STYLES.index(style), index, *extra])
 
 
@@ -57,7 +58,8 @@ def read_json(path):
 
 
 def drawn(folder, writer, n, seed, style):
-    """Scenes 0..n-1 of a writer, each saved as folder/images/toy_<i>.jpg -> yields (i, file name, scene)."""
+    """Scenes 0..n-1 of a writer, each saved as folder/images/toy_<i>.jpg.
+    Yields (i, file name, scene)."""
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     for i in range(n):
         scene = draw_scene(scene_rng(seed, writer, style, i), style)
@@ -78,37 +80,49 @@ def write_sa1b(folder, n, seed=0, style="train"):
         W, H = scene.image.size
         anns = []
         for cls, mask, attrs in scene.instances:
-            anns.append({"id": next_id, "segmentation": data.rle_encode(mask), "area": attrs["area"],
-                         "bbox": xywh(mask), "category": CLASSES[cls]})
+            anns.append(
+                {
+                    "id": next_id,
+                    "segmentation": data.rle_encode(mask),
+                    "area": attrs["area"],
+                    "bbox": xywh(mask),
+                    "category": CLASSES[cls],
+                }
+            )
             next_id += 1
         save_jpeg(scene, os.path.join(folder, f"sa_{i}.jpg"))
-        write_json(os.path.join(folder, f"sa_{i}.json"),
-                   {"image": {"image_id": i, "width": W, "height": H, "file_name": f"sa_{i}.jpg"}, "annotations": anns})
+        image = {"image_id": i, "width": W, "height": H, "file_name": f"sa_{i}.jpg"}
+        write_json(os.path.join(folder, f"sa_{i}.json"), {"image": image, "annotations": anns})
     return folder
 
 
 def write_clip_images(folder, n, seed=0, style="train"):
-    """D_CLIP (unlabeled: data.CLIPImages reads the images recursively) with the captions evaluate.py
-    retrieve reads: DIR/images/toy_<i>.jpg and DIR/captions.json = {"images": [{id, file_name}],
-    "annotations": [{id, image_id, caption}]}, two phrasings per image (COCO has five)."""
-    images, anns = [], []
+    """D_CLIP (unlabeled: data.CLIPImages reads the images recursively) with the captions
+    evaluate.py retrieve reads: DIR/images/toy_<i>.jpg and DIR/captions.json = {"images": [{id,
+    file_name, width, height}], "annotations": [{id, image_id, caption}]}, two phrasings per image
+    (COCO has five)."""
+    images = []
+    anns = []
     for i, name, scene in drawn(folder, "clip", n, seed, style):
-        images.append({"id": i, "file_name": name, "width": scene.image.width, "height": scene.image.height})
+        images.append(
+            {"id": i, "file_name": name, "width": scene.image.width, "height": scene.image.height}
+        )
         second = caption(scene.instances, None, scene_rng(seed, "clip", style, i, 1))
-        for text in dict.fromkeys([scene.caption, second]):        # unique, in order
+        for text in dict.fromkeys([scene.caption, second]):  # unique, in order
             anns.append({"id": len(anns), "image_id": i, "caption": text})
     write_json(os.path.join(folder, "captions.json"), {"images": images, "annotations": anns})
     return folder
 
 
 def write_semseg(folder, n, seed=0, style="heldout", ignore_edges=True):
-    """evaluate.py's generic semantic layout: DIR/images/toy_<i>.jpg, DIR/labels/toy_<i>.png (mode L,
-    class index per pixel; 255 on pixels whose colour blends two classes when ignore_edges) and
-    DIR/classes.txt (line i = CLASSES[i])."""
+    """evaluate.py's generic semantic layout: DIR/images/toy_<i>.jpg, DIR/labels/toy_<i>.png
+    (mode L, class index per pixel; 255 on pixels whose colour blends two classes when
+    ignore_edges) and DIR/classes.txt (line i = CLASSES[i])."""
     os.makedirs(os.path.join(folder, "labels"), exist_ok=True)
     for i, name, scene in drawn(folder, "semseg", n, seed, style):
         label = np.where(scene.edge, 255, scene.class_map) if ignore_edges else scene.class_map
-        Image.fromarray(label.astype(np.uint8), mode="L").save(os.path.join(folder, "labels", name[:-4] + ".png"))
+        label_path = os.path.join(folder, "labels", name[:-4] + ".png")
+        Image.fromarray(label.astype(np.uint8), mode="L").save(label_path)
     with open(os.path.join(folder, "classes.txt"), "w") as f:
         f.write("\n".join(CLASSES) + "\n")
     return folder
@@ -116,19 +130,33 @@ def write_semseg(folder, n, seed=0, style="heldout", ignore_edges=True):
 
 def write_instances(folder, n, seed=0, style="heldout"):
     """COCO instances for evaluate.py instseg: DIR/images/toy_<i>.jpg + DIR/instances.json with
-    "images" [{id, file_name, height, width}], "annotations" [{id, image_id, category_id, bbox XYWH,
-    area, iscrowd 0, segmentation RLE}] and "categories" [{id, name}] for the thing classes (ids from 1)."""
-    images, anns = [], []
+    "images" [{id, file_name, height, width}], "annotations" [{id, image_id, category_id, bbox
+    XYWH, area, iscrowd 0, segmentation RLE}] and "categories" [{id, name}] for the thing classes
+    (ids from 1)."""
+    images = []
+    anns = []
     for i, name, scene in drawn(folder, "instances", n, seed, style):
-        images.append({"id": i, "file_name": name, "height": scene.image.height, "width": scene.image.width})
+        images.append(
+            {"id": i, "file_name": name, "height": scene.image.height, "width": scene.image.width}
+        )
         for cls, mask, attrs in scene.instances:
             if cls in THINGS:
-                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": THINGS.index(cls) + 1,
-                             "bbox": xywh(mask), "area": attrs["area"], "iscrowd": 0,
-                             "segmentation": data.rle_encode(mask)})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": i,
+                        "category_id": THINGS.index(cls) + 1,
+                        "bbox": xywh(mask),
+                        "area": attrs["area"],
+                        "iscrowd": 0,
+                        "segmentation": data.rle_encode(mask),
+                    }
+                )
     categories = [{"id": k + 1, "name": CLASSES[cls]} for k, cls in enumerate(THINGS)]
-    write_json(os.path.join(folder, "instances.json"),
-               {"images": images, "annotations": anns, "categories": categories})
+    write_json(
+        os.path.join(folder, "instances.json"),
+        {"images": images, "annotations": anns, "categories": categories},
+    )
     return folder
 
 
@@ -138,17 +166,21 @@ def write_class_folders(folder, n_per_class, seed=0, style="heldout"):
     readable name per line in sorted folder order; here the folder names themselves)."""
     for name in CLASSES:
         os.makedirs(os.path.join(folder, name), exist_ok=True)
-    counts, i = [0] * len(CLASSES), 0
+    counts = [0] * len(CLASSES)  # crops written per class
+    i = 0  # scene index
     while min(counts) < n_per_class:
         if i > 50 * n_per_class + 100:
-            raise RuntimeError(f"write_class_folders: only {dict(zip(CLASSES, counts))} crops after {i} scenes")
+            raise RuntimeError(
+                f"write_class_folders: only {dict(zip(CLASSES, counts))} crops after {i} scenes"
+            )
         rng = scene_rng(seed, "classify", style, i)
         scene = draw_scene(rng, style)
         for cls in range(len(CLASSES)):
             if counts[cls] < n_per_class:
                 box = dominated_box(scene, cls, rng)
                 if box is not None:
-                    save_jpeg(scene, os.path.join(folder, CLASSES[cls], f"toy_{i:05d}.jpg"), scene.image.crop(box))
+                    path = os.path.join(folder, CLASSES[cls], f"toy_{i:05d}.jpg")
+                    save_jpeg(scene, path, scene.image.crop(box))
                     counts[cls] += 1
         i += 1
     with open(os.path.join(folder, "classnames.txt"), "w") as f:
@@ -156,7 +188,14 @@ def write_class_folders(folder, n_per_class, seed=0, style="heldout"):
     return folder
 
 
-DEFAULT_SIZES = {"sa1b": 200, "clip": 1000, "semseg": 100, "instances": 100, "classify": 25, "retrieve": 100}
+DEFAULT_SIZES = {
+    "sa1b": 200,
+    "clip": 1000,
+    "semseg": 100,
+    "instances": 100,
+    "classify": 25,
+    "retrieve": 100,
+}
 
 
 def write_all(root, seed=0, sizes=None):
@@ -165,13 +204,22 @@ def write_all(root, seed=0, sizes=None):
     instances, classify, retrieve). `sizes` overrides DEFAULT_SIZES (classify: crops per class).
     -> {part: folder}."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
-    train, test = os.path.join(root, "train"), os.path.join(root, "eval")
-    return {"sa1b": write_sa1b(os.path.join(train, "sa1b"), sizes["sa1b"], seed, "train"),
-            "clip": write_clip_images(os.path.join(train, "clip"), sizes["clip"], seed, "train"),
-            "semseg": write_semseg(os.path.join(test, "semseg"), sizes["semseg"], seed, "heldout"),
-            "instances": write_instances(os.path.join(test, "instances"), sizes["instances"], seed, "heldout"),
-            "classify": write_class_folders(os.path.join(test, "classify"), sizes["classify"], seed, "heldout"),
-            "retrieve": write_clip_images(os.path.join(test, "retrieve"), sizes["retrieve"], seed, "heldout")}
+    train = os.path.join(root, "train")
+    test = os.path.join(root, "eval")
+    return {
+        "sa1b": write_sa1b(os.path.join(train, "sa1b"), sizes["sa1b"], seed, "train"),
+        "clip": write_clip_images(os.path.join(train, "clip"), sizes["clip"], seed, "train"),
+        "semseg": write_semseg(os.path.join(test, "semseg"), sizes["semseg"], seed, "heldout"),
+        "instances": write_instances(
+            os.path.join(test, "instances"), sizes["instances"], seed, "heldout"
+        ),
+        "classify": write_class_folders(
+            os.path.join(test, "classify"), sizes["classify"], seed, "heldout"
+        ),
+        "retrieve": write_clip_images(
+            os.path.join(test, "retrieve"), sizes["retrieve"], seed, "heldout"
+        ),
+    }
 
 
 def write_training_set(root, clip_images, sam_images, seed=0):
@@ -182,22 +230,30 @@ def write_training_set(root, clip_images, sam_images, seed=0):
     sam_folder = os.path.join(root, "sa1b")
     marker = os.path.join(root, "written.json")
     spec = {"clip": clip_images, "sa1b": sam_images, "seed": seed}
-    if os.path.isfile(marker) and read_json(marker) == spec:     # written before
+    if os.path.isfile(marker) and read_json(marker) == spec:  # written before
         return clip_folder, sam_folder
     write_clip_images(clip_folder, clip_images, seed, "train")
     write_sa1b(sam_folder, sam_images, seed, "train")
-    write_json(marker, spec)                                      # last: a set cut off midway is redrawn
+    write_json(marker, spec)  # last: a set cut off midway is redrawn
     return clip_folder, sam_folder
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the toy world: a training set (train hand) and an "
-                                            "evaluation set (heldout hand) in every layout the project reads.")
-    p.add_argument("--out", required=True, help="root folder; train/ and eval/ are written inside it")
-    p.add_argument("--seed", type=int, default=0, help="seed of every scene (same seed, same bytes)")
+    p = argparse.ArgumentParser(
+        description="Write the toy world: a training set (train hand) and an "
+        "evaluation set (heldout hand) in every layout the project reads."
+    )
+    p.add_argument(
+        "--out", required=True, help="root folder; train/ and eval/ are written inside it"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of every scene (same seed, same bytes)"
+    )
     for part, n in DEFAULT_SIZES.items():
-        p.add_argument(f"--{part}", type=int, default=n,
-                       help=f"number of {part} {'crops per class' if part == 'classify' else 'scenes'} (default {n})")
+        what = "crops per class" if part == "classify" else "scenes"
+        p.add_argument(
+            f"--{part}", type=int, default=n, help=f"number of {part} {what} (default {n})"
+        )
     args = p.parse_args(argv)
     start = time.time()
     folders = write_all(args.out, args.seed, {part: getattr(args, part) for part in DEFAULT_SIZES})

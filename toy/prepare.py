@@ -19,10 +19,7 @@ from toy import layouts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # scenes per set: D_CLIP images and D_SAM images (each with its instance masks)
-SIZES = {
-    "toy": dict(clip_images=400, sam_images=100),
-    "tiny": dict(clip_images=24, sam_images=6),
-}
+SIZES = {"toy": dict(clip_images=400, sam_images=100), "tiny": dict(clip_images=24, sam_images=6)}
 
 
 def prepare(preset, seed=0, root=None):
@@ -32,17 +29,25 @@ def prepare(preset, seed=0, root=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the toy-world data of train.py's built-in "
-                                            "presets into data/<preset>.")
-    p.add_argument("preset", nargs="?", default="toy", choices=list(SIZES),
-                   help="which preset's data (default toy)")
+    p = argparse.ArgumentParser(
+        description="Write the toy-world data of train.py's built-in presets into data/<preset>."
+    )
+    p.add_argument(
+        "preset",
+        nargs="?",
+        default="toy",
+        choices=list(SIZES),
+        help="which preset's data (default toy)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every scene (default 0)")
     p.add_argument("--out", help="folder to write instead of data/<preset>")
     args = p.parse_args(argv)
     start = time.time()
     clip_folder, sam_folder = prepare(args.preset, args.seed, args.out)
-    print(f"toy.prepare: {args.preset} data in {clip_folder} and {sam_folder} "
-          f"({time.time() - start:.1f} s)")
+    print(
+        f"toy.prepare: {args.preset} data in {clip_folder} and {sam_folder} "
+        f"({time.time() - start:.1f} s)"
+    )
 
 
 if __name__ == "__main__":
