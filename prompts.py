@@ -5,6 +5,9 @@ mask), then rounds that each add a point where the previous mask is wrong, with 
 as a dense prompt. Eq. 2 of SAM-CLIP distils the frozen SAM's answers z to every such prompt g, so
 the same sessions are replayed here:
 
+  - first_prompt: a mask's first prompt, 1-3 points in the mask or its jittered box; data.SA1B
+    calls it with the sample's own seeded generator, and also draws the uniform numbers that
+    place the later error points ("error_draws").
   - sample_error_points: the next point of a round, from the error region of the previous mask.
   - teacher_rounds: the frozen SAM runs the whole session (each round needs the previous round's
     mask) and records every prompt it was given and every answer z.
@@ -12,9 +15,6 @@ the same sessions are replayed here:
     advance, so no round waits for the one before.
   - prompt_args: the one translation from a round's prompt to HeadSAM's keyword arguments, shared
     by teacher and student so that both see the same tokens.
-
-The first prompt of a D_SAM sample (a jittered box or 1-3 points) is drawn by data.SA1B, with the
-sample's own seeded generator; the error points use the uniform numbers it drew ("error_draws").
 
 Shape legend: B images, K prompt slots per image, n slots of one group, R rounds, N points,
 h w the image-embedding grid (SAM's low-res mask grid is 4h x 4w).

@@ -1,146 +1,170 @@
-"""The CLIP teacher's embeddings on disk (train.py --cache-teacher), written as training meets
-each image and read back in every later epoch, stage and run.
+"""The CLIP teacher's targets EncCLIP(x) of Eq. 1, computed once before training into one table
+(train.py --cache-teacher) and only read while training runs.
 
-Its own concept, apart from data.py's readers and the training loop: it is the one part of the
-data path that writes while training runs, on every rank at once, so its file layout is a
-protocol (which file each rank writes, in which order rows and their flags reach the disk, what
-a reader does with a row a crash cut short), and that protocol is what keeps a resumed run exact
-and the ranks from overwriting each other.
+Why a cache: the frozen CLIP ViT-L/14 costs more than the student (Sec. 4.1). With each image's
+crop fixed (data.CLIPImages(fixed_crops=True) draws every epoch's crop as epoch 0 does), an
+image's target is the same in every epoch, stage and run, so it is computed once.
 
-Why a cache at all: the frozen CLIP ViT-L/14 costs more than the student (Sec. 4.1). Caching
-fixes each image's crop (data.CLIPImages(fixed_crops=True) draws every epoch's crop as epoch 0
-does), so a stored embedding stays the right target in every epoch.
+Why a step before training rather than a cache filled as training goes: the training step then
+only reads a table that nothing writes while it runs. A resumed run reads exactly the targets an
+uninterrupted one read, whatever the crash, and ranks of any world size read the one file and
+never write anything another rank reads. All writing happens in `build`, which can be stopped and
+run again: each chunk of rows appears whole (written under a temporary name, then renamed), a
+second run computes only the chunks still missing, and the table appears, again by a rename, only
+once every row is in it.
+
+The folder:
+  meta.json       what the table was made for (data, seed, teacher, teacher side, layout); a run
+                  with other settings is refused rather than trained on the wrong targets
+  images.txt      the index: line i is the path of image i, whose target is row i
+  embeddings.npy  (N, D) float16, row i = EncCLIP of image i's fixed crop, NaN for an image that
+                  could not be read; present only once complete
+  parts/          chunks of CHUNK rows while the table is being built
+
+Shape legend: N images, D embedding width, B batch.
 """
 
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
 
-def append_durable(path, payload):
-    """Append bytes to `path` and return once they are on disk (flush + fsync), so that a write
-    which depends on them (a cache row's index entry) can never reach the disk before them."""
-    with open(path, "ab") as f:
-        f.write(payload)
+CHUNK = 1024  # images per part file: the most work a crash during the build can lose
+BATCH = 64  # images per teacher call; fixed, so that a row does not depend on the run's batch
+LAYOUT = "table"  # part of meta.json, so that a folder of another layout is refused
+
+
+def build(folder, dataset, tower, meta, rank=0, world=1, device="cpu", workers=0):
+    """Make sure `folder` holds the finished table of `dataset` (data.CLIPImages with
+    fixed_crops) under the CLIP image tower `tower`, then open it. Call on every rank; each
+    computes every world-th chunk still missing (compute_parts), rank 0 joins them (join).
+    meta: the settings the table is for (a dict of JSON values). -> TeacherCache."""
+    meta_path = os.path.join(folder, "meta.json")
+    if rank == 0 and not os.path.exists(meta_path):
+        os.makedirs(folder, exist_ok=True)
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump({**meta, "layout": LAYOUT}, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    if dist.is_initialized():
+        dist.barrier()  # meta.json written before any rank reads it
+    check_meta(folder, meta)
+    if not os.path.exists(table_path(folder)):
+        compute_parts(folder, dataset, tower, rank, world, device, workers)
+        if dist.is_initialized():
+            dist.barrier()  # every chunk written before rank 0 reads them
+        if rank == 0:
+            join(folder, dataset.paths)
+        if dist.is_initialized():
+            dist.barrier()  # the table complete before any rank opens it
+    return TeacherCache(folder, meta)
+
+
+def check_meta(folder, meta):
+    """Raise ValueError unless `folder` was made for the settings `meta`, so that the parts and
+    tables of another teacher, data, seed or layout are never used."""
+    path = os.path.join(folder, "meta.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--cache-teacher {folder} holds no meta.json: not a teacher cache")
+    with open(path) as f:
+        if json.load(f) != {**meta, "layout": LAYOUT}:
+            raise ValueError(
+                f"--cache-teacher {folder} was made for another teacher, data, seed or cache "
+                "layout; use a new folder"
+            )
+
+
+def table_path(folder):
+    return os.path.join(folder, "embeddings.npy")
+
+
+def part_path(folder, chunk):
+    return os.path.join(folder, "parts", f"{chunk:08d}.npy")
+
+
+@torch.no_grad()
+def compute_parts(folder, dataset, tower, rank=0, world=1, device="cpu", workers=0):
+    """This rank's chunks (chunk c holds images c * CHUNK ..; rank r takes every world-th chunk
+    from r on) that are not on disk yet: each image's teacher view of its epoch-0 crop through
+    `tower`, as float16, NaN for an unreadable image. Batches of BATCH start at chunk starts, so
+    a row does not depend on the world size or on which chunks an earlier run finished."""
+    os.makedirs(os.path.join(folder, "parts"), exist_ok=True)
+    n = len(dataset)
+    T = dataset.teacher_size
+    for chunk in range(rank, -(-n // CHUNK), world):
+        path = part_path(folder, chunk)
+        if os.path.exists(path):  # finished by an earlier run
+            continue
+        items = [(i, T, 0) for i in range(chunk * CHUNK, min((chunk + 1) * CHUNK, n))]
+        loader = torch.utils.data.DataLoader(
+            dataset, BATCH, sampler=items, collate_fn=data.collate, num_workers=workers
+        )
+        rows = []
+        for batch in loader:
+            emb = tower(batch["teacher"].to(device)).float().cpu()  # (B, D)
+            emb[~batch["ok"]] = float("nan")  # an unreadable image has no row
+            rows.append(emb.half().numpy())
+        save_array(path, np.concatenate(rows))
+
+
+def join(folder, paths):
+    """The parts -> embeddings.npy (N, D) and images.txt, then the parts removed. The table is
+    written under a temporary name and renamed last: it exists only complete."""
+    chunks = -(-len(paths) // CHUNK)
+    missing = [c for c in range(chunks) if not os.path.exists(part_path(folder, c))]
+    if missing:
+        raise ValueError(
+            f"--cache-teacher {folder}: {len(missing)} of {chunks} chunks missing after every "
+            f"rank finished (e.g. parts/{missing[0]:08d}.npy); the folder must be one that "
+            "every rank can see"
+        )
+    first = np.load(part_path(folder, 0))
+    tmp = table_path(folder) + ".tmp.npy"
+    table = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(paths), first.shape[1]))
+    for c in range(chunks):
+        table[c * CHUNK : (c + 1) * CHUNK] = np.load(part_path(folder, c))
+    table.flush()
+    del table
+    with open(os.path.join(folder, "images.txt.tmp"), "w") as f:
+        f.writelines(path + "\n" for path in paths)
+    os.replace(os.path.join(folder, "images.txt.tmp"), os.path.join(folder, "images.txt"))
+    os.replace(tmp, table_path(folder))
+    shutil.rmtree(os.path.join(folder, "parts"))
+
+
+def save_array(path, array):
+    """np.save to `path` so that readers see no file or the whole one: a temporary name, flushed
+    to disk, then renamed."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class TeacherCache:
-    """CLIP-teacher embeddings on disk (--cache-teacher), because the ViT-L/14 teacher costs more
-    than the student. Caching fixes each image's crop (drawn with epoch 0) so a stored embedding
-    stays the right target in every epoch.
+    """A finished table, read-only: the targets of a batch are its images' rows."""
 
-    Each rank appends only to its own shard: rank<r>.rows (float16 rows of D values) and
-    rank<r>.index (int64, the image of each row). An index entry is its row's "filled" flag and is
-    appended only once the row is on disk, so no flag outlives its row; rows a crash left without
-    an entry are cut off when the rank reopens its shard. No two writers share a file, so ranks on
-    different nodes of a network filesystem cannot overwrite each other's pages. Every rank reads
-    every shard (it looks for new entries when a batch holds an image it has no row for), so a cache
-    made with another world size is read as it is and grows by the current ranks' shards. A row read
-    back zero or non-finite (lost, or not yet visible on this node) counts as missing and is
-    recomputed: a zero target trains nothing, since 1 - cos(x, 0) has no gradient."""
-
-    def __init__(self, folder, num_samples, dim, meta, rank):
-        os.makedirs(folder, exist_ok=True)
-        # the layout is part of the settings, so that a cache of another layout is refused
-        meta = {**meta, "dim": dim, "layout": "rank shards"}
-        meta_path = os.path.join(folder, "meta.json")
-        if rank == 0 and not os.path.exists(meta_path):
-            with open(meta_path + ".tmp", "w") as f:
-                json.dump(meta, f)
-            os.replace(meta_path + ".tmp", meta_path)
-        if dist.is_initialized():
-            dist.barrier()
-        with open(meta_path) as f:
-            if json.load(f) != meta:
-                raise ValueError(
-                    f"--cache-teacher {folder} was made for another teacher, data, seed or "
-                    "cache layout; use a new folder"
-                )
-        self.folder = folder
-        self.dim = dim
-        self.rank = rank
-        self.row_bytes = 2 * dim  # float16 rows
-        rows = self.path(rank, "rows")
-        entries = self.path(rank, "index")
-        for path in (rows, entries):
-            open(path, "ab").close()
-        self.count = min(os.path.getsize(rows) // self.row_bytes, os.path.getsize(entries) // 8)
-        os.truncate(rows, self.count * self.row_bytes)  # a row a crash left without its entry
-        os.truncate(entries, 8 * self.count)  # half an entry
-        # (N,) the shard holding image i's row, -1: none
-        self.shard = np.full(num_samples, -1, np.int32)
-        self.row = np.zeros(num_samples, np.int64)  # (N,) its row there
-        self.seen = {}  # shard -> index entries taken in so far
-        if dist.is_initialized():
-            dist.barrier()  # every shard trimmed before any rank reads it
-        self.refresh()
-
-    def path(self, shard, kind):
-        """The file of `shard` (a rank) that holds its "rows" or its "index"."""
-        return os.path.join(self.folder, f"rank{shard}.{kind}")
-
-    def refresh(self):
-        """Take in the index entries every shard gained since the last look; an image's later entry
-        replaces an earlier one (a recomputed row replaces a bad one)."""
-        for name in sorted(os.listdir(self.folder)):
-            if not (name.startswith("rank") and name.endswith(".index") and name[4:-6].isdigit()):
-                continue
-            shard = int(name[4:-6])
-            start = self.seen.get(shard, 0)
-            with open(os.path.join(self.folder, name), "rb") as f:
-                f.seek(8 * start)
-                raw = f.read()
-            whole = len(raw) // 8 * 8  # a half-written entry waits for the next look
-            new = np.frombuffer(raw[:whole], np.int64)
-            last = len(new) - 1 - np.unique(new[::-1], return_index=True)[1]  # latest per image
-            last = last[(new[last] >= 0) & (new[last] < len(self.shard))]
-            self.shard[new[last]] = shard
-            self.row[new[last]] = start + last
-            self.seen[shard] = start + len(new)
-
-    def read(self, idx):
-        """(B, D) float32 rows of images idx (B,); NaN where there is no row or it cannot be read
-        whole."""
-        out = np.full((len(idx), self.dim), np.nan, np.float32)
-        shards = self.shard[idx]
-        for shard in np.unique(shards[shards >= 0]):
-            with open(self.path(shard, "rows"), "rb") as f:
-                for j in np.flatnonzero(shards == shard):
-                    f.seek(self.row_bytes * int(self.row[idx[j]]))
-                    raw = f.read(self.row_bytes)
-                    if len(raw) == self.row_bytes:
-                        out[j] = np.frombuffer(raw, np.float16)
-        return out
-
-    def append(self, idx, rows):
-        """Store rows (n, D) of images idx (n,) in this rank's shard: the rows, then, once they are
-        on disk, their index entries."""
-        append_durable(self.path(self.rank, "rows"), rows.astype(np.float16).tobytes())
-        append_durable(self.path(self.rank, "index"), idx.astype(np.int64).tobytes())
-        self.shard[idx] = self.rank
-        self.row[idx] = self.count + np.arange(len(idx))
-        self.count += len(idx)
+    def __init__(self, folder, meta):
+        check_meta(folder, meta)
+        if not os.path.exists(table_path(folder)):
+            raise ValueError(f"--cache-teacher {folder} holds no finished table (build it first)")
+        self.table = np.load(table_path(folder), mmap_mode="r")  # (N, D) float16
 
     def __call__(self, index, ok, teacher_images, teacher):
-        """Embeddings (B, D) for a batch: cached rows read, missing or bad rows computed and stored.
-        Placeholders of unreadable images are computed but never stored."""
-        idx = index.numpy()
-        if (self.shard[idx] < 0).any():
-            self.refresh()  # another rank may have stored them since the last look
-        rows = self.read(idx)  # (B, D)
-        usable = np.isfinite(rows).all(1) & (rows != 0).any(1)
-        todo = torch.from_numpy(~usable)  # (B,) missing, zero or NaN
-        out = torch.from_numpy(rows).to(teacher_images.device)
+        """(B, D) float32 targets of a batch: index (B,) its images, ok (B,) bool. An image's
+        row, or, for a placeholder (ok False) or an image that had no row (unreadable when the
+        table was built), the teacher's answer to teacher_images (B, 3, T, T), as without a
+        cache."""
+        rows = torch.from_numpy(self.table[index.numpy()].astype(np.float32))  # (B, D)
+        todo = ~ok | ~torch.isfinite(rows).all(1)  # (B,)
+        rows = rows.to(teacher_images.device)
         if todo.any():
-            on_device = todo.to(out.device)
-            out[on_device] = teacher(teacher_images[on_device]).half().float()  # as stored
-            store = (todo & ok).numpy()
-            if store.any():
-                stored = out[torch.from_numpy(store).to(out.device)]
-                self.append(idx[store], stored.cpu().numpy())
-        return out
+            on_device = todo.to(rows.device)
+            rows[on_device] = teacher(teacher_images[on_device]).float()
+        return rows

@@ -263,7 +263,7 @@ def param_groups(model: SAMCLIP, cfg):
 def data_loaders(cfg, model, world, rank, device):
     """The D_CLIP loader (always: the step count is epochs over D_CLIP) and, when a loss term
     reads D_SAM, the D_SAM loader, each split across ranks. -> {"clip": (loader, sampler), "sam":
-    ...}, and the teacher cache or None."""
+    ...}."""
     per_rank = world * cfg.accum_steps
     for flag, batch in (("clip_batch", cfg.clip_batch), ("sam_batch", cfg.sam_batch)):
         if batch % per_rank:
@@ -292,13 +292,7 @@ def data_loaders(cfg, model, world, rank, device):
         sam_loader = torch.utils.data.DataLoader(sam_ds, batch_sampler=sam_sampler,
                                                  collate_fn=data.collate_sam, **loader_args)
         loaders["sam"] = (sam_loader, sam_sampler)
-    cache = None
-    if cfg.cache_teacher:
-        meta = {"clip_data": os.path.abspath(cfg.clip_data), "n": len(clip_ds), "seed": cfg.seed,
-                "teacher": cfg.clip_checkpoint or cfg.preset, "teacher_size": cfg.teacher_size}
-        cache = teacher_cache.TeacherCache(cfg.cache_teacher, len(clip_ds),
-                                           model.cfg.clip.embed_dim, meta, rank)
-    return loaders, cache
+    return loaders
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -316,7 +310,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
             log0(rank, f"stage {cfg.stage}: already finished in {ckpt_path}")
             return model
     log0(rank, f"stage {cfg.stage}: {json.dumps(asdict(cfg))}")
-    loaders, cache = data_loaders(cfg, model, world, rank, device)
+    loaders = data_loaders(cfg, model, world, rank, device)
     clip_sampler = loaders["clip"][1]
     total = sum(len(clip_sampler.plan(e)) for e in range(cfg.epochs)) // cfg.accum_steps
     last = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -337,6 +331,14 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     if world > 1:
         student = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    cache = None
+    if cfg.cache_teacher:   # EncCLIP(x) of every D_CLIP image, computed once before the first step
+        clip_ds = loaders["clip"][0].dataset
+        meta = {"clip_data": os.path.abspath(cfg.clip_data), "n": len(clip_ds), "seed": cfg.seed,
+                "teacher": cfg.clip_checkpoint or cfg.preset, "teacher_size": cfg.teacher_size}
+        with model_autocast(device, dtype):     # as the loop would have run the teacher
+            cache = teacher_cache.build(cfg.cache_teacher, clip_ds, teachers["clip"].visual, meta,
+                                        rank, world, device, cfg.workers)
 
     def save(done=False):
         if rank == 0:
@@ -581,7 +583,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("fp32", "bf16"),
                    help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--cache-teacher",
-                   help="folder to cache CLIP-teacher embeddings in (fixes each image's crop)")
+                   help="folder of the CLIP teacher's embeddings of every D_CLIP image, computed "
+                        "there before the first step if missing (fixes each image's crop)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile (first step's time logged)")
     return p.parse_args(argv)

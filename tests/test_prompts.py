@@ -147,12 +147,12 @@ def test_student_and_teacher_get_identical_prompts_every_round(tiny_data, monkey
     assert all(c["head"] is model.head_sam for c in student_calls)
     assert len(student_calls) == len(teacher_calls)  # every round its own call
 
-    def prompts(c):
+    def call_prompt(c):
         points = c["points"] if c["points"] is not None else (None, None)
         return [points[0], points[1], c["boxes"], c["masks"]]
 
     for s, t in zip(student_calls, teacher_calls):
-        for a, b in zip(prompts(s), prompts(t)):
+        for a, b in zip(call_prompt(s), call_prompt(t)):
             assert (a is None and b is None) or torch.equal(a, b)
     for j, g in enumerate(groups):
         rounds = teacher_calls[j * R : (j + 1) * R]
