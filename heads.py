@@ -83,7 +83,8 @@ class PositionEmbeddingRandom(nn.Module):
 
     def __init__(self, num_pos_feats):
         super().__init__()
-        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
+        gaussian = nn.init.normal_(torch.empty(2, num_pos_feats))  # torch.randn's numbers
+        self.register_buffer("positional_encoding_gaussian_matrix", gaussian)
 
     def encode(self, coords):                               # (..., 2) in [0, 1]
         coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix  # (..., C/2)

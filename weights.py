@@ -169,32 +169,31 @@ def load_checked(module: nn.Module, state_dict, source, expected_kind, assign=Fa
     return module
 
 
-class _SkipInit(torch.overrides.TorchFunctionMode):
-    """Inside skeleton(): random factories give uninitialised tensors and value-only in-place
-    initialisers return their tensor untouched (no shape ever changes)."""
-    RANDOM = {torch.randn: torch.empty, torch.rand: torch.empty}
-    IN_PLACE = {"normal_", "uniform_", "zero_", "fill_", "erfinv_", "mul_", "add_", "clamp_", "copy_",
-                "exponential_", "random_", "bernoulli_"}
+class _SkipInitialisers(torch.overrides.TorchFunctionMode):
+    """Inside skeleton(): the in-place initialisers of torch.nn.init (normal_, uniform_,
+    kaiming_uniform_, trunc_normal_, zeros_, ...: the public functions named `*_`) return a meta
+    tensor untouched, since it holds no values to set. Every other op runs as usual."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        target = args[0] if args else kwargs.get("tensor")        # nn.init's functions pass tensor=
-        if func in self.RANDOM:
-            func = self.RANDOM[func]
-        elif getattr(func, "__name__", "") in self.IN_PLACE and isinstance(target, torch.Tensor) and target.is_meta:
-            return target
+        name = getattr(func, "__name__", "")
+        if getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_") \
+                and not name.startswith("_"):
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def skeleton():
     """`with weights.skeleton(): model = Model(cfg)` builds the module tree for a checkpoint that
-    will replace every tensor (load_checked(..., assign=True), or to_empty then load): all tensors
-    on the meta device (shapes, no memory) and no initialiser run. torch.device("meta") alone still
-    runs them, and torch's meta versions of normal_ / uniform_ / randn / mul are Python code whose
-    first use imports torch._dynamo and torch's reference kernels: 1.9 s for one nn.Embedding on
-    this CPU, most of a merged model's load time (1.8 s -> 0.3 s for vit_b + ViT-L/14 text)."""
-    with torch.device("meta"), _SkipInit():
+    will replace every tensor (load_checked(..., assign=True), or to_empty then load): the standard
+    `torch.device("meta")` (shapes, no memory), with the torch.nn.init initialisers skipped.
+    Why skip them: torch's meta version of normal_ is Python code whose first use imports
+    torch._dynamo (and randn's imports sympy), seconds of start-up for values that the
+    checkpoint overwrites; the modules here initialise through torch.nn.init only."""
+    with torch.device("meta"), _SkipInitialisers():
         yield
 
 

@@ -105,8 +105,8 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
 def test_skeleton_builds_shapes_without_running_initialisers():
     """weights.skeleton(): the full-size merged model's tensors are all on the meta device, with
     the shapes of the randomly initialised model, and no initialiser ran. Checked in a fresh
-    interpreter, where running one would have imported torch._dynamo (the Python meta kernels of
-    normal_ / randn * scale pull it in: ~2 s of the demo's start-up)."""
+    interpreter, where running one would have imported torch._dynamo or sympy (torch's Python meta
+    kernels of normal_ and randn pull them in: seconds of the demo's start-up)."""
     import subprocess
     import sys
     from conftest import ROOT
@@ -114,15 +114,31 @@ def test_skeleton_builds_shapes_without_running_initialisers():
             "with weights.skeleton():\n"
             "    m = model.SAMCLIP(model.make_config())\n"
             "assert all(t.is_meta for t in [*m.parameters(), *m.buffers()])\n"
-            "print(sum(p.numel() for p in m.parameters()), 'torch._dynamo' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    params, dynamo = out.split()
+            "print(sum(p.numel() for p in m.parameters()), 'torch._dynamo' in sys.modules,\n"
+            "      'sympy' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    params, dynamo, sympy = run.stdout.split()
     with torch.device("meta"):
         import model
         reference = model.SAMCLIP(model.make_config())
-    assert int(params) == sum(p.numel() for p in reference.parameters()) > 200e6   # vit_b + HeadCLIP + ViT-L text
-    assert dynamo == "False"
+    n_reference = sum(p.numel() for p in reference.parameters())
+    assert int(params) == n_reference > 200e6               # vit_b + HeadCLIP + ViT-L text
+    assert dynamo == sympy == "False"
     with weights.skeleton():
         small = vit_det.build_vit_det("tiny")
     assert [(n, p.shape) for n, p in small.named_parameters()] == \
         [(n, p.shape) for n, p in vit_det.build_vit_det("tiny").named_parameters()]
+
+
+def test_skeleton_skips_only_initialisers_of_meta_tensors():
+    """Inside skeleton() a tensor made on purpose off the meta device is still initialised, and
+    ops other than torch.nn.init's initialisers run on meta tensors as usual."""
+    with weights.skeleton():
+        torch.manual_seed(0)
+        real = torch.nn.init.normal_(torch.empty(3, device="cpu"))
+        meta = torch.nn.init.normal_(torch.empty(3))
+        doubled = torch.ones(2) * 2
+    torch.manual_seed(0)
+    assert torch.equal(real, torch.randn(3))
+    assert meta.is_meta and doubled.is_meta and doubled.shape == (2,)
