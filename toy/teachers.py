@@ -1,33 +1,43 @@
 """The two toy teachers: a small SAM and a small CLIP, trained from scratch on toy scenes (issue 9).
 
 SAM-CLIP merges two trained foundation models; in the toy world both are real too, small enough to
-train on a laptop CPU in minutes and to ship in the repository, in the official file layouts, so
-that vit_det.load_sam_encoder, heads.load_sam_head and clip.load_clip read them like the real ones:
+train on a laptop CPU in about an hour and to ship in the repository, in the official file layouts,
+so that vit_det.load_sam_encoder, heads.load_sam_head and clip.load_clip read them like the real
+ones:
 
   1. Toy SAM (SAM Sec. 3 and App. A, "Training algorithm"): the "toy" ViT-Det encoder and HeadSAM,
-     trained jointly on the instance masks of train-hand scenes. Every mask gets a first prompt (with
-     equal probability its box, jittered, or one point in it), then follow-up rounds, each adding a
-     point from the error region of the previous mask (a missed pixel -> label 1, a spilled one -> 0)
-     with the previous low-res logits as the mask prompt. Loss per round: focal : dice = 20 : 1 against
-     the ground-truth mask, plus the MSE of the IoU head to the mask's actual IoU. A single point is
-     ambiguous, so it gets SAM's 3 multimask outputs and only the one with the lowest loss is trained.
-  2. Toy CLIP (CLIP Sec. 2.3): the "toy" towers trained with InfoNCE, a symmetric cross-entropy over
-     the cosine similarities of a batch of (crop, caption) pairs times a learned temperature. Crops
-     and captions come from toy.scenes.random_crop_with_caption, most of them centred on one object,
-     so words bind to regions. Many crops share a caption ("grass"): identical captions are
-     positives of each other, the target of a row spread evenly over the columns with its caption.
-     Measured against plain InfoNCE this changes nothing here: the text tower gives equal captions
-     equal embeddings, so the softmax already splits its mass evenly between them and the two losses
-     agree in value and gradient (tests/test_toy_teachers.py); the targets state the intent and stay
-     right were two copies ever embedded differently (text augmentation, dropout).
+     trained jointly on the instance masks of train-hand scenes. Every mask gets a first prompt
+     (with equal probability its box, jittered, or one point in it), then follow-up rounds, each
+     adding a point from the error region of the previous mask (a missed pixel -> label 1, a
+     spilled one -> 0) with the previous low-res logits as the mask prompt. Loss per round:
+     focal : dice = 20 : 1 against the ground-truth mask, plus the MSE of the IoU head to the
+     mask's actual IoU. A single point is ambiguous, so it gets SAM's 3 multimask outputs and only
+     the one with the lowest loss is trained. The mask decoder runs once per prompt and round and
+     costs ~85% of a step, so the toy preset's decoder is 64 wide (half the encoder's width): twice
+     the steps in the same time, which a flat-colour world needs more than width.
+  2. Toy CLIP (CLIP Sec. 2.3): the "toy" towers trained with InfoNCE, a symmetric cross-entropy
+     over the cosine similarities of a batch of (crop, caption) pairs times a learned temperature.
+     Crops and captions come from toy.scenes.random_crop_with_caption, half of them centred on one
+     object and 30% inside a stuff region, so words bind to regions; half of the captions are
+     framed as CLIP's zero-shot templates frame a class name (framed_caption). Many crops share a
+     caption ("grass"): identical captions are positives of each other, the target of a row spread
+     evenly over the columns with its caption. Measured against plain InfoNCE this changes nothing
+     here: the text tower gives equal captions equal embeddings, so the softmax already splits its
+     mass evenly between them and the two losses agree in value and gradient
+     (tests/test_toy_teachers.py); the targets state the intent and stay right were two copies
+     ever embedded differently (text augmentation, dropout).
   3. Saving: SAM as a plain state dict with `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`
-     keys (sam_vit_b_01ec64.pth's layout), CLIP with OpenCLIP's keys (clip.CLIP_REMAP, inverted), both
-     in float16 (the readers cast to float32). The quality numbers are measured on the saved files.
+     keys (sam_vit_b_01ec64.pth's layout), CLIP with OpenCLIP's keys (clip.CLIP_REMAP, inverted),
+     both in float16 (the readers cast to float32). The quality numbers are measured on the saved
+     files.
 
-Scenes are drawn on the fly into a pool that is partly redrawn every step: drawing one costs about as
-much as training on a few, so every scene is used a few times, each time with other prompts or crops.
+Scenes are drawn on the fly into a pool that is partly redrawn every step: drawing one costs about
+as much as training on a few, so every scene is used a few times, each time with other prompts or
+crops. Training saves and resumes as train.py does (Phase): rerunning an interrupted command
+continues it exactly, and a finished teacher is not trained again.
 
-Run: python -m toy.teachers --seed 0 --out toy/weights     (57 min on 2 CPU cores: toy SAM 41, toy CLIP 16)
+Run: python -m toy.teachers --seed 0 --out toy/weights --work runs/teachers
+     (--only sam and --only clip run the two teachers as two processes, e.g. one per core)
 
 Shape legend: B images, S the SAM frame side (256), L its low-res mask side (S/4), n prompt slots,
 R rounds, N points per prompt, C channels, D CLIP embedding size, T text length.
@@ -37,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -49,10 +60,12 @@ import clip
 import data
 import heads
 import losses
+import prompts
 import toy
 import train
 import vit_det
 import weights
+import zero_shot
 from toy import layouts, quality, scenes
 
 
@@ -60,28 +73,32 @@ from toy import layouts, quality, scenes
 class TeacherConfig:
     seed: int = 0
     # toy SAM (SAM App. A); SAM itself: batch 256 images, up to 64 masks each, 11 rounds, lr 8e-4
-    sam_steps: int = 1200             # optimizer steps
+    sam_steps: int = 1500             # optimizer steps
     sam_images: int = 8               # scenes per step
     sam_prompts: int = 8              # masks prompted per scene (fewer if the scene has fewer)
-    sam_rounds: int = 3               # first prompt + follow-up rounds (an error point + the mask prompt each)
-    sam_lr: float = 1e-3              # AdamW peak learning rate (SAM's: 8e-4)
+    sam_rounds: int = 3               # first prompt + follow-up rounds (error point + mask prompt)
+    sam_lr: float = 2e-3              # AdamW peak learning rate (SAM's: 8e-4 at 256 images)
     sam_pool: int = 192               # scenes held at once
-    sam_fresh: int = 2                # scenes redrawn per step: each scene is seen ~ images * pool / fresh / pool times
+    sam_fresh: int = 2                # scenes redrawn per step (each is used ~ images/fresh times)
     # toy CLIP (CLIP Sec. 2.3); OpenAI's CLIP: batch 32768, lr 5e-4 (ViT-B), weight decay 0.2
-    clip_steps: int = 600
-    clip_batch: int = 256             # (crop, caption) pairs per step
+    clip_steps: int = 1000
+    clip_batch: int = 128             # (crop, caption) pairs per step
     clip_lr: float = 1e-3
     clip_pool: int = 512
-    clip_fresh: int = 8
+    clip_fresh: int = 4               # scenes redrawn per step (each gives ~ batch/fresh crops)
+    clip_object_crops: float = 0.5    # share of crops centred on one object
+    clip_stuff_crops: float = 0.3     # share inside a stuff region; the rest are random boxes
+    clip_framed: float = 0.5          # share of captions in a zero-shot template's frame
     weight_decay: float = 0.05        # AdamW, linear/conv weights only
     grad_clip: float = 1.0            # max global gradient norm
-    warmup: int = 60                  # linear warm-up steps, then cosine decay to 0
-    bf16: bool = False                # autocast to bfloat16 (losses stay float32): 3x slower on a CPU without AMX
+    warmup: int = 100                 # linear warm-up steps, then cosine decay to 0
+    bf16: bool = False                # bfloat16 autocast (losses stay float32): slower without AMX
 
 
 SAM_FILE, CLIP_FILE = os.path.basename(toy.SAM_WEIGHTS), os.path.basename(toy.CLIP_WEIGHTS)
 REPORT_FILE = "teachers.json"
 HYPERNETWORK_GAIN = 10.0   # see train_sam
+SAVE_EVERY_S = 300         # seconds between checkpoints of a phase
 
 
 def adamw(model, lr, weight_decay):
@@ -90,16 +107,112 @@ def adamw(model, lr, weight_decay):
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, train.DECAYED_LAYERS)}
     decay = [p for p in model.parameters() if id(p) in decayed]
     rest = [p for p in model.parameters() if id(p) not in decayed]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98))
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
+class ScenePool:
+    """`size` train-hand scenes, prepared by `prepare(scene)`; `refresh(k)` redraws the k oldest.
+    Every scene is drawn from a seed of its own (taken from `rng`), so the pool's state is a list
+    of seeds: a checkpoint stores them (state_dict) and `from_state` draws the same scenes again."""
+
+    def __init__(self, size, prepare, rng, seeds=None, next_slot=0):
+        self.prepare, self.rng, self.next = prepare, rng, next_slot
+        self.seeds = [self.new_seed() for _ in range(size)] if seeds is None else list(seeds)
+        self.items = [self.draw(seed) for seed in self.seeds]
+
+    def new_seed(self):
+        return int(self.rng.integers(2 ** 62))
+
+    def draw(self, seed):
+        return self.prepare(scenes.draw_scene(seed, "train"))
+
+    def refresh(self, k):
+        for _ in range(k):
+            slot = self.next % len(self.items)
+            self.seeds[slot] = self.new_seed()
+            self.items[slot] = self.draw(self.seeds[slot])
+            self.next += 1
+
+    def sample(self, k):
+        return [self.items[i] for i in self.rng.choice(len(self.items), size=k, replace=False)]
+
+    def state_dict(self):
+        return {"seeds": list(self.seeds), "next": self.next, "rng": self.rng.bit_generator.state}
+
+    @classmethod
+    def from_state(cls, state, prepare):
+        rng = restored_rng(state["rng"])
+        return cls(len(state["seeds"]), prepare, rng, state["seeds"], state["next"])
+
+
+def restored_rng(state):
+    """A numpy Generator in the state `rng.bit_generator.state` once returned."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+STOP = {"signal": None}    # set by main's SIGTERM / SIGINT handler: save at the end of the step
+
+
+def request_stop(signum, frame):
+    STOP["signal"] = signum
+
+
+class Phase:
+    """Save and resume one teacher's training as train.py does: `<work>/ckpt_<name>.pt` holds the
+    model, optimizer, step, random states and scene pool, written atomically (weights.atomic_save)
+    every SAVE_EVERY_S seconds, on SIGTERM / SIGINT and at the end, with done=True once the last
+    step is taken. Rerunning the same command continues exactly where the last checkpoint stopped
+    (the same weights as an uninterrupted run); a finished phase is skipped. work=None: no
+    checkpoints. stop_after: leave after that step, checkpointed, as an interruption would."""
+
+    def __init__(self, work, name, cfg, log, stop_after=None):
+        self.path = os.path.join(work, f"ckpt_{name}.pt") if work else None
+        other = "clip_" if name == "SAM" else "sam_"    # the other teacher's settings don't matter
+        self.config = {k: v for k, v in asdict(cfg).items() if not k.startswith(other)}
+        self.name, self.log, self.stop_after = name, log, stop_after
+        self.last_save = time.time()
+
+    def load(self):
+        """The checkpoint's dict, or None. Refuses one saved under another configuration."""
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        state = weights.safe_load(self.path, "teacher checkpoint")
+        if state["config"] != self.config:
+            changed = sorted(k for k in self.config if state["config"].get(k) != self.config[k])
+            raise SystemExit(f"toy.teachers: {self.path} was saved with other settings "
+                             f"({changed}); rerun with the same ones or choose another --work")
+        word = "already finished" if state["done"] else f"resumed at step {state['step']}"
+        self.log(f"toy {self.name}: {word} ({self.path})")
+        return state
+
+    def stops(self, step, total):
+        """Whether the loop leaves after this step, short of `total` (stop_after or a signal)."""
+        return step < total and (step == self.stop_after or STOP["signal"] is not None)
+
+    def due(self, step, total):
+        """Whether a checkpoint is written after this step."""
+        if self.path is None:
+            return False
+        late = time.time() - self.last_save > SAVE_EVERY_S
+        return step == total or late or self.stops(step, total)
+
+    def save(self, state, done):
+        weights.atomic_save({**state, "config": self.config, "done": done}, self.path)
+        self.last_save = time.time()
 
 
 # ----------------------------------------------------------------------------- 1. toy SAM
 
 def low_res_masks(masks, original_hw, resized_hw, side):
     """Instance masks (K, H, W) bool at the original size -> SAM's low-res grid (K, side/4, side/4):
-    cell (r, c) is the original pixel under the cell's centre in the resized frame, as data.SA1B does;
-    cells in the padding are 0. -> (masks, inside (side/4, side/4) bool: cells of the image)."""
+    cell (r, c) is the original pixel under the cell's centre in the resized frame, as data.SA1B
+    does; cells in the padding are 0. -> (masks, inside (side/4, side/4) bool: image cells)."""
     L = side // data.LOW_RES_STRIDE
     rows, cols = data.low_res_cells(original_hw, resized_hw, side)
     out = np.zeros((len(masks), L, L), bool)
@@ -110,39 +223,25 @@ def low_res_masks(masks, original_hw, resized_hw, side):
 
 
 def sam_scene(scene, side):
-    """One scene in SAM's frame: {"image" (3, S, S) float16, SAM-normalised and padded; "gt" (K, L, L)
-    bool; "boxes" (K, 4) x0 y0 x1 y1 in the frame; "inside" (L, L)}, for the masks that cover at
-    least one low-res cell (a sliver that covers none cannot be prompted or scored)."""
+    """One scene in SAM's frame: {"image" (3, S, S) float16, SAM-normalised and padded; "gt"
+    (K, L, L) bool; "boxes" (K, 4) x0 y0 x1 y1 in the frame; "inside" (L, L)}, for the masks that
+    cover at least one low-res cell (a sliver that covers none cannot be prompted or scored)."""
     x, (h2, w2) = data.sam_preprocess(scene.image, side)
     masks = np.stack([inst.mask for inst in scene.instances])                     # (K, H, W)
     gt, inside = low_res_masks(masks, scene.class_map.shape, (h2, w2), side)
     keep = gt.flatten(1).any(1)
     sx, sy = w2 / scene.image.width, h2 / scene.image.height
-    boxes = torch.tensor([[l * sx, t * sy, r * sx, b * sy] for l, t, r, b in map(scenes.mask_box, masks)]).float()
+    boxes = [[l * sx, t * sy, r * sx, b * sy] for l, t, r, b in map(scenes.mask_box, masks)]
+    boxes = torch.tensor(boxes).float()                                           # (K, 4)
     return {"image": x.half(), "gt": gt[keep], "boxes": boxes[keep], "inside": inside}
-
-
-class ScenePool:
-    """`size` train-hand scenes, prepared by `prepare(scene)`; `refresh(k)` redraws the k oldest."""
-
-    def __init__(self, size, prepare, rng):
-        self.prepare, self.rng, self.next = prepare, rng, 0
-        self.items = [prepare(scenes.draw_scene(rng, "train")) for _ in range(size)]
-
-    def refresh(self, k):
-        for _ in range(k):
-            self.items[self.next % len(self.items)] = self.prepare(scenes.draw_scene(self.rng, "train"))
-            self.next += 1
-
-    def sample(self, k):
-        return [self.items[i] for i in self.rng.choice(len(self.items), size=k, replace=False)]
 
 
 def sam_prompts(items, per_image, generator):
     """SAM's first prompts for up to `per_image` masks of each scene: with equal probability the
-    mask's box (each side moved by N(0, (0.1 * side)^2), capped at 20 px in a 1024 frame, App. A) or
-    one point drawn uniformly from its cells. -> the batch {"image" (B, 3, S, S) float32, "slot_image"
-    (n,), "gt" (n, L, L), "inside" (n, L, L), "is_box" (n,), "boxes" (n, 4), "points" (n, 1, 2)}."""
+    mask's box (each side moved by N(0, (0.1 * side)^2), capped at 20 px in a 1024 frame, App. A)
+    or one point drawn uniformly from its cells. -> the batch {"image" (B, 3, S, S) float32,
+    "slot_image" (n,), "gt" (n, L, L), "inside" (n, L, L), "is_box" (n,), "boxes" (n, 4),
+    "points" (n, 1, 2)}."""
     side = items[0]["image"].shape[-1]
     slot_image, gt, inside, boxes, points, is_box = [], [], [], [], [], []
     for b, item in enumerate(items):
@@ -153,15 +252,22 @@ def sam_prompts(items, per_image, generator):
             size = (box[2:] - box[:2]).repeat(2)                                  # (w, h, w, h)
             cap = data.MAX_BOX_JITTER * side / 1024
             box = box + (torch.randn(4, generator=generator) * 0.1 * size).clamp(-cap, cap)
-            box = torch.cat([torch.minimum(box[:2], box[2:]), torch.maximum(box[:2], box[2:])]).clamp(0, side)
-            cells = torch.nonzero(mask)                                           # (cells, 2) rows, cols
+            box = torch.cat([torch.minimum(box[:2], box[2:]), torch.maximum(box[:2], box[2:])])
+            box = box.clamp(0, side)
+            cells = torch.nonzero(mask)                                           # (cells, 2) r, c
             r, c = cells[torch.randint(len(cells), (1,), generator=generator)].unbind(1)
             # the cell's centre in the frame, minus SAM's 0.5 (its prompt encoder adds it back)
-            point = torch.stack([(c + 0.5) * data.LOW_RES_STRIDE - 0.5, (r + 0.5) * data.LOW_RES_STRIDE - 0.5], -1)
-            slot_image.append(b), gt.append(mask), inside.append(item["inside"]), boxes.append(box)
-            points.append(point.float()), is_box.append(bool(torch.rand(1, generator=generator) < 0.5))
-    return {"image": torch.stack([item["image"] for item in items]).float(), "slot_image": torch.tensor(slot_image),
-            "gt": torch.stack(gt), "inside": torch.stack(inside), "is_box": torch.tensor(is_box),
+            stride = data.LOW_RES_STRIDE
+            point = torch.stack([(c + 0.5) * stride - 0.5, (r + 0.5) * stride - 0.5], -1)  # (1, 2)
+            slot_image.append(b)
+            gt.append(mask)
+            inside.append(item["inside"])
+            boxes.append(box)
+            points.append(point.float())
+            is_box.append(bool(torch.rand(1, generator=generator) < 0.5))
+    return {"image": torch.stack([item["image"] for item in items]).float(),
+            "slot_image": torch.tensor(slot_image), "gt": torch.stack(gt),
+            "inside": torch.stack(inside), "is_box": torch.tensor(is_box),
             "boxes": torch.stack(boxes), "points": torch.stack(points)}
 
 
@@ -183,23 +289,28 @@ def sam_round_losses(head, embeddings, batch, rounds, generator):
         n = len(sel)
         if n == 0:
             continue
-        emb, gt, inside = embeddings[batch["slot_image"][sel]], batch["gt"][sel], batch["inside"][sel]
+        emb = embeddings[batch["slot_image"][sel]]                               # (n, C, h, w)
+        gt, inside = batch["gt"][sel], batch["inside"][sel]
         target = gt.float()
         boxes = batch["boxes"][sel] if box_group else None
-        coords = batch["points"][sel].new_zeros(n, 0, 2) if box_group else batch["points"][sel]  # (n, N, 2)
-        labels = torch.ones(n, coords.shape[1], dtype=torch.long)                # (n, N): the first point is 1
+        points = batch["points"][sel]
+        coords = points.new_zeros(n, 0, 2) if box_group else points              # (n, N, 2)
+        labels = torch.ones(n, coords.shape[1], dtype=torch.long)                # (n, N): all 1
         mask_input, prev = None, None
         rows = torch.arange(n)
         for r in range(rounds):
             if r > 0:   # a point from the error region of the previous mask (SAM App. A)
                 draws = torch.rand(n, generator=generator)
-                xy, lab = losses.sample_error_points(prev > 0, gt, inside, draws, data.LOW_RES_STRIDE)
-                coords, labels = torch.cat([coords, xy[:, None]], 1), torch.cat([labels, lab[:, None]], 1)
-            masks, iou_pred = head.all_outputs(emb, **losses.sam_prompt_args(coords, labels, boxes, mask_input))
-            masks, iou_pred = masks.float(), iou_pred.float()                   # (n, 4, L, L), (n, 4)
+                xy, lab = prompts.sample_error_points(prev > 0, gt, inside, draws,
+                                                     data.LOW_RES_STRIDE)
+                coords = torch.cat([coords, xy[:, None]], 1)
+                labels = torch.cat([labels, lab[:, None]], 1)
+            prompt = prompts.prompt_args(coords, labels, boxes, mask_input)
+            masks, iou_pred = head.all_outputs(emb, **prompt)
+            masks, iou_pred = masks.float(), iou_pred.float()              # (n, 4, L, L), (n, 4)
             # one ambiguous prompt (a single point): the 3 multimask outputs, the best one trained
             outputs = slice(1, 4) if (r == 0 and not box_group) else slice(0, 1)
-            m, p = masks[:, outputs], iou_pred[:, outputs]                       # (n, M, L, L), (n, M)
+            m, p = masks[:, outputs], iou_pred[:, outputs]                 # (n, M, L, L), (n, M)
             M = m.shape[1]
             flat_t = target[:, None].expand_as(m).flatten(0, 1)                   # (n*M, L, L)
             focal = losses.focal_soft(m.flatten(0, 1), flat_t).view(n, M)       # hard 0/1 targets
@@ -207,7 +318,8 @@ def sam_round_losses(head, embeddings, batch, rounds, generator):
             per_mask = losses.FOCAL_WEIGHT * focal + losses.DICE_WEIGHT * dice   # (n, M)
             best = per_mask.argmin(1)                                            # (n,)
             actual = mask_iou(m.detach(), gt)                                    # (n, M)
-            iou_loss = F.mse_loss(p, actual, reduction="none").mean(1)           # every output's IoU is predicted
+            # every output's IoU is predicted, not only the trained mask's
+            iou_loss = F.mse_loss(p, actual, reduction="none").mean(1)           # (n,)
             loss = loss + (per_mask[rows, best] + iou_loss).sum()
             count += n
             totals["focal"] += focal[rows, best].sum().item()
@@ -215,14 +327,17 @@ def sam_round_losses(head, embeddings, batch, rounds, generator):
             totals["iou"] += iou_loss.sum().item()
             if r == 0:
                 totals["miou"] += actual[rows, best].sum().item()
-            prev = m[rows, best].detach()                                        # (n, L, L) the mask kept
-            mask_input = prev[:, None]                                           # next round's mask prompt
+            prev = m[rows, best].detach()                                        # (n, L, L) kept
+            mask_input = prev[:, None]                                           # next mask prompt
     first = len(batch["is_box"])
     return loss / count, {k: v / (first if k == "miou" else count) for k, v in totals.items()}
 
 
-def train_sam(cfg: TeacherConfig, encoder_preset="toy", head_preset="toy", log=print):
-    """Train the toy SAM from scratch. -> (encoder, head), in eval mode."""
+def train_sam(cfg: TeacherConfig, encoder_preset="toy", head_preset="toy", log=print, work=None,
+              stop_after=None):
+    """Train the toy SAM from scratch, resuming from `work` (see Phase, also for stop_after).
+    -> (encoder, head) in eval mode and the training seconds over all runs, or None if stopped
+    short of the last step."""
     torch.manual_seed(cfg.seed)
     encoder, head = vit_det.build_vit_det(encoder_preset), heads.build_head_sam(head_preset)
     with torch.no_grad():
@@ -230,79 +345,144 @@ def train_sam(cfg: TeacherConfig, encoder_preset="toy", head_preset="toy", log=p
         # ~0.05 over the pixels, the product of two small factors: the hypernetwork's 8 weights and
         # the upscaled features), a saddle that SAM, starting from an MAE encoder and training 90k
         # steps, can afford and a few minutes on a CPU cannot. Ten times larger last layers of the
-        # hypernetworks (logit spread ~0.3) left it in ~60 steps instead of ~170 when fitting 16 masks.
+        # hypernetworks (logit spread ~0.3) left it in ~60 steps instead of ~170 when fitting 16
+        # masks.
         for mlp in head.mask_decoder.output_hypernetworks_mlps:
             mlp.layers[-1].weight.mul_(HYPERNETWORK_GAIN)
     side = encoder.cfg.img_size
     model = torch.nn.ModuleDict({"image_encoder": encoder, "head": head})
     opt = adamw(model, cfg.sam_lr, cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    pool = ScenePool(cfg.sam_pool, lambda s: sam_scene(s, side), np.random.default_rng([cfg.seed, 1]))
-    start = time.time()
-    for step in range(cfg.sam_steps):
+    prepare = lambda s: sam_scene(s, side)
+    phase = Phase(work, "SAM", cfg, log, stop_after)
+    state = phase.load()
+    step, seconds = 0, 0.0
+    if state is None:
+        pool = ScenePool(cfg.sam_pool, prepare, np.random.default_rng([cfg.seed, 1]))
+    else:
+        model.load_state_dict(state["model"])
+        step, seconds = state["step"], state["seconds"]
+        if state["done"]:
+            return encoder.eval(), head.eval(), seconds
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        pool = ScenePool.from_state(state["pool"], prepare)
+    start = time.time() - seconds
+    while step < cfg.sam_steps:
         for group in opt.param_groups:
             group["lr"] = cfg.sam_lr * train.lr_factor(step, cfg.sam_steps, cfg.warmup)
         pool.refresh(cfg.sam_fresh)
         batch = sam_prompts(pool.sample(cfg.sam_images), cfg.sam_prompts, generator)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            embeddings = encoder(batch["image"])                                 # (B, C, S/16, S/16)
+            embeddings = encoder(batch["image"])                             # (B, C, S/16, S/16)
             loss, parts = sam_round_losses(head, embeddings, batch, cfg.sam_rounds, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        if step % 50 == 0 or step == cfg.sam_steps - 1:
-            log(f"toy SAM step {step:5d}/{cfg.sam_steps}  loss {loss.item():.4f}  focal {parts['focal']:.4f}  "
-                f"dice {parts['dice']:.3f}  iou-mse {parts['iou']:.4f}  train mIoU {parts['miou']:.3f}  "
-                f"grad norm {grad_norm:.2f}  lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:.0f} s")
-    return encoder.eval(), head.eval()
+        step += 1
+        if step % 50 == 1 or step == cfg.sam_steps:
+            log(f"toy SAM step {step:5d}/{cfg.sam_steps}  loss {loss.item():.4f}  "
+                f"focal {parts['focal']:.4f}  dice {parts['dice']:.3f}  "
+                f"iou-mse {parts['iou']:.4f}  "
+                f"train mIoU {parts['miou']:.3f}  grad norm {grad_norm:.2f}  "
+                f"lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:.0f} s")
+        if phase.due(step, cfg.sam_steps):
+            seconds = time.time() - start
+            phase.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "seconds": seconds, "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(), "pool": pool.state_dict()},
+                       done=step == cfg.sam_steps)
+        if phase.stops(step, cfg.sam_steps):
+            return None
+    return encoder.eval(), head.eval(), time.time() - start
 
 
 # ----------------------------------------------------------------------------- 2. toy CLIP
 
-def clip_crop(scene, rng, side):
-    """One (crop, caption) pair in the CLIP tower's input: (3, side, side) uint8 (squashed to a square,
-    as data.CLIPImages does; half of them mirrored, which no caption can tell), caption."""
-    crop, text, _ = scenes.random_crop_with_caption(scene, rng)
+def clip_crop(scene, rng, side, cfg: TeacherConfig):
+    """One (crop, caption) pair in the CLIP tower's input: (3, side, side) uint8 (squashed to a
+    square, as data.CLIPImages does; half of them mirrored, which no caption can tell), caption.
+    A share cfg.clip_framed of the captions is framed as a zero-shot template frames a class name
+    (framed_caption)."""
+    crop, text, _ = scenes.random_crop_with_caption(scene, rng, cfg.clip_object_crops,
+                                                    cfg.clip_stuff_crops)
     crop = crop.resize((side, side), Image.BICUBIC)
     if rng.random() < 0.5:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    if rng.random() < cfg.clip_framed:
+        text = framed_caption(text, rng)
     return data.to_tensor(crop).to(torch.uint8), text
+
+
+def framed_caption(text, rng):
+    """The caption's words in one of CLIP's zero-shot templates ("a blurry photo of the {}."):
+    "a picture of a red house on the grass" -> "a blurry photo of the red house on the grass.".
+    Why: CLIP's web captions are framed by words like "photo", "painting" and "close-up", and its
+    templates were written to match them; the toy captions have only four frames, so the words of
+    the templates would reach the text tower untrained. The caption's content, what a crop shows,
+    is unchanged: only its frame is, and it names every class that the plain caption names."""
+    for prefix in scenes.PREFIXES:
+        if prefix and text.startswith(prefix):
+            text = text[len(prefix):]
+    for article in ("a ", "an ", "the "):
+        if text.startswith(article):
+            text = text[len(article):]
+    templates = zero_shot.OPENAI_IMAGENET_TEMPLATES
+    return templates[rng.integers(len(templates))].format(text)
 
 
 def contrastive_loss(image_emb, text_emb, logit_scale, captions):
     """CLIP's symmetric InfoNCE (Sec. 2.3) with duplicate captions as positives: unit embeddings
-    (B, D) x (B, D), logits = exp(logit_scale) * cosines; the target of image i is spread evenly over
-    the texts equal to its own caption, and the same for texts (the matrix is symmetric). Equal to
-    plain InfoNCE when equal captions have equal embeddings (see the file's docstring)."""
+    (B, D) x (B, D), logits = exp(logit_scale) * cosines; the target of image i is spread evenly
+    over the texts equal to its own caption, and the same for texts (the matrix is symmetric).
+    Equal to plain InfoNCE when equal captions have equal embeddings (see the file's docstring)."""
     logits = logit_scale.exp() * image_emb @ text_emb.t()                        # (B, B)
-    _, ids = np.unique(np.array(captions), return_inverse=True)                 # (B,) one id per distinct caption
+    _, ids = np.unique(np.array(captions), return_inverse=True)      # (B,) one id per caption text
     ids = torch.from_numpy(ids.reshape(-1))
-    same = (ids[:, None] == ids[None, :]).float()                                # (B, B) 1 where captions agree
+    same = (ids[:, None] == ids[None, :]).float()                    # (B, B) 1 where captions agree
     target = same / same.sum(1, keepdim=True)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def train_clip(cfg: TeacherConfig, preset="toy", log=print):
-    """Train the toy CLIP from scratch. -> (model in eval mode, (V,) bool: the tokens seen in training)."""
+def train_clip(cfg: TeacherConfig, preset="toy", log=print, work=None, stop_after=None):
+    """Train the toy CLIP from scratch, resuming from `work` (see Phase, also for stop_after).
+    -> (model in eval mode, (V,) bool: the tokens seen in training, the training seconds over all
+    runs), or None if stopped short of the last step."""
     torch.manual_seed(cfg.seed)
     model = clip.build_clip(preset)
     side, ctx = model.config.image_size, model.config.context_length
     opt = adamw(model, cfg.clip_lr, cfg.weight_decay)
-    rng = np.random.default_rng([cfg.seed, 2])
-    pool = ScenePool(cfg.clip_pool, lambda s: s, rng)
+    rng = np.random.default_rng([cfg.seed, 3])          # crops, captions and which scenes
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-    start = time.time()
-    for step in range(cfg.clip_steps):
+    phase = Phase(work, "CLIP", cfg, log, stop_after)
+    state = phase.load()
+    step, seconds = 0, 0.0
+    if state is None:
+        pool = ScenePool(cfg.clip_pool, lambda s: s, np.random.default_rng([cfg.seed, 2]))
+    else:
+        model.load_state_dict(state["model"])
+        step, seconds, seen = state["step"], state["seconds"], state["seen"]
+        if state["done"]:
+            return model.eval(), seen, seconds
+        opt.load_state_dict(state["optimizer"])
+        rng = restored_rng(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        pool = ScenePool.from_state(state["pool"], lambda s: s)
+    start = time.time() - seconds
+    while step < cfg.clip_steps:
         for group in opt.param_groups:
             group["lr"] = cfg.clip_lr * train.lr_factor(step, cfg.clip_steps, cfg.warmup)
         pool.refresh(cfg.clip_fresh)
-        pairs = [clip_crop(pool.items[i], rng, side) for i in rng.integers(len(pool.items), size=cfg.clip_batch)]
-        images = data.normalize_clip(torch.stack([img for img, _ in pairs]).float())   # (B, 3, side, side)
+        chosen = rng.integers(len(pool.items), size=cfg.clip_batch)
+        pairs = [clip_crop(pool.items[i], rng, side, cfg) for i in chosen]
+        images = torch.stack([img for img, _ in pairs]).float()              # (B, 3, side, side)
+        images = data.normalize_clip(images)
         captions = [text for _, text in pairs]
         tokens = clip.trim_padding(clip.tokenize(captions, ctx))                  # (B, T)
-        ends = tokens.argmax(1, keepdim=True)                                     # the end token of each row
-        seen[tokens[torch.arange(tokens.shape[1])[None] <= ends]] = True          # padding after it is not read
+        ends = tokens.argmax(1, keepdim=True)                                # each row's end token
+        seen[tokens[torch.arange(tokens.shape[1])[None] <= ends]] = True     # padding is not read
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             image_emb, text_emb = model(images, tokens)
         loss = contrastive_loss(image_emb.float(), text_emb.float(), model.logit_scale, captions)
@@ -312,11 +492,21 @@ def train_clip(cfg: TeacherConfig, preset="toy", log=print):
         opt.step()
         with torch.no_grad():   # CLIP Sec. 2.5: the temperature is clipped at 100
             model.logit_scale.clamp_(0, math.log(100))
-        if step % 50 == 0 or step == cfg.clip_steps - 1:
+        step += 1
+        if step % 50 == 1 or step == cfg.clip_steps:
             log(f"toy CLIP step {step:5d}/{cfg.clip_steps}  loss {loss.item():.4f}  "
-                f"scale {model.logit_scale.exp().item():.1f}  distinct captions {len(set(captions))}/{len(captions)}  "
+                f"scale {model.logit_scale.exp().item():.1f}  "
+                f"distinct captions {len(set(captions))}/{len(captions)}  "
                 f"lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:.0f} s")
-    return model.eval(), seen
+        if phase.due(step, cfg.clip_steps):
+            seconds = time.time() - start
+            phase.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "seconds": seconds, "seen": seen.clone(), "rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state(), "pool": pool.state_dict()},
+                       done=step == cfg.clip_steps)
+        if phase.stops(step, cfg.clip_steps):
+            return None
+    return model.eval(), seen, time.time() - start
 
 
 # ----------------------------------------------------------------------------- 3. official layouts
@@ -345,46 +535,76 @@ def clip_state_dict(model, seen):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the toy SAM and toy CLIP teachers from a seed and save them "
-                                            "in the official layouts (toy_sam.pth, toy_clip.bin).")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the scenes and every prompt")
-    p.add_argument("--out", default="toy/weights", help="folder for toy_sam.pth, toy_clip.bin and teachers.json")
-    p.add_argument("--sam-steps", type=int, default=TeacherConfig.sam_steps, help="toy SAM optimizer steps")
-    p.add_argument("--clip-steps", type=int, default=TeacherConfig.clip_steps, help="toy CLIP optimizer steps")
+    p = argparse.ArgumentParser(description="Train the toy SAM and toy CLIP teachers from a seed "
+                                            "and save them in the official layouts (toy_sam.pth, "
+                                            "toy_clip.bin). Rerun the same command to resume.")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialisation, the scenes and every prompt")
+    p.add_argument("--out", default="toy/weights",
+                   help="folder for toy_sam.pth, toy_clip.bin and teachers.json")
+    p.add_argument("--work", default="runs/teachers",
+                   help="folder for the resumable checkpoints (ckpt_SAM.pt, ckpt_CLIP.pt)")
+    p.add_argument("--sam-steps", type=int, default=TeacherConfig.sam_steps,
+                   help="toy SAM optimizer steps")
+    p.add_argument("--clip-steps", type=int, default=TeacherConfig.clip_steps,
+                   help="toy CLIP optimizer steps")
     p.add_argument("--only", choices=("sam", "clip"), default=None, help="train one teacher only")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast; pays off on CPUs with AMX units only "
-                                                       "(3x slower than float32 on an AVX-512 one without AMX)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast; pays off on CPUs with AMX units only "
+                        "(3x slower than float32 on an AVX-512 one without AMX)")
     args = p.parse_args(argv)
-    cfg = TeacherConfig(seed=args.seed, sam_steps=args.sam_steps, clip_steps=args.clip_steps, bf16=args.bf16)
-    print(f"toy.teachers: {cfg}  ({torch.get_num_threads()} threads)")
+    cfg = TeacherConfig(seed=args.seed, sam_steps=args.sam_steps, clip_steps=args.clip_steps,
+                        bf16=args.bf16)
+    log = lambda msg: print(msg, flush=True)
+    for signum in (signal.SIGTERM, signal.SIGINT):     # save, then leave (see Phase)
+        signal.signal(signum, request_stop)
+    log(f"toy.teachers: {cfg}  ({torch.get_num_threads()} threads)")
     os.makedirs(args.out, exist_ok=True)
     report_path = os.path.join(args.out, REPORT_FILE)
-    report = layouts.read_json(report_path) if os.path.isfile(report_path) else {}
     if args.only in (None, "sam"):
-        start = time.time()
-        encoder, head = train_sam(cfg)
-        minutes = (time.time() - start) / 60
+        trained = train_sam(cfg, log=log, work=args.work)
+        if trained is None:
+            stopped(args.work)
+        encoder, head, seconds = trained
         path = os.path.join(args.out, SAM_FILE)
         weights.atomic_save(sam_state_dict(encoder, head), path)
-        sd = weights.read_state_dict(path)                                   # measure what is shipped
-        encoder, head = vit_det.load_sam_encoder(sd, source=path), heads.load_sam_head(sd, source=path)
+        sd = weights.read_state_dict(path)                               # measure what is shipped
+        encoder = vit_det.load_sam_encoder(sd, source=path)
+        head = heads.load_sam_head(sd, source=path)
         scores = quality.sam_scores(encoder, head, quality.heldout_scenes(40, seed=args.seed))
-        print(f"toy SAM: {minutes:.1f} min; heldout {scores}")
-        report["sam"] = {"train_minutes": round(minutes, 2), "heldout": scores}
+        log(f"toy SAM: {seconds / 60:.1f} min; heldout {scores}")
+        entry = {"train_minutes": round(seconds / 60, 2), "heldout": scores}
+        write_report(report_path, "sam", entry, cfg)
     if args.only in (None, "clip"):
-        start = time.time()
-        model, seen = train_clip(cfg)
-        minutes = (time.time() - start) / 60
+        trained = train_clip(cfg, log=log, work=args.work)
+        if trained is None:
+            stopped(args.work)
+        model, seen, seconds = trained
         path = os.path.join(args.out, CLIP_FILE)
         weights.atomic_save(clip_state_dict(model, seen), path)
         model = clip.load_clip(path)
         scores = quality.clip_scores(model, seed=args.seed)
-        print(f"toy CLIP: {minutes:.1f} min; {int(seen.sum())} tokens trained; heldout {scores}")
-        report["clip"] = {"train_minutes": round(minutes, 2), "tokens_trained": int(seen.sum()), "heldout": scores}
+        log(f"toy CLIP: {seconds / 60:.1f} min; {int(seen.sum())} tokens trained; heldout {scores}")
+        entry = {"train_minutes": round(seconds / 60, 2), "tokens_trained": int(seen.sum()),
+                 "heldout": scores}
+        write_report(report_path, "clip", entry, cfg)
+    log(f"toy.teachers: wrote {args.out}")
+
+
+def stopped(work):
+    print(f"toy.teachers: stopped by signal {STOP['signal']}; checkpoint saved in {work}, rerun "
+          "the same command to continue", flush=True)
+    raise SystemExit(128 + STOP["signal"])
+
+
+def write_report(path, teacher, entry, cfg):
+    """teachers.json: each teacher's training minutes and heldout quality, and the settings. Read
+    again just before writing, so that two runs with --only sam and --only clip keep both."""
+    report = layouts.read_json(path) if os.path.isfile(path) else {}
+    report[teacher] = entry
     report["config"] = asdict(cfg)
-    with open(report_path, "w") as f:
+    with open(path, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"toy.teachers: wrote {args.out}")
 
 
 if __name__ == "__main__":
