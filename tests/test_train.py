@@ -102,16 +102,8 @@ def test_what_trains_and_what_stays_frozen(stage, tiny_data):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_data):
-    common = [
-        "--stage",
-        "distill",
-        "--clip-data",
-        tiny_data[0],
-        "--sam-data",
-        tiny_data[1],
-        "--save-every",
-        "2",
-    ]
+    common = ["--stage", "distill", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+              "--save-every", "2"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     run([*common, "--out", a, "--max-steps", "3"])
     run([*common, "--out", b, "--max-steps", "2"])
@@ -132,16 +124,8 @@ def test_a_finished_run_asked_again_does_nothing(tmp_path, tiny_data, capsys):
     """The README's main job run twice: the second time says so in one line and returns (exit 0),
     so a following `&& segment_demo.py` runs; settings that only say how to run (--max-steps,
     --log-every) do not make it another run."""
-    common = [
-        "--stage",
-        "probe",
-        "--clip-data",
-        tiny_data[0],
-        "--sam-data",
-        tiny_data[1],
-        "--out",
-        str(tmp_path / "r"),
-    ]
+    common = ["--stage", "probe", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+              "--out", str(tmp_path / "r")]
     run(common)
     before = (tmp_path / "r" / "ckpt_probe.pt").stat().st_mtime_ns
     capsys.readouterr()
@@ -151,32 +135,16 @@ def test_a_finished_run_asked_again_does_nothing(tmp_path, tiny_data, capsys):
 
 
 def test_an_unfinished_run_is_refused_with_the_flag_to_pass(tmp_path, tiny_data):
-    common = [
-        "--stage",
-        "distill",
-        "--clip-data",
-        tiny_data[0],
-        "--sam-data",
-        tiny_data[1],
-        "--out",
-        str(tmp_path / "r"),
-    ]
+    common = ["--stage", "distill", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+              "--out", str(tmp_path / "r")]
     run([*common, "--max-steps", "1"])
     with pytest.raises(SystemExit, match="unfinished; pass --resume"):
         run(common)
 
 
 def test_other_settings_in_the_same_out_are_refused_naming_what_differs(tmp_path, tiny_data):
-    common = [
-        "--stage",
-        "probe",
-        "--clip-data",
-        tiny_data[0],
-        "--sam-data",
-        tiny_data[1],
-        "--out",
-        str(tmp_path / "r"),
-    ]
+    common = ["--stage", "probe", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+              "--out", str(tmp_path / "r")]
     run(common)
     for flags in ([], ["--resume"]):
         with pytest.raises(SystemExit, match=r"other settings .*lr 0\.0008 -> 0\.001"):
@@ -206,24 +174,9 @@ def test_the_core_does_not_import_the_toy_world():
 
 def test_sigterm_saves_and_resume_finishes(tmp_path, tiny_data):
     out = str(tmp_path / "run")
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        "--preset",
-        "tiny",
-        "--stage",
-        "probe",
-        "--out",
-        out,
-        "--clip-data",
-        tiny_data[0],
-        "--sam-data",
-        tiny_data[1],
-        "--save-every",
-        "1000",
-        "--epochs",
-        "50",
-    ]  # far more steps than the test waits for
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "tiny", "--stage", "probe",
+           "--out", out, "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+           "--save-every", "1000", "--epochs", "50"]  # far more steps than the test waits for
     p = subprocess.Popen(
         cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -237,21 +190,8 @@ def test_sigterm_saves_and_resume_finishes(tmp_path, tiny_data):
     ckpt = torch.load(os.path.join(out, "ckpt_probe.pt"), weights_only=True)
     assert ckpt["step"] >= 1 and not ckpt["done"] and "interrupted" in err + _
     run(
-        [
-            "--stage",
-            "probe",
-            "--out",
-            out,
-            "--clip-data",
-            tiny_data[0],
-            "--sam-data",
-            tiny_data[1],
-            "--epochs",
-            "50",
-            "--max-steps",
-            str(ckpt["step"] + 2),
-            "--resume",
-        ]
+        ["--stage", "probe", "--out", out, "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+         "--epochs", "50", "--max-steps", str(ckpt["step"] + 2), "--resume"]
     )
     assert metrics(out)[-1]["step"] == ckpt["step"] + 2
 
@@ -261,37 +201,13 @@ def test_two_processes_match_one(tmp_path, tiny_data):
     # 48 and 96 px: the batch at 96 px is exactly a quarter (2 of 8), so it splits the same on 1
     # or 2 ranks; with the tiny preset's own 80 px, round(8 * 0.36) = 3 on one rank but
     # 2 x round(4 * 0.36) = 2
-    common = [
-        "--preset",
-        "tiny",
-        "--stage",
-        "distill",
-        "--clip-data",
-        tiny_data[0],
-        "--sam-data",
-        tiny_data[1],
-        "--max-steps",
-        "2",
-        "--resolutions",
-        "48",
-        "96",
-    ]
+    common = ["--preset", "tiny", "--stage", "distill", "--clip-data", tiny_data[0],
+              "--sam-data", tiny_data[1], "--max-steps", "2", "--resolutions", "48", "96"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run([*common[2:], "--out", one])
     r2 = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29531",
-            os.path.join(ROOT, "train.py"),
-            *common,
-            "--out",
-            two,
-        ],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29531", os.path.join(ROOT, "train.py"), *common, "--out", two],
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -317,22 +233,8 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_data, capsys):
     with open(os.path.join(clip_dir, "broken.jpg"), "wb") as f:
         f.write(b"not a jpeg at all")
     run(
-        [
-            "--stage",
-            "probe",
-            "--out",
-            str(tmp_path / "run"),
-            "--clip-data",
-            clip_dir,
-            "--sam-data",
-            tiny_data[1],
-            "--epochs",
-            "1",
-            "--resolutions",
-            "48",
-            "--clip-batch",
-            "8",
-        ]
+        ["--stage", "probe", "--out", str(tmp_path / "run"), "--clip-data", clip_dir,
+         "--sam-data", tiny_data[1], "--epochs", "1", "--resolutions", "48", "--clip-batch", "8"]
     )
     printed = capsys.readouterr().out
     assert "skipped 1 unreadable image(s)" in printed and "broken.jpg" in printed
@@ -340,18 +242,8 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_data, capsys):
 
 def test_teacher_cache_is_built_then_reused(tmp_path, tiny_data):
     cache = str(tmp_path / "cache")
-    common = [
-        "--stage",
-        "probe",
-        "--clip-data",
-        tiny_data[0],
-        "--sam-data",
-        tiny_data[1],
-        "--max-steps",
-        "3",
-        "--cache-teacher",
-        cache,
-    ]
+    common = ["--stage", "probe", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+              "--max-steps", "3", "--cache-teacher", cache]
     run([*common, "--out", str(tmp_path / "a")])  # builds the table, then trains
     table = np.load(os.path.join(cache, "embeddings.npy"))
     assert table.shape[0] == len(os.listdir(tiny_data[0])) and np.isfinite(table).all()
@@ -456,18 +348,8 @@ def test_sam_folder_smaller_than_a_batch_trains_with_what_there_is(
     out = str(tmp_path / "run")
     with deadline(120):  # an empty D_SAM plan used to spin for ever
         run(
-            [
-                "--stage",
-                "distill",
-                "--out",
-                out,
-                "--clip-data",
-                tiny_data[0],
-                "--sam-data",
-                one,
-                "--max-steps",
-                "1",
-            ]
+            ["--stage", "distill", "--out", out, "--clip-data", tiny_data[0], "--sam-data", one,
+             "--max-steps", "1"]
         )
     assert "holds 1 images, fewer than one D_SAM batch of 2" in capsys.readouterr().out
     assert [m["step"] for m in metrics(out)] == [1] and native == [
@@ -522,22 +404,8 @@ def test_epoch_without_one_readable_image_stops_saved(tmp_path, tiny_data, monke
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit, match="no image could be read in epoch 0"):
         run(
-            [
-                "--stage",
-                "probe",
-                "--out",
-                out,
-                "--clip-data",
-                broken,
-                "--sam-data",
-                tiny_data[1],
-                "--clip-batch",
-                "8",
-                "--resolutions",
-                "48",
-                "--epochs",
-                "3",
-            ]
+            ["--stage", "probe", "--out", out, "--clip-data", broken, "--sam-data", tiny_data[1],
+             "--clip-batch", "8", "--resolutions", "48", "--epochs", "3"]
         )  # one step per epoch
     ckpt = torch.load(os.path.join(out, "ckpt_probe.pt"), weights_only=True)
     assert (
@@ -572,24 +440,9 @@ def test_sigterm_on_two_ranks_waits_for_rank0_save(tmp_path, tiny_data):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "run")
-    args = [
-        sys.executable,
-        str(script),
-        "--preset",
-        "tiny",
-        "--stage",
-        "probe",
-        "--out",
-        out,
-        "--clip-data",
-        tiny_data[0],
-        "--sam-data",
-        tiny_data[1],
-        "--save-every",
-        "1000",
-        "--epochs",
-        "50",
-    ]
+    args = [sys.executable, str(script), "--preset", "tiny", "--stage", "probe", "--out", out,
+            "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--save-every", "1000",
+            "--epochs", "50"]
     procs = [
         subprocess.Popen(
             args,
@@ -630,21 +483,8 @@ def test_sigterm_on_two_ranks_waits_for_rank0_save(tmp_path, tiny_data):
     ckpt = torch.load(os.path.join(out, "ckpt_probe.pt"), weights_only=True)
     assert ckpt["step"] >= 1 and not ckpt["done"]
     run(
-        [
-            "--stage",
-            "probe",
-            "--out",
-            out,
-            "--clip-data",
-            tiny_data[0],
-            "--sam-data",
-            tiny_data[1],
-            "--epochs",
-            "50",
-            "--max-steps",
-            str(ckpt["step"] + 1),
-            "--resume",
-        ]
+        ["--stage", "probe", "--out", out, "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+         "--epochs", "50", "--max-steps", str(ckpt["step"] + 1), "--resume"]
     )
     assert metrics(out)[-1]["step"] == ckpt["step"] + 1
 
@@ -661,16 +501,8 @@ def test_compile_trains_the_same_numbers_and_keeps_checkpoint_keys(
         torch.nn.Module, "compile", lambda self: plain_compile(self, backend="eager")
     )
     torch._dynamo.reset()
-    common = [
-        "--stage",
-        "distill",
-        "--clip-data",
-        tiny_data[0],
-        "--sam-data",
-        tiny_data[1],
-        "--max-steps",
-        "1",
-    ]
+    common = ["--stage", "distill", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+              "--max-steps", "1"]
     run([*common, "--out", str(tmp_path / "eager")])
     run([*common, "--out", str(tmp_path / "compiled"), "--compile"])
     assert "--compile: first step" in capsys.readouterr().out
