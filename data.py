@@ -8,7 +8,9 @@ Sections, in the order a sample meets them:
      sample, seen by the student at the step's resolution and by the CLIP teacher at 224 px.
   3. D_SAM (Sec. 3, Eq. 2): SA-1B images and their masks (COCO run-length encoding, decoded here
      without pycocotools); every chosen mask becomes a point or box prompt, drawn by SAM's
-     prompt simulation (prompts.first_prompt).
+     prompt simulation (prompts.first_prompt). SA-1B is read extracted (sa_N.jpg beside
+     sa_N.json) or straight from the tars it ships as (sa_000000.tar ...), whose members are
+     indexed once and then read by seeking, so D_SAM stays a map-style dataset either way.
 Which sample each rank reads in which step is sampling.py's; the on-disk CLIP-teacher embeddings
 (--cache-teacher) are teacher_cache.py's.
 
@@ -22,10 +24,15 @@ Shape legend: H W image height and width, S square side, K prompts (masks) per i
 per prompt, B batch.
 """
 
+import io
 import json
 import math
 import os
+import re
+import tarfile
+import tempfile
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,15 +54,16 @@ class ImageError(ValueError):
 
 
 def load_image(path):
-    """Open `path` as an 8-bit RGB PIL image, whatever its mode: EXIF orientation applied;
-    16-bit images rescaled from 0-65535 (32-bit integer ones too when they exceed 255, float
-    ones from 0-1) to 0-255; grayscale, palette and alpha images converted (alpha dropped).
-    Raises ImageError for a missing file or one PIL cannot decode. Only PIL's open and decode
-    run inside the try, and those four exception types are how PIL reports a corrupt or truncated
-    file (SyntaxError for some broken PNG chunks, ValueError for bad decoder arguments), so a bug
-    in the conversions below still raises as itself."""
+    """Open `path` (a file, or a TarMember of an SA-1B tar) as an 8-bit RGB PIL image, whatever
+    its mode: EXIF orientation applied; 16-bit images rescaled from 0-65535 (32-bit integer ones
+    too when they exceed 255, float ones from 0-1) to 0-255; grayscale, palette and alpha images
+    converted (alpha dropped). Raises ImageError for a missing file or one PIL cannot decode.
+    Only reading, PIL's open and decode run inside the try, and those four exception types are
+    how PIL reports a corrupt or truncated file (SyntaxError for some broken PNG chunks,
+    ValueError for bad decoder arguments; OSError also for a tar member cut short), so a bug in
+    the conversions below still raises as itself."""
     try:
-        img = Image.open(path)
+        img = Image.open(path.open() if isinstance(path, TarMember) else path)
         img.load()
     except FileNotFoundError:
         raise ImageError(f"{path}: image file not found") from None
@@ -364,24 +372,317 @@ def rle_encode(mask):
     return {"size": [h, w], "counts": "".join(chars)}
 
 
+# SA-1B ships as about 1000 uncompressed tars of ~11k sa_N.jpg + sa_N.json each; extracting the
+# paper's 5.7% takes ~600 GB. So SA1B also reads the tars in place: a tar's member headers are
+# read once (tarfile seeks over the data) into an index of byte spans, kept beside the tar, and a
+# sample reads its two members by seeking. D_SAM stays a map-style dataset, so the sampling and
+# the exact resume of sampling.FixedBatchSampler are those of the extracted layout.
+
+SPEC_SEPARATOR = "::"  # joins several --sam-data specs, as OpenCLIP joins shard lists
+INDEX_SUFFIX = ".index.json"  # the index of sa_000000.tar is sa_000000.tar.index.json
+INDEX_VERSION = 1  # part of an index's key: an index written in another layout is rebuilt
+
+
+def expand_braces(spec):
+    """Bash's brace expansion, as OpenCLIP and WebDataset write lists of tars:
+    "sa_{000..002}.tar" -> sa_000.tar, sa_001.tar, sa_002.tar (zero-padded to the first bound's
+    width), "{a,b}.tar" -> a.tar, b.tar; several braces expand left to right. A reversed range
+    expands to nothing. Raises ValueError for a brace that is neither form."""
+    match = re.search(r"\{([^{}]*)\}", spec)
+    if match is None:
+        return [spec]
+    body = match.group(1)
+    bounds = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if bounds:
+        first, last = bounds.groups()
+        options = [str(k).zfill(len(first)) for k in range(int(first), int(last) + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise ValueError(
+            f"SA-1B spec {spec!r}: {{{body}}} is neither a range like {{000..049}} nor a list "
+            "like {a,b}"
+        )
+    tails = expand_braces(spec[match.end() :])
+    return [spec[: match.start()] + option + tail for option in options for tail in tails]
+
+
 def find_sa1b(root):
-    """Sorted (image, json) pairs `sa_*.jpg` + `sa_*.json` under `root`, recursively."""
-    pairs = sorted(
-        (os.path.join(d, f), os.path.join(d, f[:-4] + ".json"))
-        for d, _, files in os.walk(root)
-        for f in files
-        if f.startswith("sa_") and f.lower().endswith(".jpg") and f[:-4] + ".json" in files
-    )
-    if not pairs:
+    """One walk of the folder `root`, recursively -> (its *.tar files, its extracted pairs
+    (sa_*.jpg, sa_*.json)), each sorted by path. Raises ValueError when it holds neither, or
+    both, since a folder of tars beside their extracted files would read every image twice."""
+    tars = []
+    pairs = []
+    for d, _, files in os.walk(root):
+        names = set(files)  # a set: a folder of one extracted tar holds ~22k files
+        for f in files:
+            if f.endswith(".tar"):
+                tars.append(os.path.join(d, f))
+            elif f.startswith("sa_") and f.lower().endswith(".jpg") and f[:-4] + ".json" in names:
+                pairs.append((os.path.join(d, f), os.path.join(d, f[:-4] + ".json")))
+    if not tars and not pairs:
         raise ValueError(
             f"SA-1B root {root!r} holds no data: expected sa_*.jpg images, each beside a "
-            "matching sa_*.json annotation file (sub-folders allowed)"
+            "matching sa_*.json annotation file, or SA-1B's *.tar files (sub-folders allowed)"
+        )
+    if tars and pairs:
+        raise ValueError(
+            f"SA-1B root {root!r} holds both {len(tars)} tar file(s) and {len(pairs)} extracted "
+            "sa_*.jpg + sa_*.json pair(s); name one of them (e.g. 'DIR/sa_{000000..000009}.tar')"
+        )
+    return sorted(tars), sorted(pairs)
+
+
+def sa1b_parts(spec):
+    """The parts an --sam-data spec names, in its order: a list of extracted (image, json) pairs
+    or the path of one tar each. A spec is one or several of these, joined with "::":
+      a folder        its *.tar files (recursively, sorted) or, holding none, its extracted
+                      pairs sa_N.jpg + sa_N.json (find_sa1b)
+      a .tar file     that tar; a brace range names several: "/data/sa1b/sa_{000000..000049}.tar"
+      another file    a list: one spec per line, relative to the list's folder (blank lines and
+                      lines starting with # skipped)
+    Raises ValueError naming the part that matches nothing."""
+    parts = []
+    for piece in spec.split(SPEC_SEPARATOR):
+        paths = expand_braces(piece)
+        missing = [path for path in paths if not os.path.exists(path)]
+        if not paths or missing == paths:
+            raise ValueError(f"SA-1B spec {piece!r} matches nothing: no such file or folder")
+        if missing:
+            raise ValueError(
+                f"SA-1B spec {piece!r}: {len(missing)} of its {len(paths)} files do not exist "
+                f"(first: {missing[0]})"
+            )
+        for path in paths:
+            if os.path.isdir(path):
+                tars, pairs = find_sa1b(path)
+                parts += tars if tars else [pairs]
+            elif path.endswith(".tar"):
+                parts.append(path)
+            else:
+                parts += list_parts(path)
+    return parts
+
+
+def list_parts(path):
+    """The parts of a list file (sa1b_parts): each line a spec, relative to the list's folder."""
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"SA-1B spec {path!r}: not a folder, a .tar file or a text file listing them"
+        ) from None
+    specs = [line for line in lines if line and not line.startswith("#")]
+    if not specs:
+        raise ValueError(f"SA-1B list {path!r} names nothing: expected one tar or folder a line")
+    parts = []
+    for line in specs:
+        parts += sa1b_parts(os.path.join(base, line))
+    return parts
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One file inside an uncompressed tar, read by seeking: its data is the `size` bytes from
+    byte `offset` of the tar. Named "tar:member" in messages."""
+
+    tar: str
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self):
+        return f"{self.tar}:{self.name}"
+
+    def read(self):
+        """The member's bytes; OSError when the tar now ends inside them."""
+        with open(self.tar, "rb") as f:
+            f.seek(self.offset)
+            content = f.read(self.size)
+        if len(content) < self.size:
+            raise OSError(f"the tar ends {self.size - len(content)} bytes before this member does")
+        return content
+
+    def open(self):
+        """The member's bytes as a binary file (for PIL)."""
+        return io.BytesIO(self.read())
+
+
+class SA1BTar:
+    """The sa_N.jpg + sa_N.json pairs of one SA-1B tar, sorted by member name (the order
+    find_sa1b gives the tar extracted into a folder of its own). names (n,): the images' member
+    names; spans (n, 4) int64: image offset, image size, JSON offset, JSON size in bytes;
+    problem: one line when the tar is truncated or corrupt (index_tar). Arrays, not a list of
+    objects, so that forked DataLoader workers share them instead of copying them page by page
+    as reference counts change."""
+
+    def __init__(self, path, names, spans, problem=None):
+        self.path = path
+        self.names = np.asarray(names, dtype=str)
+        self.spans = np.asarray(spans, dtype=np.int64).reshape(-1, 4)
+        self.problem = problem
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, j):
+        """-> (image, annotation) TarMembers of pair j."""
+        name = str(self.names[j])
+        image_offset, image_size, json_offset, json_size = self.spans[j].tolist()
+        image = TarMember(self.path, name, image_offset, image_size)
+        return image, TarMember(self.path, name[:-4] + ".json", json_offset, json_size)
+
+
+def index_tar(path):
+    """Read the member headers of one tar (tarfile seeks over the data) -> SA1BTar of its
+    sa_*.jpg members that have a .json member beside them. A tar cut short or with a corrupt
+    header is read up to the damage: the pairs before it are kept, and `problem` says where it
+    broke (tarfile itself stops silently at a bad header, so its stopping block is checked to be
+    tar's end-of-archive block)."""
+    size = os.path.getsize(path)
+    members = {}  # member name -> (data offset, data size)
+    problem = None
+    last = None  # the last member read whole
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                end = info.offset_data + info.size
+                if end > size:
+                    problem = f"cut short inside member {info.name} (ends at byte {end} of {size})"
+                    break
+                if info.isfile():
+                    members[info.name] = (info.offset_data, info.size)
+                last = info.name
+            stop = tar.offset  # the block tarfile stopped at
+    except tarfile.ReadError as e:
+        if last is None:
+            problem = f"not an uncompressed tar file ({e})"
+        else:
+            problem = f"unreadable after member {last} ({e})"
+    if problem is None:
+        with open(path, "rb") as f:
+            f.seek(stop)
+            block = f.read(tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE:
+            problem = f"cut short after member {last} (no end-of-archive block)"
+        elif block != bytes(tarfile.BLOCKSIZE):
+            problem = f"corrupt header at byte {stop}, after member {last}"
+    names = sorted(
+        name
+        for name in members
+        if os.path.basename(name).startswith("sa_")
+        and name.lower().endswith(".jpg")
+        and name[:-4] + ".json" in members
+    )
+    spans = [(*members[name], *members[name[:-4] + ".json"]) for name in names]
+    return SA1BTar(path, names, spans, problem)
+
+
+def load_tar_index(path):
+    """The index of one tar -> (SA1BTar, stored): read from <tar>.index.json when that was made
+    for this very file (same size and modification time), else built by index_tar and written
+    there for the next run. The write is atomic (a temporary file, renamed), so any number of
+    processes on any number of nodes may write it at once; stored is False where the folder is
+    read-only, and the tar is then indexed again in every run."""
+    stat = os.stat(path)
+    key = {"version": INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stored_path = path + INDEX_SUFFIX
+    doc = None
+    if os.path.exists(stored_path):
+        try:
+            with open(stored_path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            doc = None  # not an index of ours: built again and overwritten
+    if isinstance(doc, dict) and doc.get("key") == key:
+        return SA1BTar(path, doc["names"], doc["spans"], doc["problem"]), True
+    index = index_tar(path)
+    doc = {
+        "key": key,
+        "names": index.names.tolist(),
+        "spans": index.spans.tolist(),
+        "problem": index.problem,
+    }
+    folder = os.path.dirname(os.path.abspath(stored_path))
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", encoding="utf-8", dir=folder, suffix=".tmp", delete=False
+        ) as f:
+            json.dump(doc, f)
+        os.replace(f.name, stored_path)
+    except OSError:
+        return index, False
+    return index, True
+
+
+class SA1BPairs:
+    """Sample index -> (image, annotation) over the parts of an --sam-data spec (sa1b_parts), one
+    after another: a list of extracted (path, path) pairs or an SA1BTar (TarMembers)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(part) for part in parts])  # (len(parts) + 1,)
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1  # the part holding it
+        return self.parts[k][index - int(self.starts[k])]
+
+    def __iter__(self):
+        for part in self.parts:
+            for j in range(len(part)):
+                yield part[j]
+
+
+def sa1b_pairs(spec):
+    """An --sam-data spec -> SA1BPairs, its tars indexed (load_tar_index). One warning line for
+    each truncated or corrupt tar (its pairs before the damage are read, the rest skipped) and
+    one for indexes that could not be stored. Raises ValueError when the spec holds no pair."""
+    parts = sa1b_parts(spec)
+    tars = list(dict.fromkeys(part for part in parts if isinstance(part, str)))
+    # On a first run every rank indexes every tar (the index is not sent between ranks); rank r
+    # of W (RANK, WORLD_SIZE from torchrun) starts r/W of the way through the list, so that
+    # the ranks of a job, whose indexes land in the same files, mostly find the rest stored.
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    start = rank * len(tars) // world
+    indexes = {}
+    unstored = []
+    for path in tars[start:] + tars[:start]:
+        indexes[path], stored = load_tar_index(path)
+        if not stored:
+            unstored.append(path)
+    for path in tars:
+        if indexes[path].problem:
+            warnings.warn(
+                f"SA1B: {path}: {indexes[path].problem}; its {len(indexes[path])} pair(s) before "
+                "that are read, the rest of the tar is skipped",
+                stacklevel=2,
+            )
+    if unstored:
+        warnings.warn(
+            f"SA1B: could not store the index of {len(unstored)} tar(s) beside them (e.g. "
+            f"{unstored[0]}{INDEX_SUFFIX}); they are indexed again in every run",
+            stacklevel=2,
+        )
+    pairs = SA1BPairs([indexes[part] if isinstance(part, str) else part for part in parts])
+    if len(pairs) == 0:
+        raise ValueError(
+            f"SA-1B spec {spec!r} holds no sa_*.jpg + sa_*.json pair (its tars are named in the "
+            "warnings above)"
         )
     return pairs
 
 
 def read_sa1b_annotations(path, image_hw):
-    """The masks of one SA-1B annotation file, checked against the schema SA1B reads:
+    """The masks of one SA-1B annotation file (a path or a TarMember), checked against the schema
+    SA1B reads:
         {"annotations": [{"segmentation": {"size": [h, w], "counts": str | [int >= 0, ...]}}, ...]}
     with [h, w] the image's size (image_hw) as two integers, and counts COCO's compressed string
     (SA-1B's form) or a list of run lengths. Other fields (bbox, point_coords, area, ...) are
@@ -390,8 +691,12 @@ def read_sa1b_annotations(path, image_hw):
     -> list of the "segmentation" dicts. Raises BadAnnotation, one line naming the file and what
     was expected, so that a bad file is told apart from a bug in our code (which must raise)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        if isinstance(path, TarMember):
+            text = path.read().decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        doc = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadAnnotation(f"{path}: not a readable JSON file ({e})") from None
     anns = doc.get("annotations") if isinstance(doc, dict) else None
@@ -477,11 +782,17 @@ class SA1B(torch.utils.data.Dataset):
         rows past num_prompts are padding.
     A pair whose image PIL cannot decode or whose JSON breaks the schema of read_sa1b_annotations
     comes back as placeholder(index) (ok=False), counted in self.skipped with a warning line
-    naming the file; any other exception is a bug and propagates."""
+    naming the file (a tar's member as "tar:member"); any other exception is a bug and
+    propagates.
+
+    `source`: an --sam-data spec (sa1b_parts): an extracted folder, SA-1B's tars (a folder of
+    them, a list, brace ranges) or several joined with "::". The samples are the spec's pairs in
+    its order (sa1b_pairs), so a tar gives the samples, index for index, of the same tar
+    extracted into a folder of its own."""
 
     def __init__(
         self,
-        root,
+        source,
         img_size=1024,
         masks_per_image=32,
         box_jitter=0.1,
@@ -489,7 +800,7 @@ class SA1B(torch.utils.data.Dataset):
         max_points=3,
         seed=0,
     ):
-        self.pairs = find_sa1b(root)
+        self.pairs = sa1b_pairs(source)  # index -> (image, annotation)
         self.img_size = img_size
         self.K = masks_per_image
         self.P = max_points
@@ -525,7 +836,7 @@ class SA1B(torch.utils.data.Dataset):
             "num_prompts": 0,
             "index": index,
             "ok": False,
-            "path": self.pairs[index][0],
+            "path": str(self.pairs[index][0]),
         }
 
     def __getitem__(self, item):

@@ -1,17 +1,21 @@
 """The toy world on disk: writers of every dataset layout the project reads (issue 9).
 
-toy/scenes.py draws scenes on the fly; this file stores them as the real datasets come: SA-1B
-(data.SA1B), a D_CLIP folder with COCO-style captions (evaluate.py retrieve), generic semantic
-segmentation (evaluate.py semseg, probe), COCO instances (evaluate.py instseg) and class folders
-(evaluate.py classify). `write_all` writes a training set in the train hand and an evaluation set in
-the heldout hand. Every scene is seeded by (seed, writer, style, index), so any file can be redrawn.
+toy/scenes.py draws scenes on the fly; this file stores them as the real datasets come: SA-1B,
+extracted or in its tars (data.SA1B), a D_CLIP folder with COCO-style captions (evaluate.py
+retrieve), generic semantic segmentation (evaluate.py semseg, probe), COCO instances (evaluate.py
+instseg) and class folders (evaluate.py classify). `write_all` writes a training set in the train
+hand and an evaluation set in the heldout hand. Every scene is seeded by (seed, writer, style,
+index), so any file can be redrawn.
 
-Run: python -m toy.layouts --out DIR [--seed 0]
+Run: python -m toy.layouts --out DIR [--seed 0] [--sa1b-per-tar N]
 """
 
 import argparse
+import io
+import itertools
 import json
 import os
+import tarfile
 import time
 
 import numpy as np
@@ -68,12 +72,12 @@ def drawn(folder, writer, n, seed, style):
         yield i, name, scene
 
 
-def write_sa1b(folder, n, seed=0, style="train"):
-    """SA-1B's layout, as data.SA1B reads it: sa_<i>.jpg + sa_<i>.json = {"image": {image_id, width,
-    height, file_name}, "annotations": [{id, segmentation: COCO RLE with a string of counts, area,
-    bbox XYWH, category}]}, one annotation per object and per connected stuff region (SAM's masks
-    cover the whole picture). "category" is not in SA-1B; it is here for inspection."""
-    os.makedirs(folder, exist_ok=True)
+def sa1b_scenes(n, seed=0, style="train"):
+    """Scenes 0..n-1 of the sa1b writer and their SA-1B annotation documents: {"image": {image_id,
+    width, height, file_name}, "annotations": [{id, segmentation: COCO RLE with a string of
+    counts, area, bbox XYWH, category}]}, one annotation per object and per connected stuff region
+    (SAM's masks cover the whole picture). "category" is not in SA-1B; it is here for inspection.
+    Yields (i, scene, document)."""
     next_id = 0
     for i in range(n):
         scene = draw_scene(scene_rng(seed, "sa1b", style, i), style)
@@ -90,9 +94,47 @@ def write_sa1b(folder, n, seed=0, style="train"):
                 }
             )
             next_id += 1
-        save_jpeg(scene, os.path.join(folder, f"sa_{i}.jpg"))
         image = {"image_id": i, "width": W, "height": H, "file_name": f"sa_{i}.jpg"}
-        write_json(os.path.join(folder, f"sa_{i}.json"), {"image": image, "annotations": anns})
+        yield i, scene, {"image": image, "annotations": anns}
+
+
+def write_sa1b(folder, n, seed=0, style="train"):
+    """SA-1B's extracted layout, as data.SA1B reads it: sa_<i>.jpg + sa_<i>.json (sa1b_scenes)."""
+    os.makedirs(folder, exist_ok=True)
+    for i, scene, doc in sa1b_scenes(n, seed, style):
+        save_jpeg(scene, os.path.join(folder, f"sa_{i}.jpg"))
+        write_json(os.path.join(folder, f"sa_{i}.json"), doc)
+    return folder
+
+
+def jpeg_bytes(scene):
+    """The bytes save_jpeg stores for a scene: its own JPEG, or its image at quality 95."""
+    if scene.jpeg is not None:
+        return scene.jpeg
+    out = io.BytesIO()
+    scene.image.save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def add_member(tar, name, content):
+    """Add the bytes `content` to an open tar as the file `name`. TarInfo's defaults (time 0,
+    owner 0, mode 644) make the same scenes give the same tar bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(content)
+    tar.addfile(info, io.BytesIO(content))
+
+
+def write_sa1b_tars(folder, n, seed=0, style="train", per_tar=100):
+    """SA-1B as it ships, as data.SA1B reads it in place: folder/sa_000000.tar, sa_000001.tar, ...,
+    scene i in tar i // per_tar as the members sa_<i>.jpg + sa_<i>.json, with the bytes write_sa1b
+    writes for the same seed (SA-1B's own tars hold ~11k scenes each)."""
+    os.makedirs(folder, exist_ok=True)
+    scenes = sa1b_scenes(n, seed, style)
+    for k in range(-(-n // per_tar)):
+        with tarfile.open(os.path.join(folder, f"sa_{k:06d}.tar"), "w") as tar:
+            for i, scene, doc in itertools.islice(scenes, per_tar):
+                add_member(tar, f"sa_{i}.jpg", jpeg_bytes(scene))
+                add_member(tar, f"sa_{i}.json", json.dumps(doc).encode("utf-8"))
     return folder
 
 
@@ -198,16 +240,22 @@ DEFAULT_SIZES = {
 }
 
 
-def write_all(root, seed=0, sizes=None):
+def write_all(root, seed=0, sizes=None, sa1b_per_tar=0):
     """The toy world on disk: a training set in the train hand (root/train/sa1b for D_SAM,
     root/train/clip for D_CLIP) and an evaluation set in the heldout hand (root/eval/semseg,
     instances, classify, retrieve). `sizes` overrides DEFAULT_SIZES (classify: crops per class).
+    sa1b_per_tar > 0: D_SAM as SA-1B's tars of that many scenes (write_sa1b_tars).
     -> {part: folder}."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     train = os.path.join(root, "train")
     test = os.path.join(root, "eval")
+    sa1b_folder = os.path.join(train, "sa1b")
+    if sa1b_per_tar:
+        write_sa1b_tars(sa1b_folder, sizes["sa1b"], seed, "train", sa1b_per_tar)
+    else:
+        write_sa1b(sa1b_folder, sizes["sa1b"], seed, "train")
     return {
-        "sa1b": write_sa1b(os.path.join(train, "sa1b"), sizes["sa1b"], seed, "train"),
+        "sa1b": sa1b_folder,
         "clip": write_clip_images(os.path.join(train, "clip"), sizes["clip"], seed, "train"),
         "semseg": write_semseg(os.path.join(test, "semseg"), sizes["semseg"], seed, "heldout"),
         "instances": write_instances(
@@ -254,9 +302,18 @@ def main(argv=None):
         p.add_argument(
             f"--{part}", type=int, default=n, help=f"number of {part} {what} (default {n})"
         )
+    p.add_argument(
+        "--sa1b-per-tar",
+        type=int,
+        default=0,
+        help="write D_SAM as SA-1B ships it, tars sa_000000.tar ... of this many scenes each "
+        "(SA-1B's hold ~11k), instead of extracted sa_N.jpg + sa_N.json files (default 0: "
+        "extracted)",
+    )
     args = p.parse_args(argv)
     start = time.time()
-    folders = write_all(args.out, args.seed, {part: getattr(args, part) for part in DEFAULT_SIZES})
+    sizes = {part: getattr(args, part) for part in DEFAULT_SIZES}
+    folders = write_all(args.out, args.seed, sizes, args.sa1b_per_tar)
     for part, folder in folders.items():
         print(f"{part:<10} {folder}")
     print(f"toy.layouts: wrote {args.out} in {time.time() - start:.1f} s")
