@@ -1,4 +1,5 @@
-"""CLIP (Radford et al. 2021): the teacher image tower `EncCLIP` and the frozen text tower `TextEncCLIP`.
+"""CLIP (Radford et al. 2021): the teacher image tower `EncCLIP` and the frozen text tower
+`TextEncCLIP`.
 
 SAM-CLIP distils CLIP's image embeddings into the SAM backbone (SAM-CLIP Sec. 3, Eq. 1: the target
 is `EncCLIP(x)`) and reuses CLIP's text tower, frozen, for zero-shot recognition. Both towers use
@@ -51,8 +52,8 @@ class CLIPConfig:
     context_length: int = 77      # L, tokens per text including start / end tokens
     vocab_size: int = 49408       # V, 256 bytes x 2 + 48894 BPE merges + 2 special tokens
     mlp_ratio: float = 4.0        # MLP hidden width / C, both towers
-    quick_gelu: bool = False      # True: x * sigmoid(1.702 x), OpenAI's original weights; False: exact
-                                  # (erf) GELU, OpenCLIP ViT-B-16 / ViT-L-14
+    quick_gelu: bool = False      # True: x * sigmoid(1.702 x), OpenAI's original weights;
+                                  # False: exact (erf) GELU, OpenCLIP ViT-B-16 / ViT-L-14
     layer_norm_eps: float = 1e-5  # every LayerNorm of both towers
 
     @property
@@ -93,14 +94,16 @@ class Attention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(nn.init.normal_(torch.empty(3 * width, width), std=width ** -0.5))
+        in_proj_weight = nn.init.normal_(torch.empty(3 * width, width), std=width ** -0.5)
+        self.in_proj_weight = nn.Parameter(in_proj_weight)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x, causal=False):
         B, N, C = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
-        q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # -> 3 x (B, nh, N, hd)
+        qkv = qkv.view(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, nh, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nh, N, hd)
         x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, N, hd)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, nh, N, hd) -> (B, N, C)
         return self.out_proj(x)
@@ -138,7 +141,8 @@ class Transformer(nn.Module):
     def __init__(self, width, layers, heads, config):
         super().__init__()
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, config.mlp_ratio, config.quick_gelu, config.layer_norm_eps)
+            ResidualAttentionBlock(width, heads, config.mlp_ratio, config.quick_gelu,
+                                   config.layer_norm_eps)
             for _ in range(layers))
 
     def forward(self, x, causal=False):
@@ -154,15 +158,17 @@ class VisionTower(nn.Module):
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
-        C, p = config.vision_width, config.patch_size
+        C = config.vision_width
+        p = config.patch_size
         self.conv1 = nn.Conv2d(3, C, kernel_size=p, stride=p, bias=False)
         self.class_embedding = nn.Parameter(nn.init.normal_(torch.empty(C), std=C ** -0.5))
-        grid = config.grid_size ** 2 + 1                                     # patch tokens + class token
-        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(grid, C), std=C ** -0.5))
+        N = config.grid_size ** 2 + 1                       # patch tokens + class token
+        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(N, C), std=C ** -0.5))
         self.ln_pre = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.transformer = Transformer(C, config.vision_layers, config.vision_heads, config)
         self.ln_post = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.proj = nn.Parameter(nn.init.normal_(torch.empty(C, config.embed_dim), std=C ** -0.5))
+        proj = nn.init.normal_(torch.empty(C, config.embed_dim), std=C ** -0.5)
+        self.proj = nn.Parameter(proj)
 
     def position_embedding_for(self, gh, gw):
         """The (1 + gh*gw, C) position table for a gh x gw patch grid. At the native grid this is
@@ -175,7 +181,8 @@ class VisionTower(nn.Module):
         if (gh, gw) == (g0, g0):
             return pos
         grid = pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)  # (g0*g0, C) -> (1, C, g0, g0)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False, antialias=True)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False,
+                             antialias=True)
         grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)  # (1, C, gh, gw) -> (gh*gw, C)
         return torch.cat([pos[:1], grid], dim=0)
 
@@ -194,7 +201,8 @@ class VisionTower(nn.Module):
         patch tokens through the same ln_post and proj, (B, gh*gw, D); CLIP never trained these
         to align with text, so they are a cheap by-product, not a dense CLIP feature."""
         x = self.forward_tokens(x)  # (B, N, C)
-        x = self.ln_post(x) @ self.proj  # per-token LN, so equal to pooling first: (B, N, C) -> (B, N, D)
+        # LayerNorm per token, so the class token's result equals pooling first
+        x = self.ln_post(x) @ self.proj  # (B, N, C) -> (B, N, D)
         return (x[:, 0], x[:, 1:]) if return_patch_tokens else x[:, 0]
 
 
@@ -206,10 +214,12 @@ class TextTower(nn.Module):
         C = config.text_width
         self.token_embedding = nn.Embedding(config.vocab_size, C)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
-        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(config.context_length, C), std=0.01))
+        L = config.context_length
+        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(L, C), std=0.01))
         self.transformer = Transformer(C, config.text_layers, config.text_heads, config)
         self.ln_final = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.text_projection = nn.Parameter(nn.init.normal_(torch.empty(C, config.embed_dim), std=C ** -0.5))
+        text_projection = nn.init.normal_(torch.empty(C, config.embed_dim), std=C ** -0.5)
+        self.text_projection = nn.Parameter(text_projection)
 
     def forward(self, tokens):
         """(B, L) -> (B, D): the features at the end token, which has the largest id of each row.
@@ -231,7 +241,8 @@ class CLIP(nn.Module):
         self.config = config
         self.visual = VisionTower(config)
         self.text = TextTower(config)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # Sec. 2.5: tau = 0.07 at init
+        # Sec. 2.5: the temperature tau starts at 0.07
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, image):  # (B, 3, H, W) -> (B, D)
         return self.visual(image)
@@ -292,16 +303,22 @@ def clip_config_from_state_dict(state_dict, source="<state dict>", quick_gelu=Fa
     quick_gelu=True for OpenAI's original weights."""
     missing = [k for k in _SHAPE_KEYS if k not in state_dict]
     if missing:
-        raise weights.CheckpointError(f"{source}: not a CLIP ViT checkpoint in OpenCLIP layout: missing "
-                                      f"{missing[:3]}; its first keys are {list(state_dict)[:3]}")
-    wrong = [f"{k} {tuple(state_dict[k].shape)}" for k, ndim in _SHAPE_KEYS.items() if state_dict[k].ndim != ndim]
+        raise weights.CheckpointError(
+            f"{source}: not a CLIP ViT checkpoint in OpenCLIP layout: missing {missing[:3]}; "
+            f"its first keys are {list(state_dict)[:3]}")
+    wrong = [f"{k} {tuple(state_dict[k].shape)}" for k, ndim in _SHAPE_KEYS.items()
+             if state_dict[k].ndim != ndim]
     if wrong:
-        raise weights.CheckpointError(f"{source}: not a CLIP ViT checkpoint: unexpected shapes {wrong[:3]}")
-    conv, vpos = state_dict["visual.conv1.weight"], state_dict["visual.positional_embedding"]
+        raise weights.CheckpointError(
+            f"{source}: not a CLIP ViT checkpoint: unexpected shapes {wrong[:3]}")
+    conv = state_dict["visual.conv1.weight"]
+    vpos = state_dict["visual.positional_embedding"]
     grid = math.isqrt(vpos.shape[0] - 1)
     if grid * grid != vpos.shape[0] - 1:
-        raise weights.CheckpointError(f"{source}: visual.positional_embedding has {vpos.shape[0]} rows, "
-                                      "not 1 + a square patch grid")
+        raise weights.CheckpointError(
+            f"{source}: visual.positional_embedding has {vpos.shape[0]} rows, "
+            "not 1 + a square patch grid")
+    c_fc = state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"]
     config = CLIPConfig(
         embed_dim=state_dict["text_projection"].shape[1],
         image_size=grid * conv.shape[-1],
@@ -312,11 +329,11 @@ def clip_config_from_state_dict(state_dict, source="<state dict>", quick_gelu=Fa
         text_layers=_count_blocks(state_dict, "transformer.resblocks."),
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=state_dict["token_embedding.weight"].shape[0],
-        mlp_ratio=state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / conv.shape[0],
+        mlp_ratio=c_fc.shape[0] / conv.shape[0],
         quick_gelu=quick_gelu,
     )
-    preset = weights.match_preset(config, {n: replace(p, quick_gelu=quick_gelu) for n, p in PRESETS.items()})
-    return config, preset
+    presets = {name: replace(p, quick_gelu=quick_gelu) for name, p in PRESETS.items()}
+    return config, weights.match_preset(config, presets)
 
 
 def load_clip(checkpoint, quick_gelu=False) -> CLIP:
@@ -326,11 +343,16 @@ def load_clip(checkpoint, quick_gelu=False) -> CLIP:
     state_dict = weights.read_state_dict(checkpoint, what="CLIP checkpoint")
     state_dict = {k: v for k, v in state_dict.items() if k not in _OPENAI_EXTRA_KEYS}
     config, preset = clip_config_from_state_dict(state_dict, source, quick_gelu)
-    print(f"clip.load_clip: {source} is {preset}" if preset else f"clip.load_clip: {source} matches no preset: "
-          f"embed {config.embed_dim}, image {config.image_size} / patch {config.patch_size}, vision "
-          f"{config.vision_width} x {config.vision_layers}, text {config.text_width} x {config.text_layers}, "
-          f"context {config.context_length}, vocab {config.vocab_size}, mlp_ratio {config.mlp_ratio}")
-    with weights.skeleton():  # no memory, no random init (5 s for ViT-L on CPU): all is overwritten
+    if preset:
+        print(f"clip.load_clip: {source} is {preset}")
+    else:
+        print(f"clip.load_clip: {source} matches no preset: embed {config.embed_dim}, "
+              f"image {config.image_size} / patch {config.patch_size}, "
+              f"vision {config.vision_width} x {config.vision_layers}, "
+              f"text {config.text_width} x {config.text_layers}, "
+              f"context {config.context_length}, vocab {config.vocab_size}, "
+              f"mlp_ratio {config.mlp_ratio}")
+    with weights.skeleton():  # no memory, no random init: the checkpoint overwrites every tensor
         model = CLIP(config)
     model = model.to_empty(device="cpu")  # uninitialised float32 storage, filled by load_checked
     weights.load_checked(model, weights.remap(state_dict, CLIP_REMAP), source, "CLIP")
@@ -339,8 +361,11 @@ def load_clip(checkpoint, quick_gelu=False) -> CLIP:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
-START, END = "<start_of_text>", "<end_of_text>"  # OpenCLIP's spelling; OpenAI's is <|startoftext|>, same ids
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                        "bpe_simple_vocab_16e6.txt.gz")
+# OpenCLIP's spelling of the special tokens; OpenAI's is <|startoftext|>, with the same ids
+START = "<start_of_text>"
+END = "<end_of_text>"
 _SPACE = re.compile(r"[^\S\x1c-\x1f]+")  # the `regex` package's \s+, which OpenCLIP's cleaning uses
 
 
@@ -348,7 +373,8 @@ def _byte_alphabet():
     """The BPE works on strings of printable stand-ins for UTF-8 bytes: the 188 bytes that print
     as themselves keep their character, the other 68 (controls, space, ...) take code points 256,
     257, ... in byte order. Returned as (byte, char) pairs in vocabulary order: printable first."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return [(b, chr(b)) for b in printable] + [(b, chr(256 + i)) for i, b in enumerate(others)]
 
@@ -363,7 +389,8 @@ def _pretokenizer():
     join the "other" class here. Checked against `regex` on every code point: the splits agree
     except for characters newer than Python's Unicode database and U+0345 (a combining mark that
     `regex` takes as a letter under IGNORECASE through its case fold, iota)."""
-    numeric = "".join(c for c in map(chr, range(0x110000)) if c.isnumeric() and not c.isdecimal() and not c.isalpha())
+    numeric = "".join(c for c in map(chr, range(0x110000))
+                      if c.isnumeric() and not c.isdecimal() and not c.isalpha())
     numeric = re.escape(numeric)
     return re.compile(rf"{re.escape(START)}|{re.escape(END)}|'s|'t|'re|'ve|'m|'ll|'d|"
                       rf"[^\W\d_{numeric}]+|[\d{numeric}]|(?:[^\s\w]|[_\x1c-\x1f])+", re.IGNORECASE)
@@ -375,14 +402,16 @@ class Tokenizer:
     def __init__(self, bpe_path=BPE_PATH):
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # line 0 is a version header
+        # line 0 is a version header, then the 48894 merges, best first
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
         alphabet = _byte_alphabet()
         vocab = [c for _, c in alphabet] + [c + "</w>" for _, c in alphabet]
         vocab += ["".join(m) for m in merges] + [START, END]
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.ranks = {pair: i for i, pair in enumerate(merges)}  # lower rank = merged earlier
         self.byte_char = dict(alphabet)
-        self.start, self.end = self.encoder[START], self.encoder[END]
+        self.start = self.encoder[START]
+        self.end = self.encoder[END]
         self.pattern = _pretokenizer()
         self.cache = {START: [START], END: [END]}
 
@@ -395,7 +424,8 @@ class Tokenizer:
             pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, math.inf))
             if pair not in self.ranks:
                 break
-            merged, i = [], 0
+            merged = []
+            i = 0
             while i < len(symbols):  # merge every occurrence of the pair, left to right
                 if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
                     merged.append(symbols[i] + symbols[i + 1])
@@ -409,9 +439,9 @@ class Tokenizer:
 
     @staticmethod
     def clean(text):
-        """OpenCLIP's default cleaning: ftfy.fix_text, unescape HTML twice, collapse whitespace runs,
-        strip, lower-case. Of ftfy only its final NFC normalisation is done here; its repairs of
-        damaged text (mojibake, curly quotes, ligatures, full-width forms, control characters)
+        """OpenCLIP's default cleaning: ftfy.fix_text, unescape HTML twice, collapse whitespace
+        runs, strip, lower-case. Of ftfy only its final NFC normalisation is done here; its repairs
+        of damaged text (mojibake, curly quotes, ligatures, full-width forms, control characters)
         are not, so such text may tokenize differently from OpenCLIP."""
         text = html.unescape(html.unescape(unicodedata.normalize("NFC", text))).strip()
         return _SPACE.sub(" ", text).strip().lower()
@@ -420,7 +450,7 @@ class Tokenizer:
         ids = []
         for piece in self.pattern.findall(self.clean(text)):
             word = "".join(self.byte_char[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[s] for s in self.bpe(word))  # START / END are cached as themselves
+            ids.extend(self.encoder[s] for s in self.bpe(word))  # START, END: cached as themselves
         return ids
 
 
@@ -446,7 +476,8 @@ def tokenize(texts, context_length=77):
 
 
 def trim_padding(tokens):
-    """(N, L) tokens from `tokenize` -> (N, L') with L' = 1 + the last end-token position of any row.
+    """(N, L) tokens from `tokenize` -> (N, L') with L' = 1 + the last end-token position of any
+    row.
     The text tower is causal and reads each row at its end token, so the padding after the
     longest text changes nothing and can go (77 -> ~10 tokens, several times faster). The end
     token is found as the row's largest id (49407, the last of the vocabulary), exactly as the
@@ -463,7 +494,8 @@ def encode_text_by_length(encode_text, tokens, batch_size=1024):
     ends = tokens.argmax(dim=-1)                                        # (N,) end-token positions
     out = None
     for end in ends.unique().tolist():
-        for rows in (ends == end).nonzero().squeeze(1).split(batch_size):  # (n,) texts of this length
+        same_length = (ends == end).nonzero().squeeze(1)                # texts of this length
+        for rows in same_length.split(batch_size):                      # (n,)
             feats = encode_text(tokens[rows, :end + 1])                  # (n, end + 1) -> (n, D)
             if out is None:
                 out = feats.new_empty(len(tokens), feats.shape[1])

@@ -41,7 +41,7 @@ from vit_det import Block, LayerNorm2d, MLPBlock
 
 @dataclass
 class SAMHeadConfig:
-    embed_dim: int = 256              # prompt-token and mask-decoder width (= encoder neck out_chans)
+    embed_dim: int = 256              # prompt-token and mask-decoder width (= neck out_chans)
     image_embedding_size: int = 64    # side of the image-embedding grid h = w
     input_image_size: int = 1024      # side of the padded input frame in which prompts are given
     mask_in_chans: int = 16           # hidden channels of the mask-prompt downscaler
@@ -61,18 +61,19 @@ class HeadCLIPConfig:
     num_heads: int = 12               # as in the copied block
     mlp_ratio: float = 4.0            # as in the copied block
     rel_pos_size: int = 64            # grid side the copied block's relative tables are stored for
-    mlp_hidden: int = 768             # width of the MLP's two hidden layers (not stated in the paper)
-    out_dim: int = 768                # CLIP embedding size D (768 for the OpenCLIP ViT-L/14 teacher)
-    eps: float = 1e-6
+    mlp_hidden: int = 768             # width of the MLP's two hidden layers (not in the paper)
+    out_dim: int = 768                # CLIP embedding size D (768: the OpenCLIP ViT-L/14 teacher)
+    eps: float = 1e-6                 # the copied blocks' LayerNorm eps (SAM's encoder: 1e-6)
 
 
 SAM_HEAD_PRESETS = {
     "sam": SAMHeadConfig(),           # the same head for SAM vit_b, vit_l and vit_h
-    "tiny": SAMHeadConfig(embed_dim=32, image_embedding_size=10, input_image_size=160, mask_in_chans=8,
-                          decoder_mlp_dim=64, iou_head_hidden_dim=32),
-    # the toy SAM teacher's head (toy/teachers.py); 8 attention heads as in SAM (shapes cannot tell a head count)
-    "toy": SAMHeadConfig(embed_dim=128, image_embedding_size=16, input_image_size=256, mask_in_chans=16,
-                         decoder_mlp_dim=256, iou_head_hidden_dim=64),
+    "tiny": SAMHeadConfig(embed_dim=32, image_embedding_size=10, input_image_size=160,
+                          mask_in_chans=8, decoder_mlp_dim=64, iou_head_hidden_dim=32),
+    # the toy SAM teacher's head (toy/teachers.py); 8 attention heads as in SAM (shapes cannot
+    # tell a head count)
+    "toy": SAMHeadConfig(embed_dim=128, image_embedding_size=16, input_image_size=256,
+                         mask_in_chans=16, decoder_mlp_dim=256, iou_head_hidden_dim=64),
 }
 
 
@@ -127,25 +128,36 @@ class PromptEncoder(nn.Module):
     def embed_points(self, coords, labels, pad):
         coords = coords + 0.5                               # pixel index -> pixel centre
         if pad:  # SAM's rule: without a box, one padding point is appended to every prompt set
-            coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)       # (B, N+1, 2)
-            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)         # (B, N+1)
-        emb = self.pe_layer.points(coords, self.cfg.input_image_size)                        # (B, N, C)
-        lab = labels[..., None]                                                               # (B, N, 1)
+            padding_point = coords.new_zeros(coords.shape[0], 1, 2)
+            padding_label = -labels.new_ones(labels.shape[0], 1)
+            coords = torch.cat([coords, padding_point], dim=1)             # (B, N+1, 2)
+            labels = torch.cat([labels, padding_label], dim=1)             # (B, N+1)
+        emb = self.pe_layer.points(coords, self.cfg.input_image_size)     # (B, N, C)
+        lab = labels[..., None]                                            # (B, N, 1)
         emb = torch.where(lab == -1, self.not_a_point_embed.weight, emb)   # padding: no position
-        emb = emb + (lab == 0) * self.point_embeddings[0].weight + (lab == 1) * self.point_embeddings[1].weight
-        return emb
+        negative = (lab == 0) * self.point_embeddings[0].weight
+        positive = (lab == 1) * self.point_embeddings[1].weight
+        return emb + negative + positive
 
     def embed_boxes(self, boxes):
         corners = (boxes + 0.5).reshape(-1, 2, 2)           # (B, 4) -> (B, 2 corners, 2)
         emb = self.pe_layer.points(corners, self.cfg.input_image_size)     # (B, 2, C)
-        corner_type = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])  # (2, C)
-        return emb + corner_type
+        top_left = self.point_embeddings[2].weight                        # (1, C)
+        bottom_right = self.point_embeddings[3].weight                    # (1, C)
+        return emb + torch.cat([top_left, bottom_right])                   # + (2, C)
 
     def forward(self, points=None, boxes=None, masks=None):
         """-> sparse (B, N, C) prompt tokens, dense (B, C, h, w) mask embedding."""
-        B = points[0].shape[0] if points is not None else boxes.shape[0] if boxes is not None else \
-            masks.shape[0] if masks is not None else 1
-        C, s = self.cfg.embed_dim, self.cfg.image_embedding_size
+        if points is not None:
+            B = points[0].shape[0]
+        elif boxes is not None:
+            B = boxes.shape[0]
+        elif masks is not None:
+            B = masks.shape[0]
+        else:
+            B = 1
+        C = self.cfg.embed_dim
+        s = self.cfg.image_embedding_size
         dev = self.no_mask_embed.weight.device
         sparse = [torch.empty(B, 0, C, device=dev)]
         if points is not None:
@@ -169,15 +181,22 @@ class TokenAttention(nn.Module):
         super().__init__()
         inner = dim // downsample_rate
         self.num_heads = num_heads
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.q_proj = nn.Linear(dim, inner)
+        self.k_proj = nn.Linear(dim, inner)
+        self.v_proj = nn.Linear(dim, inner)
         self.out_proj = nn.Linear(inner, dim)
 
-    def forward(self, q, k, v):                              # (B, Nq, C), (B, Nk, C), (B, Nk, C)
-        nh = self.num_heads
-        q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
-        split = lambda t: t.reshape(t.shape[0], t.shape[1], nh, -1).transpose(1, 2)  # (B, N, c) -> (B, nh, N, c/nh)
-        x = F.scaled_dot_product_attention(split(q), split(k), split(v))             # (B, nh, Nq, c/nh)
-        return self.out_proj(x.transpose(1, 2).flatten(2))   # (B, nh, Nq, c/nh) -> (B, Nq, c) -> (B, Nq, C)
+    def _separate_heads(self, x):                           # (B, N, c)
+        B, N, _ = x.shape
+        return x.reshape(B, N, self.num_heads, -1).transpose(1, 2)  # -> (B, nh, N, c/nh)
+
+    def forward(self, q, k, v):                             # (B, Nq, C), (B, Nk, C), (B, Nk, C)
+        q = self._separate_heads(self.q_proj(q))            # (B, nh, Nq, c/nh)
+        k = self._separate_heads(self.k_proj(k))            # (B, nh, Nk, c/nh)
+        v = self._separate_heads(self.v_proj(v))            # (B, nh, Nk, c/nh)
+        x = F.scaled_dot_product_attention(q, k, v)         # (B, nh, Nq, c/nh)
+        x = x.transpose(1, 2).flatten(2)                    # (B, nh, Nq, c/nh) -> (B, Nq, c)
+        return self.out_proj(x)                             # (B, Nq, C)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -203,10 +222,12 @@ class TwoWayAttentionBlock(nn.Module):
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
-        q, k = queries + query_pe, keys + key_pe
+        q = queries + query_pe
+        k = keys + key_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
-        q, k = queries + query_pe, keys + key_pe
+        q = queries + query_pe
+        k = keys + key_pe
         keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
         return queries, keys
 
@@ -216,9 +237,11 @@ class TwoWayTransformer(nn.Module):
         super().__init__()
         C = cfg.embed_dim
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(C, cfg.decoder_heads, cfg.decoder_mlp_dim, cfg.attention_downsample_rate, i == 0)
+            TwoWayAttentionBlock(C, cfg.decoder_heads, cfg.decoder_mlp_dim,
+                                 cfg.attention_downsample_rate, skip_first_layer_pe=i == 0)
             for i in range(cfg.decoder_depth))
-        self.final_attn_token_to_image = TokenAttention(C, cfg.decoder_heads, cfg.attention_downsample_rate)
+        self.final_attn_token_to_image = TokenAttention(C, cfg.decoder_heads,
+                                                        cfg.attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(C)
 
     def forward(self, image, image_pe, tokens):             # (B, C, h, w), (B, C, h, w), (B, T, C)
@@ -253,10 +276,15 @@ class MLP(nn.Module):
 DECODE_CHUNK = 8
 
 
+def _rows(t, piece):
+    """The rows `piece` of t, or t itself when its one row is shared by every prompt set."""
+    return t if t.shape[0] == 1 else t[piece]
+
+
 class MaskDecoder(nn.Module):
     def __init__(self, cfg: SAMHeadConfig):
         super().__init__()
-        self.grad_checkpointing = False                     # SAMCLIP.set_grad_checkpointing (memory)
+        self.grad_checkpointing = False         # set by SAMCLIP.set_grad_checkpointing (memory)
         C = cfg.embed_dim
         self.num_mask_tokens = cfg.num_multimask_outputs + 1  # token 0: single-mask output
         self.transformer = TwoWayTransformer(cfg)
@@ -265,37 +293,52 @@ class MaskDecoder(nn.Module):
         self.output_upscaling = nn.Sequential(              # (B,C,h,w) -> (B,C/8,4h,4w)
             nn.ConvTranspose2d(C, C // 4, kernel_size=2, stride=2), LayerNorm2d(C // 4), nn.GELU(),
             nn.ConvTranspose2d(C // 4, C // 8, kernel_size=2, stride=2), nn.GELU())
-        self.output_hypernetworks_mlps = nn.ModuleList(MLP(C, C, C // 8, 3) for _ in range(self.num_mask_tokens))
-        self.iou_prediction_head = MLP(C, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth)
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(C, C, C // 8, 3) for _ in range(self.num_mask_tokens))
+        self.iou_prediction_head = MLP(C, cfg.iou_head_hidden_dim, self.num_mask_tokens,
+                                       cfg.iou_head_depth)
 
-    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
+    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings,
+                dense_prompt_embeddings):
         """Every output token's mask and IoU: (B, 1+3, 4h, 4w), (B, 1+3); HeadSAM picks the single
         or the multimask outputs (SAM's `multimask_output`), L_SAM distils all of them.
-        With grad_checkpointing (and gradients on) the prompt sets go in pieces of DECODE_CHUNK whose
-        activations are recomputed in the backward: the same numbers, a fraction of the memory."""
+        With grad_checkpointing (and gradients on) the prompt sets go in pieces of DECODE_CHUNK
+        whose activations are recomputed in the backward: the same numbers, a fraction of the
+        memory."""
         if not (self.grad_checkpointing and torch.is_grad_enabled()):
-            return self.decode(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+            return self.decode(image_embeddings, image_pe, sparse_prompt_embeddings,
+                               dense_prompt_embeddings)
         B = sparse_prompt_embeddings.shape[0]
-        rows = lambda t, i: t if t.shape[0] == 1 else t[i:i + DECODE_CHUNK]   # a shared embedding stays (1, ...)
-        pieces = [torch.utils.checkpoint.checkpoint(
-            self.decode, rows(image_embeddings, i), image_pe, sparse_prompt_embeddings[i:i + DECODE_CHUNK],
-            rows(dense_prompt_embeddings, i), use_reentrant=False) for i in range(0, B, DECODE_CHUNK)]
-        return tuple(torch.cat(x) for x in zip(*pieces))   # (B, 1+3, 4h, 4w), (B, 1+3)
+        masks = []
+        iou = []
+        for i in range(0, B, DECODE_CHUNK):
+            piece = slice(i, i + DECODE_CHUNK)
+            piece_masks, piece_iou = torch.utils.checkpoint.checkpoint(
+                self.decode, _rows(image_embeddings, piece), image_pe,
+                sparse_prompt_embeddings[piece], _rows(dense_prompt_embeddings, piece),
+                use_reentrant=False)
+            masks.append(piece_masks)
+            iou.append(piece_iou)
+        return torch.cat(masks), torch.cat(iou)             # (B, 1+3, 4h, 4w), (B, 1+3)
 
-    def decode(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
+    def decode(self, image_embeddings, image_pe, sparse_prompt_embeddings,
+               dense_prompt_embeddings):
         B = sparse_prompt_embeddings.shape[0]
-        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])             # (1+M', C)
-        tokens = torch.cat([out_tokens.expand(B, -1, -1), sparse_prompt_embeddings], dim=1)  # (B, T, C)
-        src = image_embeddings.expand(B, -1, -1, -1) + dense_prompt_embeddings               # (B, C, h, w)
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])   # (1+M', C)
+        out_tokens = out_tokens.expand(B, -1, -1)                                  # (B, 1+M', C)
+        tokens = torch.cat([out_tokens, sparse_prompt_embeddings], dim=1)          # (B, T, C)
+        src = image_embeddings.expand(B, -1, -1, -1) + dense_prompt_embeddings     # (B, C, h, w)
         pos = image_pe.expand(B, -1, -1, -1)
         _, C, h, w = src.shape
         hs, src = self.transformer(src, pos, tokens)         # (B, T, C), (B, h*w, C)
-        iou_token_out, mask_tokens_out = hs[:, 0], hs[:, 1:1 + self.num_mask_tokens]
+        iou_token_out = hs[:, 0]                             # (B, C)
+        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]  # (B, M', C)
         src = src.transpose(1, 2).reshape(B, C, h, w)        # (B, h*w, C) -> (B, C, h, w)
         up = self.output_upscaling(src)                      # (B, C/8, 4h, 4w)
-        hyper = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-                            dim=1)                           # (B, M', C/8)
-        masks = (hyper @ up.flatten(2)).reshape(B, -1, up.shape[2], up.shape[3])  # (B, M', 4h, 4w)
+        hyper = [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)]
+        hyper = torch.stack(hyper, dim=1)                    # (B, M', C/8)
+        masks = hyper @ up.flatten(2)                        # (B, M', 4h*4w)
+        masks = masks.reshape(B, -1, up.shape[2], up.shape[3])  # (B, M', 4h, 4w)
         return masks, self.iou_prediction_head(iou_token_out)  # (B, M', 4h, 4w), (B, M')
 
 
@@ -310,20 +353,24 @@ class HeadSAM(nn.Module):
         self.mask_decoder = MaskDecoder(cfg)
 
     def forward(self, image_embeddings, points=None, boxes=None, masks=None, multimask_output=True):
-        """points = (coords [B,N,2] pixels in the input frame, labels [B,N]: 1 fg, 0 bg, -1 padding);
-        boxes [B,4] x0,y0,x1,y1; masks [B,1,4h,4w] logits.
-        -> low-res mask logits [B,M,4h,4w], predicted IoU [B,M]; M = 3 if multimask_output else 1."""
+        """points = (coords [B,N,2] pixels in the input frame, labels [B,N]: 1 fg, 0 bg,
+        -1 padding); boxes [B,4] x0,y0,x1,y1; masks [B,1,4h,4w] logits.
+        -> low-res mask logits [B,M,4h,4w], predicted IoU [B,M]; M = 3 if multimask_output
+        else 1."""
         masks, iou = self.all_outputs(image_embeddings, points, boxes, masks)
-        sl = slice(1, None) if multimask_output else slice(0, 1)  # token 0 is the single-mask output
+        # token 0 is the single-mask output, tokens 1-3 the multimask outputs
+        sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou[:, sl]
 
     def all_outputs(self, image_embeddings, points=None, boxes=None, masks=None):
         """Same inputs; every output token: (B, 1+3, 4h, 4w) logits, (B, 1+3) IoU predictions."""
         sparse, dense = self.prompt_encoder(points, boxes, masks)
         if image_embeddings.shape[0] not in (1, sparse.shape[0]):
-            raise ValueError(f"HeadSAM: {image_embeddings.shape[0]} image embeddings for {sparse.shape[0]} "
-                             "prompt sets; give 1 (shared) or one per prompt set")
-        return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+            raise ValueError(f"HeadSAM: {image_embeddings.shape[0]} image embeddings for "
+                             f"{sparse.shape[0]} prompt sets; give 1 (shared) or one per "
+                             "prompt set")
+        image_pe = self.prompt_encoder.get_dense_pe()
+        return self.mask_decoder(image_embeddings, image_pe, sparse, dense)
 
 
 def postprocess_masks(low_res, input_size, original_size, img_size=1024):
@@ -345,8 +392,10 @@ class HeadCLIP(nn.Module):
     def __init__(self, cfg: HeadCLIPConfig):
         super().__init__()
         self.cfg = cfg
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, window_size=0,
-                                          rel_pos_size=cfg.rel_pos_size, eps=cfg.eps) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, window_size=0,
+                  rel_pos_size=cfg.rel_pos_size, eps=cfg.eps)
+            for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         self.mlp = nn.Sequential(nn.Linear(cfg.width, cfg.mlp_hidden), nn.GELU(),
                                  nn.Linear(cfg.mlp_hidden, cfg.mlp_hidden), nn.GELU(),
@@ -357,14 +406,15 @@ class HeadCLIP(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def init_from_block(self, block):
-        """Start every head block as a copy of SAM's last encoder block (App. A: faster than random)."""
+        """Start every head block as a copy of SAM's last encoder block (App. A: converges
+        faster than a random start)."""
         for own in self.blocks:
             own.load_state_dict(copy.deepcopy(block.state_dict()))
 
     def forward(self, tokens):                              # (B, H, W, C)
         for blk in self.blocks:
             tokens = blk(tokens)
-        pooled = tokens.flatten(1, 2).amax(dim=1)           # (B, H*W, C) -> (B, C): max pooling (App. A)
+        pooled = tokens.flatten(1, 2).amax(dim=1)       # (B, H*W, C) -> (B, C): max pool (App. A)
         return self.mlp(self.norm(pooled)), self.mlp(self.norm(tokens))  # (B, D), (B, H, W, D)
 
 
@@ -374,7 +424,8 @@ def build_head_sam(cfg="sam"):
 
 # ----------------------------------------------------------------------------- official weights
 
-# Official key -> ours. HeadSAM holds `prompt_encoder` and `mask_decoder` under their official names.
+# Official key -> ours. HeadSAM holds `prompt_encoder` and `mask_decoder` under their official
+# names.
 SAM_HEAD_REMAP = []  # our names are the official ones; only the encoder keys are dropped
 SAM_HEAD_PREFIXES = ["prompt_encoder.", "mask_decoder."]
 
@@ -388,28 +439,35 @@ def head_config_from_state_dict(sd, source="<state dict>"):
             "mask_decoder.iou_prediction_head.layers.0.weight"]
     missing = [k for k in need if k not in sd]
     if missing:
-        raise weights.CheckpointError(f"{source}: expected a SAM checkpoint with a prompt encoder and mask decoder, "
-                                      f"but it is {weights.guess_kind(sd)} (missing {missing[:2]})")
+        raise weights.CheckpointError(
+            f"{source}: expected a SAM checkpoint with a prompt encoder and mask decoder, "
+            f"but it is {weights.guess_kind(sd)} (missing {missing[:2]})")
     C = sd["prompt_encoder.no_mask_embed.weight"].shape[1]
-    grid, img = 64, 1024
+    grid = 64                                     # SAM's defaults: 1024 px in 16 px patches
+    img = 1024
     if "image_encoder.pos_embed" in sd and "image_encoder.patch_embed.proj.weight" in sd:
         grid = sd["image_encoder.pos_embed"].shape[1]
         img = grid * sd["image_encoder.patch_embed.proj.weight"].shape[-1]
-    count = lambda prefix: 1 + max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix))
+    cross_attn_q = sd["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"]
     return SAMHeadConfig(
         embed_dim=C, image_embedding_size=grid, input_image_size=img,
         mask_in_chans=sd["prompt_encoder.mask_downscaling.3.weight"].shape[0],
-        decoder_depth=count("mask_decoder.transformer.layers."),
+        decoder_depth=_count_layers(sd, "mask_decoder.transformer.layers."),
         decoder_mlp_dim=sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
-        attention_downsample_rate=C // sd["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"]
-        .shape[0],
+        attention_downsample_rate=C // cross_attn_q.shape[0],
         num_multimask_outputs=sd["mask_decoder.mask_tokens.weight"].shape[0] - 1,
-        iou_head_depth=count("mask_decoder.iou_prediction_head.layers."),
+        iou_head_depth=_count_layers(sd, "mask_decoder.iou_prediction_head.layers."),
         iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0])
 
 
+def _count_layers(sd, prefix):
+    """1 + the largest layer index i among the keys `prefix` + "i." + ..."""
+    return 1 + max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix))
+
+
 def load_sam_head(checkpoint, verbose=True, source=None):
-    """HeadSAM (prompt encoder + mask decoder) from an official SAM file or its state dict, eval mode."""
+    """HeadSAM (prompt encoder + mask decoder) from an official SAM file or its state dict, in
+    eval mode."""
     source = source or weights.source_name(checkpoint)  # `source` names an already-read file
     sd = weights.read_state_dict(checkpoint, "SAM checkpoint")
     cfg = head_config_from_state_dict(sd, source)

@@ -1,7 +1,9 @@
-"""The shared image encoder EncSAM-CLIP: SAM's ViT-Det backbone (SAM Sec. 3, App. A; Li et al. 2022).
+"""The shared image encoder EncSAM-CLIP: SAM's ViT-Det backbone (SAM Sec. 3, App. A; Li et al.
+2022).
 
 SAM-CLIP (Sec. 3, Fig. 2) keeps SAM's image encoder as the base model and distils CLIP into it,
-so this file is SAM's encoder, rebuilt module by module so the official checkpoints load as they are:
+so this file is SAM's encoder, rebuilt module by module so the official checkpoints load as they
+are:
 
     image [B,3,1024,1024] -> 16x16 patch embedding -> + absolute position embedding (64x64 grid)
       -> 12 / 24 / 32 ViT blocks: windowed attention (14x14 windows, padded) everywhere except a
@@ -53,14 +55,18 @@ class ViTDetConfig:
 
 # Official SAM sizes (segment_anything/build_sam.py) and the tiny fixture configuration.
 PRESETS = {
-    "vit_b": ViTDetConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": ViTDetConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": ViTDetConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
-    "tiny": ViTDetConfig(img_size=160, embed_dim=64, depth=4, num_heads=4, out_chans=32, window_size=4,
-                         global_attn_indexes=(1, 3)),
-    # the toy SAM teacher (toy/teachers.py, toy/weights/toy_sam.pth): 256 px, a 16 x 16 grid, head dim 32
-    "toy": ViTDetConfig(img_size=256, embed_dim=128, depth=4, num_heads=4, out_chans=128, window_size=8,
-                        global_attn_indexes=(1, 3)),
+    "vit_b": ViTDetConfig(embed_dim=768, depth=12, num_heads=12,
+                          global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": ViTDetConfig(embed_dim=1024, depth=24, num_heads=16,
+                          global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": ViTDetConfig(embed_dim=1280, depth=32, num_heads=16,
+                          global_attn_indexes=(7, 15, 23, 31)),
+    "tiny": ViTDetConfig(img_size=160, embed_dim=64, depth=4, num_heads=4, out_chans=32,
+                         window_size=4, global_attn_indexes=(1, 3)),
+    # the toy SAM teacher (toy/teachers.py, toy/weights/toy_sam.pth): 256 px, a 16 x 16 grid,
+    # head dim 32
+    "toy": ViTDetConfig(img_size=256, embed_dim=128, depth=4, num_heads=4, out_chans=128,
+                        window_size=8, global_attn_indexes=(1, 3)),
 }
 
 
@@ -69,7 +75,8 @@ def scaled_side(side, cfg: ViTDetConfig):
     side * S / 1024, rounded up to a multiple of the patch size. The identity for the paper's
     model; for the tiny preset (160 px) 224 -> 48, 336 -> 64, 448 -> 80, 1024 -> 160. Training,
     evaluation and the demo read every resolution of the paper through it."""
-    S, p = cfg.img_size, cfg.patch_size
+    S = cfg.img_size
+    p = cfg.patch_size
     return max(p, math.ceil(side * S / 1024 / p) * p)
 
 
@@ -143,7 +150,7 @@ def add_decomposed_rel_pos(attn, q, rel_pos_h, rel_pos_w, q_size, k_size):
     r_q = q.unflatten(2, (q_h, q_w))                                    # (B, nh, q_h, q_w, hd)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)                   # (B, nh, q_h, q_w, k_h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)                   # (B, nh, q_h, q_w, k_w)
-    attn = attn.unflatten(3, (k_h, k_w)).unflatten(2, (q_h, q_w))       # (B, nh, q_h, q_w, k_h, k_w)
+    attn = attn.unflatten(3, (k_h, k_w)).unflatten(2, (q_h, q_w))   # (B, nh, q_h, q_w, k_h, k_w)
     attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
     return attn.flatten(4).flatten(2, 3)                                # (B, nh, q_h*q_w, k_h*k_w)
 
@@ -163,7 +170,7 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
-        # one table entry per relative offset -(S-1)..(S-1) along each axis (S = window or grid side)
+        # one table entry per relative offset -(S-1)..(S-1) along each axis (S: window or grid side)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, head_dim))
 
@@ -184,9 +191,9 @@ class Attention(nn.Module):
 
 # Queries per scaled_dot_product_attention call in chunked_rel_pos_attention. A global block's bias
 # at 1024 px is (B, nh, 4096, 4096), 0.8 GB for ViT-B in fp32; in runs of 1024 queries only a
-# quarter of it exists at once in inference. (Folding the bias into q and k instead, q' = [q/sqrt(hd),
-# q.Rh, q.Rw] and k' = [k, one-hot row, one-hot column], is exact too and needs no bias at all, but
-# its 3x wider q.k product was slower on CPU than the bias it saves.)
+# quarter of it exists at once in inference. (Folding the bias into q and k instead,
+# q' = [q/sqrt(hd), q.Rh, q.Rw] and k' = [k, one-hot row, one-hot column], is exact too and needs
+# no bias at all, but its 3x wider q.k product was slower on CPU than the bias it saves.)
 QUERY_CHUNK = 1024
 
 
@@ -203,7 +210,8 @@ def decomposed_rel_pos_bias(q, Rh, Rw, start, W, out=None):
     if out is not None:
         out = out.unflatten(-1, (-1, W))                         # (..., n, H, W)
         return torch.add(rel_h[..., :, None], rel_w[..., None, :], out=out).flatten(-2)
-    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)  # (..., n, H, W) -> (..., n, H*W)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]            # (..., n, H, W)
+    return bias.flatten(-2)                                      # (..., n, H*W)
 
 
 def chunked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size):
@@ -225,25 +233,29 @@ def chunked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size):
         q_run = q[:, :, start:start + QUERY_CHUNK]          # (B, nh, n, hd)
         same_shape = bias is not None and bias.shape[2] == q_run.shape[2]
         reuse = bias if same_shape and not torch.is_grad_enabled() else None
-        bias = decomposed_rel_pos_bias(q_run, Rh, Rw, start, W, out=reuse)          # (B, nh, n, N)
-        run = F.scaled_dot_product_attention(q_run, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, n, hd)
-        out.append(run)
+        bias = decomposed_rel_pos_bias(q_run, Rh, Rw, start, W, out=reuse)      # (B, nh, n, N)
+        run = F.scaled_dot_product_attention(q_run, k, v, attn_mask=bias.to(q.dtype))
+        out.append(run)                                                         # (B, nh, n, hd)
     return torch.cat(out, dim=2)                            # (B, nh, N, hd)
 
 
 def window_partition(x, ws):
     """(B, H, W, C) -> (B*nW, ws, ws, C), zero-padding H and W up to multiples of ws."""
     B, H, W, C = x.shape
-    pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+    pad_h = (ws - H % ws) % ws
+    pad_w = (ws - W % ws) % ws
     x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))                # (B, Hp, Wp, C)
-    Hp, Wp = H + pad_h, W + pad_w
+    Hp = H + pad_h
+    Wp = W + pad_w
     x = x.reshape(B, Hp // ws, ws, Wp // ws, ws, C)         # (B, Hp/ws, ws, Wp/ws, ws, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, C), (Hp, Wp)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, C)  # (B*nW, ws, ws, C)
+    return windows, (Hp, Wp)
 
 
 def window_unpartition(windows, ws, padded_hw, hw):
     """(B*nW, ws, ws, C) -> (B, H, W, C), dropping the padding window_partition added."""
-    (Hp, Wp), (H, W) = padded_hw, hw
+    Hp, Wp = padded_hw
+    H, W = hw
     B = windows.shape[0] // ((Hp // ws) * (Wp // ws))
     x = windows.reshape(B, Hp // ws, Wp // ws, ws, ws, -1)  # (B, Hp/ws, Wp/ws, ws, ws, C)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)  # (B, Hp, Wp, C)
@@ -266,7 +278,7 @@ class Block(nn.Module):
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
-            H, W = x.shape[1], x.shape[2]
+            H, W = x.shape[1:3]
             x, padded_hw = window_partition(x, self.window_size)   # (B*nW, ws, ws, C)
             x = self.attn(x)
             x = window_unpartition(x, self.window_size, padded_hw, (H, W))  # (B, H, W, C)
@@ -287,15 +299,16 @@ class ImageEncoderViT(nn.Module):
         self.cfg = cfg
         g = cfg.grid
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, g, g, cfg.embed_dim))  # (1, H, W, C) at img_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, g, g, cfg.embed_dim))  # (1, H, W, C), native
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio,
                   window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
                   rel_pos_size=g, eps=cfg.layer_norm_eps)
             for i in range(cfg.depth))
-        # SAMCLIP.set_grad_checkpointing sets this while the encoder trains: each block's activations are
-        # then recomputed in the backward instead of stored, about a third more compute for a fraction of
-        # the memory (the 1024 px D_SAM forward of a distill step kept every block's, ~13 GB for ViT-B).
+        # SAMCLIP.set_grad_checkpointing sets this while the encoder trains: each block's
+        # activations are then recomputed in the backward instead of stored, about a third more
+        # compute for a fraction of the memory (the 1024 px D_SAM forward of a distill step kept
+        # every block's, ~13 GB for ViT-B).
         self.grad_checkpointing = False
         self.neck = nn.Sequential(
             nn.Conv2d(cfg.embed_dim, cfg.out_chans, kernel_size=1, bias=False),
@@ -308,20 +321,19 @@ class ImageEncoderViT(nn.Module):
         """The absolute position embedding for an H x W grid: (1, H, W, C); bicubic resize of the
         native grid when the input is not img_size (ViT-Det's get_abs_pos).
 
-        One rule with clip.VisionTower.position_embedding_for: bicubic WITH antialiasing. ViT-Det
-        resizes without it; measured (tests/test_vit_det.py): on a stand-in for SAM's table (MAE's
-        14 x 14 sin-cos table upsampled to 64 x 64, how SAM's was initialised) both rules land
-        within 1.5% of the exact sin-cos table at 14, 28 and 32 (antialiased: 0.8% / 1.4% / 1.4%,
-        plain: 0.1% / 1.5% / 1.4%), so the smooth part of the table is kept either way; but the
+        One rule with clip.VisionTower.position_embedding_for: bicubic WITH antialiasing, where
+        ViT-Det resizes without it. Why: on a stand-in for SAM's table (MAE's 14 x 14 sin-cos table
+        upsampled to 64 x 64, how SAM's was initialised) both rules keep the smooth part of the
+        table (within 2% of the exact sin-cos table at 14 and 28, tests/test_vit_det.py), but the
         detail a trained table holds above the small grid's Nyquist rate is averaged out by the
-        antialiased resize, while plain bicubic point-samples it into wrong low-frequency positions
-        (white noise keeps 86% of its std at 14 x 14, pure aliasing; 18% with antialiasing). CLIP
-        only upsamples (16 -> 24 at 336 px), where the two rules are identical. The parity fixtures
-        run at the native grid and are unaffected."""
+        antialiased resize, while plain bicubic point-samples it into wrong low-frequency
+        positions (aliasing). CLIP only upsamples (16 -> 24 at 336 px), where the two rules are
+        identical. The parity fixtures run at the native grid and are unaffected."""
         pos = self.pos_embed
         if pos.shape[1:3] == (H, W):
             return pos
-        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False, antialias=True)
+        pos = pos.permute(0, 3, 1, 2)                       # (1, H0, W0, C) -> (1, C, H0, W0)
+        pos = F.interpolate(pos, size=(H, W), mode="bicubic", align_corners=False, antialias=True)
         return pos.permute(0, 2, 3, 1)                      # (1, C, H, W) -> (1, H, W, C)
 
     def forward_tokens(self, x):
@@ -329,8 +341,8 @@ class ImageEncoderViT(nn.Module):
         What HeadCLIP needs at 224 / 448 px, where HeadSAM is not used."""
         p = self.cfg.patch_size
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(f"image encoder input must be [B,3,H,W] with H and W multiples of {p}, "
-                             f"got {list(x.shape)}")
+            raise ValueError(f"image encoder input must be [B,3,H,W] with H and W multiples of "
+                             f"{p}, got {list(x.shape)}")
         x = self.patch_embed(x)                             # (B, H, W, C)
         x = x + self.abs_pos(x.shape[1], x.shape[2])
         for blk in self.blocks:
@@ -370,20 +382,22 @@ def config_from_state_dict(sd, source="<state dict>"):
     needed = ["patch_embed.proj.weight", "pos_embed", "blocks.0.attn.rel_pos_h", "neck.0.weight"]
     missing = [k for k in needed if k not in sd]
     if missing:
+        official = [SAM_ENCODER_PREFIX + k for k in missing]
         raise weights.CheckpointError(
-            f"{source}: not a SAM image-encoder checkpoint: missing {[SAM_ENCODER_PREFIX + k for k in missing]} "
+            f"{source}: not a SAM image-encoder checkpoint: missing {official} "
             f"(found keys like {list(sd)[:3]})")
     C, _, p, _ = sd["patch_embed.proj.weight"].shape
     grid = sd["pos_embed"].shape[1]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     head_dim = sd["blocks.0.attn.rel_pos_h"].shape[1]
-    lengths = [sd[f"blocks.{i}.attn.rel_pos_h"].shape[0] if f"blocks.{i}.attn.rel_pos_h" in sd else None
-               for i in range(depth)]
+    tables = [sd.get(f"blocks.{i}.attn.rel_pos_h") for i in range(depth)]
+    lengths = [None if t is None else t.shape[0] for t in tables]
     global_idx = tuple(i for i, n in enumerate(lengths) if n == 2 * grid - 1)
     window = [n for n in lengths if n is not None and n != 2 * grid - 1]
+    lin1 = sd.get("blocks.0.mlp.lin1.weight")
     return ViTDetConfig(
         img_size=grid * p, patch_size=p, embed_dim=C, depth=depth, num_heads=C // head_dim,
-        mlp_ratio=sd["blocks.0.mlp.lin1.weight"].shape[0] / C if "blocks.0.mlp.lin1.weight" in sd else 4.0,
+        mlp_ratio=4.0 if lin1 is None else lin1.shape[0] / C,
         out_chans=sd["neck.0.weight"].shape[0],
         window_size=(window[0] + 1) // 2 if window else 0, global_attn_indexes=global_idx)
 

@@ -54,7 +54,8 @@ def read_safetensors(path):
         raise CheckpointError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
     n = int.from_bytes(raw[:8], "little")
     if n <= 0 or 8 + n > len(raw):
-        raise CheckpointError(f"{path}: corrupt safetensors header (length {n}, file {len(raw)} bytes)")
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header (length {n}, file {len(raw)} bytes)")
     try:
         header = json.loads(raw[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -66,15 +67,20 @@ def read_safetensors(path):
             continue
         dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         begin, end = info["data_offsets"]
         shape = info["shape"]
         numel = 1
         for s in shape:
             numel *= s
         if end > len(data) or end - begin != numel * torch.empty((), dtype=dtype).element_size():
-            raise CheckpointError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
-        t = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+            raise CheckpointError(
+                f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
+        if numel:
+            t = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype)
+        else:
+            t = torch.empty(0, dtype=dtype)
         out[name] = t.reshape(shape)
     return out
 
@@ -87,11 +93,13 @@ def safe_load(path, what="checkpoint", mmap=False):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: {what} file not found")
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
-    except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError / EOFError for truncated zips
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # UnpicklingError: an unsafe pickle; RuntimeError / EOFError: truncated
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot be read as a safe torch checkpoint ({first[:200]})") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a safe torch checkpoint ({first[:200]})") from None
 
 
 def read_state_dict(checkpoint, what="checkpoint"):
@@ -107,7 +115,10 @@ def read_state_dict(checkpoint, what="checkpoint"):
         source = str(checkpoint)
         if not os.path.isfile(source):
             raise CheckpointError(f"{source}: {what} file not found")
-        sd = read_safetensors(source) if source.endswith(".safetensors") else safe_load(source, what)
+        if source.endswith(".safetensors"):
+            sd = read_safetensors(source)
+        else:
+            sd = safe_load(source, what)
     else:
         sd = checkpoint
     if isinstance(sd, dict):
@@ -116,7 +127,8 @@ def read_state_dict(checkpoint, what="checkpoint"):
                 sd = sd[wrapper]
                 break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{source}: expected a state dict of tensors, found {type(sd).__name__}")
+        raise CheckpointError(
+            f"{source}: expected a state dict of tensors, found {type(sd).__name__}")
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
@@ -158,7 +170,8 @@ def check_keys(module, state_dict, source, expected_kind):
     if wrong:
         problems.append(f"{len(wrong)} shape mismatches, first {wrong[:3]}")
     if problems:
-        raise CheckpointError(f"{source}: not a complete {expected_kind} checkpoint: " + "; ".join(problems))
+        raise CheckpointError(
+            f"{source}: not a complete {expected_kind} checkpoint: " + "; ".join(problems))
 
 
 def load_checked(module: nn.Module, state_dict, source, expected_kind, assign=False):
@@ -177,8 +190,8 @@ class _SkipInitialisers(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_") \
-                and not name.startswith("_"):
+        public = name.endswith("_") and not name.startswith("_")
+        if public and getattr(func, "__module__", None) == "torch.nn.init":
             tensor = args[0] if args else kwargs["tensor"]
             if tensor.is_meta:
                 return tensor

@@ -52,10 +52,12 @@ def test_parity_from_path(tiny, tmp_path, capsys):
 
 def test_forward_patch_tokens_and_resolution(tiny):
     model = clip.load_clip(tiny["state_dict"])
-    image, tokens = tiny["inputs"]["image"], tiny["inputs"]["tokens"]
+    image = tiny["inputs"]["image"]
+    tokens = tiny["inputs"]["tokens"]
     with torch.no_grad():
         img, txt = model(image, tokens)
-        assert torch.allclose(img.norm(dim=-1), torch.ones(2)) and torch.allclose(txt.norm(dim=-1), torch.ones(6))
+        assert torch.allclose(img.norm(dim=-1), torch.ones(2))
+        assert torch.allclose(txt.norm(dim=-1), torch.ones(6))
         pooled, patches = model.visual(image, return_patch_tokens=True)
         assert torch.allclose(pooled, model.encode_image(image)) and patches.shape == (2, 16, 32)
         # the causal mask makes a shorter context give the same features (the longest text uses 77)
@@ -63,9 +65,11 @@ def test_forward_patch_tokens_and_resolution(tiny):
         assert torch.allclose(model.encode_text(short), model.encode_text(tokens[:5]), atol=1e-5)
         # other resolutions: the patch grid of the position table is resized, the class row kept
         pos = model.visual.position_embedding_for(6, 3)
-        assert pos.shape == (1 + 18, 128) and torch.equal(pos[0], model.visual.positional_embedding[0])
+        assert pos.shape == (1 + 18, 128)
+        assert torch.equal(pos[0], model.visual.positional_embedding[0])
         assert model.visual.position_embedding_for(4, 4) is model.visual.positional_embedding
-        out = model.encode_image(torch.nn.functional.interpolate(image, size=(96, 48), mode="bilinear"))
+        wide = torch.nn.functional.interpolate(image, size=(96, 48), mode="bilinear")
+        out = model.encode_image(wide)
         assert out.shape == (2, 32) and torch.isfinite(out).all()
 
 
@@ -84,10 +88,13 @@ def write_safetensors(path, state_dict, dtype):
     """The format by hand (8-byte header length, JSON header, raw little-endian bytes), so the test
     does not trust the reader it checks."""
     name = {torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    header = {"__metadata__": {"format": "pt"}}
+    blobs = []
+    offset = 0
     for key, value in state_dict.items():
         raw = value.to(dtype).reshape(-1).view(torch.int16).numpy().astype("<i2").tobytes()
-        header[key] = {"dtype": name, "shape": list(value.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[key] = {"dtype": name, "shape": list(value.shape),
+                       "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     text = json.dumps(header).encode()
@@ -135,18 +142,22 @@ def test_full_size_layouts(name):
 
 
 def test_remap_anchors_the_text_keys():
-    keys = {"visual.transformer.resblocks.0.ln_1.weight": 0, "transformer.resblocks.0.ln_1.weight": 0,
-            "visual.positional_embedding": 0, "positional_embedding": 0}
+    keys = {"visual.transformer.resblocks.0.ln_1.weight": 0,
+            "transformer.resblocks.0.ln_1.weight": 0,
+            "visual.positional_embedding": 0,
+            "positional_embedding": 0}
     assert sorted(weights.remap(keys, clip.CLIP_REMAP)) == [
         "text.positional_embedding", "text.transformer.resblocks.0.ln_1.weight",
         "visual.positional_embedding", "visual.transformer.resblocks.0.ln_1.weight"]
 
 
 def test_no_preset_is_said(tiny, capsys):
-    state_dict = {k: v for k, v in tiny["state_dict"].items() if not k.startswith("visual.transformer.resblocks.1.")}
+    second_block = "visual.transformer.resblocks.1."
+    state_dict = {k: v for k, v in tiny["state_dict"].items() if not k.startswith(second_block)}
     model = clip.load_clip(state_dict)
     assert model.config.vision_layers == 1
-    assert "matches no preset: embed 32, image 64 / patch 16, vision 128 x 1" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "matches no preset: embed 32, image 64 / patch 16, vision 128 x 1" in said
 
 
 def test_openai_extra_keys_are_dropped(tiny):
@@ -193,7 +204,8 @@ class Payload:
 
 
 def test_malicious_pickle_does_not_run(tmp_path):
-    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
     torch.save({"visual.conv1.weight": Payload(marker)}, path)
     with pytest.raises(weights.CheckpointError) as error:
         clip.load_clip(path)
@@ -245,7 +257,8 @@ def test_encode_text_by_length_equals_one_trimmed_call_with_fewer_tokens(tiny):
     """Texts grouped by length, each group cut after its own end token, batches of 2: the rows come
     back in order with the numbers of one call on the whole trimmed batch, from fewer token rows."""
     model = clip.load_clip(tiny["state_dict"])
-    texts = ["a dog", "a photo of a small red car on the road", "cat", "a dog", "the sky at night", "x y"]
+    texts = ["a dog", "a photo of a small red car on the road", "cat", "a dog", "the sky at night",
+             "x y"]
     tokens = clip.tokenize(texts)
     seen = []
 
@@ -258,4 +271,5 @@ def test_encode_text_by_length_equals_one_trimmed_call_with_fewer_tokens(tiny):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     ends = tokens.argmax(-1)
     assert max(s[0] for s in seen) <= 2 and sum(s[0] for s in seen) == len(texts)
-    assert sum(s[0] * s[1] for s in seen) == int((ends + 1).sum()) < clip.trim_padding(tokens).numel()
+    token_rows = sum(s[0] * s[1] for s in seen)
+    assert token_rows == int((ends + 1).sum()) < clip.trim_padding(tokens).numel()

@@ -47,25 +47,30 @@ def test_checkpointed_decoder_same_numbers_fewer_saved_activations(monkeypatch):
     monkeypatch.setattr(heads, "DECODE_CHUNK", 3)             # 7 prompt sets: pieces of 3, 3, 1
     torch.manual_seed(0)
     head = heads.build_head_sam("tiny")
-    for p in head.parameters():                               # SAM's zero-init convs would hide gradients
+    for p in head.parameters():                     # SAM's zero-init convs would hide gradients
         torch.nn.init.normal_(p, std=0.2)
     g = torch.Generator().manual_seed(1)
     s = head.cfg.image_embedding_size
     emb = torch.randn(1, head.cfg.embed_dim, s, s, generator=g)
     S = head.cfg.input_image_size
-    coords, labels = torch.rand(7, 2, 2, generator=g) * S, torch.randint(0, 2, (7, 2), generator=g)
+    coords = torch.rand(7, 2, 2, generator=g) * S
+    labels = torch.randint(0, 2, (7, 2), generator=g)
+    saved = []
+
+    def count_saved_bytes(t):                       # autograd's pack hook: what the backward keeps
+        saved.append(t.numel() * t.element_size())
+        return t
     results = []
     for checkpointing in (False, True):
         head.zero_grad()
         head.mask_decoder.grad_checkpointing = checkpointing
         e = emb.clone().requires_grad_(True)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(count_saved_bytes, lambda t: t):
             masks, iou = head.all_outputs(e, points=(coords, labels))
         ((masks ** 2).mean() + iou.sum()).backward()
-        results.append((masks.detach(), iou.detach(), e.grad, sum(saved),
-                        {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}))
+        grads = {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
+        results.append((masks.detach(), iou.detach(), e.grad, sum(saved), grads))
     (m0, i0, e0, saved0, g0), (m1, i1, e1, saved1, g1) = results
     torch.testing.assert_close(m1, m0, rtol=0, atol=1e-6)
     torch.testing.assert_close(i1, i0, rtol=0, atol=1e-6)
@@ -88,8 +93,8 @@ def test_full_size_head_layout():
 
 
 def head_clip_reference(head, block, tokens):
-    """HeadCLIP written out independently, in plain tensor ops on its parameter tensors: `block` (the
-    encoder block every head block copies, App. A) once per head block, the maximum over the
+    """HeadCLIP written out independently, in plain tensor ops on its parameter tensors: `block`
+    (the encoder block every head block copies, App. A) once per head block, the maximum over the
     patches, the layer-norm formula, and the MLP as matmuls with erf GELU.
     tokens (B, H, W, C) -> pooled (B, D), dense (B, H, W, D)."""
     x = tokens
@@ -103,11 +108,9 @@ def _norm_mlp_reference(head, x):
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
     x = (x - mean) / torch.sqrt(var + head.norm.eps) * head.norm.weight + head.norm.bias
-    w1, w2, w3 = head.mlp[0].weight, head.mlp[2].weight, head.mlp[4].weight
-    b1, b2, b3 = head.mlp[0].bias, head.mlp[2].bias, head.mlp[4].bias
-    x = _erf_gelu(x @ w1.T + b1)
-    x = _erf_gelu(x @ w2.T + b2)
-    return x @ w3.T + b3
+    x = _erf_gelu(x @ head.mlp[0].weight.T + head.mlp[0].bias)
+    x = _erf_gelu(x @ head.mlp[2].weight.T + head.mlp[2].bias)
+    return x @ head.mlp[4].weight.T + head.mlp[4].bias
 
 
 def _erf_gelu(x):
@@ -145,9 +148,10 @@ def test_head_clip_owns_its_initialisation():
     """A HeadCLIP built directly starts as the one training builds: ViT-style MLP (normal, std 0.02,
     zero biases), so forks that build it themselves get the same head."""
     torch.manual_seed(0)
-    head = heads.HeadCLIP(heads.HeadCLIPConfig(width=64, num_heads=4, rel_pos_size=10, mlp_hidden=256, out_dim=32))
+    cfg = heads.HeadCLIPConfig(width=64, num_heads=4, rel_pos_size=10, mlp_hidden=256, out_dim=32)
+    head = heads.HeadCLIP(cfg)
     linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 3
     for lin in linears:
         assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
-        assert abs(lin.weight.std().item() - 0.02) < 0.003                 # nn.Linear's default is ~0.07 here
+        assert abs(lin.weight.std().item() - 0.02) < 0.003   # nn.Linear's default: ~0.07 here

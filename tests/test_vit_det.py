@@ -2,6 +2,7 @@
 """SAM's ViT-Det encoder against the official implementation's outputs, presets, odd resolutions."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vit_det
 import weights
@@ -56,10 +57,10 @@ def test_window_partition_roundtrip():
     assert torch.equal(vit_det.window_unpartition(w, 4, padded, (10, 7)), x)
 
 
-@pytest.mark.parametrize("preset,tsv", [("vit_b", "sam_vit_b_keys.tsv"), ("vit_l", "sam_vit_l_keys.tsv"),
-                                        ("vit_h", "sam_vit_h_keys.tsv")])
-def test_full_size_layout_and_preset(preset, tsv):
-    sd = weights.remap(meta_state_dict(tsv), vit_det.SAM_ENCODER_REMAP, keep_prefixes=[vit_det.SAM_ENCODER_PREFIX])
+@pytest.mark.parametrize("preset", ["vit_b", "vit_l", "vit_h"])
+def test_full_size_layout_and_preset(preset):
+    sd = weights.remap(meta_state_dict(f"sam_{preset}_keys.tsv"), vit_det.SAM_ENCODER_REMAP,
+                       keep_prefixes=[vit_det.SAM_ENCODER_PREFIX])
     cfg = vit_det.config_from_state_dict(sd)
     assert weights.match_preset(cfg, vit_det.PRESETS) == preset
     with torch.device("meta"):
@@ -77,24 +78,27 @@ def _sincos(dim, pos):
 
 
 def test_abs_pos_resize_rule_keeps_smooth_tables_and_does_not_alias():
-    """The rule chosen in abs_pos (antialiased bicubic), on the cases its comment measures."""
+    """The rule chosen in abs_pos (antialiased bicubic), on the cases its docstring names."""
     enc = vit_det.build_vit_det("tiny")
     C = enc.cfg.embed_dim
     # SAM's table began as MAE's 14 x 14 sin-cos table upsampled to 64 x 64: resized back to the
     # 14 x 14 and 28 x 28 grids of 224 / 448 px it must stay close to the exact sin-cos table there.
-    base = _sincos(C, torch.arange(14.0, dtype=torch.float64)).permute(2, 0, 1)[None]   # (1, C, 14, 14)
-    up = torch.nn.functional.interpolate(base, size=(64, 64), mode="bicubic", align_corners=False)
-    enc.pos_embed = torch.nn.Parameter(up.permute(0, 2, 3, 1))                      # (1, 64, 64, C)
+    base = _sincos(C, torch.arange(14.0, dtype=torch.float64))                  # (14, 14, C)
+    base = base.permute(2, 0, 1)[None]                                          # (1, C, 14, 14)
+    up = F.interpolate(base, size=(64, 64), mode="bicubic", align_corners=False)
+    enc.pos_embed = torch.nn.Parameter(up.permute(0, 2, 3, 1))                  # (1, 64, 64, C)
     for g in (14, 28):
         exact = _sincos(C, (torch.arange(g, dtype=torch.float64) + 0.5) * 14 / g - 0.5)
         got = enc.abs_pos(g, g)[0]
         assert (got - exact).norm() / exact.norm() < 0.02, g
     # Detail above the small grid's Nyquist rate (a one-cell checkerboard) is averaged out, not
     # point-sampled into a false pattern (plain bicubic keeps most of it: aliasing).
-    checker = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2.0 - 1).expand(C, 64, 64)
-    enc.pos_embed = torch.nn.Parameter(checker.permute(1, 2, 0)[None].contiguous())  # (1, 64, 64, C)
-    plain = torch.nn.functional.interpolate(checker[None], size=(28, 28), mode="bicubic", align_corners=False)
-    assert plain.abs().mean() > 0.3                                                 # what plain bicubic does
+    cells = torch.arange(64)[:, None] + torch.arange(64)[None, :]               # (64, 64)
+    checker = (cells % 2 * 2.0 - 1).expand(C, 64, 64)                           # (C, 64, 64)
+    table = checker.permute(1, 2, 0)[None].contiguous()                         # (1, 64, 64, C)
+    enc.pos_embed = torch.nn.Parameter(table)
+    plain = F.interpolate(checker[None], size=(28, 28), mode="bicubic", align_corners=False)
+    assert plain.abs().mean() > 0.3                             # what plain bicubic does
     assert enc.abs_pos(28, 28).abs().mean() < 0.05
 
 

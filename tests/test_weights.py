@@ -1,5 +1,6 @@
 # python -m pytest tests/test_weights.py -q
-"""Secure and strict checkpoint loading: malicious pickles, truncated files, wrong kinds, missing keys."""
+"""Secure and strict checkpoint loading: malicious pickles, truncated files, wrong kinds, missing
+keys; the meta-device skeleton a merged checkpoint loads into."""
 import os
 
 import pytest
@@ -44,13 +45,15 @@ def test_truncated_file(tmp_path, sam_fixture):
 
 
 def test_wrong_kind_and_missing_keys(clip_fixture, sam_fixture):
-    with pytest.raises(weights.CheckpointError, match="expected a SAM checkpoint.*it is a CLIP checkpoint"):
+    wrong_kind = "expected a SAM checkpoint.*it is a CLIP checkpoint"
+    with pytest.raises(weights.CheckpointError, match=wrong_kind):
         vit_det.load_sam_encoder(clip_fixture["state_dict"])
-    with pytest.raises(weights.CheckpointError, match="expected a SAM checkpoint.*it is a CLIP checkpoint"):
+    with pytest.raises(weights.CheckpointError, match=wrong_kind):
         heads.load_sam_head(clip_fixture["state_dict"])
     sd = dict(sam_fixture["state_dict"])
     del sd["image_encoder.blocks.2.mlp.lin2.bias"]
-    with pytest.raises(weights.CheckpointError, match=r"1 missing keys, first \['blocks.2.mlp.lin2.bias'\]"):
+    missing = r"1 missing keys, first \['blocks.2.mlp.lin2.bias'\]"
+    with pytest.raises(weights.CheckpointError, match=missing):
         vit_det.load_sam_encoder(sd)
     sd = dict(sam_fixture["state_dict"])
     sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 33)
@@ -66,10 +69,13 @@ def test_missing_file_is_named(tmp_path):
 def _write_safetensors(path, tensors, dtype_name):
     """An independent writer of the format (header length, JSON header, raw bytes)."""
     import json
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    header = {"__metadata__": {"format": "pt"}}
+    blobs = []
+    offset = 0
     for name, t in tensors.items():
         raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": dtype_name, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": dtype_name, "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     h = json.dumps(header).encode()
