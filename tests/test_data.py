@@ -1,10 +1,13 @@
 # python -m pytest tests/test_data.py -q
 """data.py: COCO RLE against hand-encoded masks, SA-1B prompts in the resized frame (drawn by
-prompts.first_prompt), D_CLIP crops shared by student and teacher, corrupt files. The samplers
-and the stream: test_sampling.py."""
+prompts.first_prompt), D_CLIP crops shared by student and teacher, corrupt files, SA-1B read
+straight from its tars (the same samples as extracted; damaged tars and members; the --sam-data
+spec forms). The samplers and the stream: test_sampling.py."""
 
+import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from PIL import Image
 
 import clip
 import data
+import train
 from data import (
     SA1B,
     SAM_PIXEL_MEAN,
@@ -24,7 +28,8 @@ from data import (
     rle_decode,
     rle_encode,
 )
-from sampling import VariableResolutionSampler
+from sampling import FixedBatchSampler, VariableResolutionSampler
+from toy import layouts
 
 # ----------------------------------------------------------------------------- RLE
 
@@ -484,3 +489,281 @@ def test_native_resolution_student_sees_sam_padding_teacher_a_square(tmp_path):
         # below the native side the crop is squashed to a square, no padding
         squashed = data.normalize_sam(data.to_tensor(img.resize((20, 20), Image.BICUBIC, box=box)))
         assert torch.allclose(ds[(i, 20, 0)]["student"], squashed)
+
+
+# ----------------------------------------------------------------------------- SA-1B's tars
+
+
+def _tar(path, files):
+    """A tar at `path` holding `files` ({member name: bytes}) in that order."""
+    with tarfile.open(path, "w") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return str(path)
+
+
+def _pair_files(folder, names):
+    """{member name: bytes} of the _write_sa1b pairs `names`, written into `folder` first."""
+    files = {}
+    for name in names:
+        _write_sa1b(folder, name)
+        for ext in (".jpg", ".json"):
+            files[name + ext] = (folder / (name + ext)).read_bytes()
+    return files
+
+
+@pytest.fixture
+def sa1b_tar(tmp_path):
+    """tars/sa_000000.tar: the pairs sa_1, sa_2, sa_3, members in that order."""
+    (tmp_path / "tars").mkdir()
+    files = _pair_files(tmp_path / "files", ["sa_1", "sa_2", "sa_3"])
+    return _tar(tmp_path / "tars" / "sa_000000.tar", files)
+
+
+def _members(ds):
+    """(tar file name, member name) of every image of an SA1B, in sample order."""
+    return [(os.path.basename(image.tar), image.name) for image, _ in ds.pairs]
+
+
+def _tar_images(ds):
+    """ "tar file name:member" of every image of an SA1B (an extracted one: its file name)."""
+    return [os.path.basename(str(image)) for image, _ in ds.pairs]
+
+
+def _assert_same_sample(a, b):
+    """Two SA1B samples equal in every tensor and number (their paths differ)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if torch.is_tensor(a[key]):
+            assert torch.equal(a[key], b[key]), key
+        elif key not in ("path", "bad_paths"):
+            assert a[key] == b[key], key
+
+
+def test_sa1b_tars_give_the_samples_of_the_extracted_layout(tmp_path):
+    """toy.layouts writes the same scenes as SA-1B's tars and extracted: the same bytes, and SA1B
+    reads them index for index into equal samples, also through a DataLoader worker and the
+    D_SAM sampler."""
+    tars = layouts.write_sa1b_tars(str(tmp_path / "tars"), 5, seed=0, per_tar=3)
+    folder = layouts.write_sa1b(str(tmp_path / "files"), 5, seed=0)
+    assert sorted(os.listdir(tars)) == ["sa_000000.tar", "sa_000001.tar"]
+    for k, names in enumerate([["sa_0", "sa_1", "sa_2"], ["sa_3", "sa_4"]]):
+        with tarfile.open(os.path.join(tars, f"sa_{k:06d}.tar")) as tar:
+            members = [m.name for m in tar]
+            assert members == [name + ext for name in names for ext in (".jpg", ".json")]
+            for name in members:
+                on_disk = open(os.path.join(folder, name), "rb").read()
+                assert tar.extractfile(name).read() == on_disk
+    from_tars = SA1B(tars, img_size=160, masks_per_image=4)  # a folder of tars
+    from_files = SA1B(folder, img_size=160, masks_per_image=4)
+    assert len(from_tars) == len(from_files) == 5
+    assert _members(from_tars)[3] == ("sa_000001.tar", "sa_3.jpg")
+    assert from_tars[(3, 0)]["path"] == os.path.join(tars, "sa_000001.tar") + ":sa_3.jpg"
+    for i in range(5):
+        for epoch in (0, 1):
+            _assert_same_sample(from_tars[(i, epoch)], from_files[(i, epoch)])
+    sampler = FixedBatchSampler(5, 2, seed=0)
+    loader = torch.utils.data.DataLoader(
+        from_tars, batch_sampler=sampler, collate_fn=collate_sam, num_workers=1
+    )
+    for batch, items in zip(loader, list(sampler)):
+        _assert_same_sample(batch, collate_sam([from_files[item] for item in items]))
+
+
+def _member_offsets(path):
+    """member name -> (header offset, data offset, data size) of a tar."""
+    with tarfile.open(path) as tar:
+        return {m.name: (m.offset, m.offset_data, m.size) for m in tar}
+
+
+def _cut_inside(path, offsets):
+    os.truncate(path, offsets["sa_3.json"][1] + 10)
+
+
+def _cut_after_member(path, offsets):
+    _, start, size = offsets["sa_3.json"]
+    os.truncate(path, start + -(-size // 512) * 512)  # the data's last block, no end blocks
+
+
+def _corrupt_header(path, offsets):
+    with open(path, "r+b") as f:
+        f.seek(offsets["sa_2.jpg"][0])
+        f.write(b"\x01" * 512)
+
+
+def _not_a_tar(path, offsets):
+    with open(path, "wb") as f:
+        f.write(b"not a tar file " * 100)
+
+
+@pytest.mark.parametrize(
+    "damage, expected, kept",
+    [
+        (_cut_inside, r"cut short inside member sa_3\.json", ["sa_1.jpg", "sa_2.jpg"]),
+        (
+            _cut_after_member,
+            "cut short after member sa_3.json",
+            ["sa_1.jpg", "sa_2.jpg", "sa_3.jpg"],
+        ),
+        (_corrupt_header, r"corrupt header at byte \d+, after member sa_1\.json", ["sa_1.jpg"]),
+        (_not_a_tar, "not an uncompressed tar file", []),
+    ],
+)
+def test_truncated_or_corrupt_tar_is_read_up_to_the_damage(
+    sa1b_tar, tmp_path, damage, expected, kept
+):
+    """A tar cut short or with a bad header: its pairs before the damage are read, the rest
+    skipped, one warning line naming the tar and where it broke; the other tars of the spec are
+    read whole. A spec whose tars hold no pair is refused."""
+    good = _tar(tmp_path / "tars" / "sa_000001.tar", _pair_files(tmp_path / "files", ["sa_4"]))
+    damage(sa1b_tar, _member_offsets(sa1b_tar))
+    with pytest.warns(UserWarning, match=expected) as record:
+        ds = SA1B(f"{sa1b_tar}::{good}", img_size=160, masks_per_image=4)
+    message = str(record[0].message)
+    assert len(record) == 1 and sa1b_tar in message and "\n" not in message
+    assert f"its {len(kept)} pair(s) before that are read" in message
+    assert _members(ds) == [("sa_000000.tar", name) for name in kept] + [
+        ("sa_000001.tar", "sa_4.jpg")
+    ]
+    assert all(ds[(i, 0)]["ok"] for i in range(len(ds)))
+    if not kept:
+        with pytest.warns(UserWarning), pytest.raises(ValueError, match="holds no sa_"):
+            SA1B(sa1b_tar)
+
+
+def test_bad_tar_members_are_skipped_counted_and_named(tmp_path):
+    """An image member PIL cannot decode and a JSON member cut short are skipped and counted as in
+    the extracted layout, each named "tar:member" in one line; so is a member the tar no longer
+    holds whole (the tar cut short after it was indexed)."""
+    files = _pair_files(tmp_path / "files", ["sa_1", "sa_2", "sa_3"])
+    files["sa_1.jpg"] = b"\xff\xd8 not really a jpeg"
+    files["sa_2.json"] = b'{"annotations": [{"segmentation": '
+    path = _tar(tmp_path / "sa_000000.tar", files)
+    ds = SA1B(path, img_size=160, masks_per_image=4)
+    with pytest.warns(UserWarning) as record:
+        samples = [ds[(i, 0)] for i in range(3)]
+    assert [s["ok"] for s in samples] == [False, False, True] and ds.skipped == 2
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2 and all("\n" not in m for m in messages)
+    assert f"{path}:sa_1.jpg: not a readable image" in messages[0]
+    assert f"{path}:sa_2.json: not a readable JSON file" in messages[1]
+    assert collate_sam(samples)["bad_paths"] == [f"{path}:sa_1.jpg", f"{path}:sa_2.jpg"]
+    os.truncate(path, _member_offsets(path)["sa_3.jpg"][1] + 10)
+    with pytest.warns(UserWarning, match=r"sa_3\.jpg: .*the tar ends \d+ bytes before"):
+        assert not ds[(2, 0)]["ok"]
+    assert ds.skipped == 3
+
+
+def test_expand_braces():
+    assert data.expand_braces("sa_{000..002}.tar") == ["sa_000.tar", "sa_001.tar", "sa_002.tar"]
+    assert data.expand_braces("{8..10}") == ["8", "9", "10"]
+    assert data.expand_braces("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
+    assert data.expand_braces("plain.tar") == ["plain.tar"]
+    assert data.expand_braces("{3..1}") == []
+    with pytest.raises(ValueError, match="neither a range"):
+        data.expand_braces("sa_{abc}.tar")
+
+
+def test_sa1b_specs_folders_brace_ranges_lists_and_joins(tmp_path, sa1b_root):
+    """--sam-data forms: a folder of tars, brace ranges, a list file (relative paths, comments),
+    several joined with "::" (tars and an extracted folder alike), each in its own order; a spec
+    matching nothing is refused with one line naming it."""
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for k, name in enumerate(["sa_5", "sa_6", "sa_7"]):
+        _tar(tars / f"sa_00000{k}.tar", _pair_files(tmp_path / "files", [name]))
+    assert _tar_images(SA1B(str(tars))) == [
+        "sa_000000.tar:sa_5.jpg",
+        "sa_000001.tar:sa_6.jpg",
+        "sa_000002.tar:sa_7.jpg",
+    ]
+    assert _tar_images(SA1B(f"{tars}/sa_{{000001..000002}}.tar")) == [
+        "sa_000001.tar:sa_6.jpg",
+        "sa_000002.tar:sa_7.jpg",
+    ]
+    listed = tmp_path / "d_sam.txt"
+    listed.write_text("# D_SAM\n\ntars/sa_000002.tar\ntars/sa_{000000..000001}.tar\n")
+    assert _tar_images(SA1B(str(listed)))[0] == "sa_000002.tar:sa_7.jpg"
+    assert len(SA1B(str(listed))) == 3
+    joined = SA1B(f"{tars}/sa_000001.tar::{sa1b_root}")
+    assert _tar_images(joined) == ["sa_000001.tar:sa_6.jpg", "sa_2.jpg", "sa_1.jpg"]
+    refused = {
+        str(tmp_path / "nope.tar"): "matches nothing",
+        f"{tars}/sa_{{000001..000004}}.tar": r"2 of its 4 files do not exist \(first: .*003\.tar\)",
+        f"{tars}/sa_{{000002..000000}}.tar": "matches nothing",
+        f"{tars}/sa_000001.tar::": "matches nothing",
+    }
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    refused[str(tmp_path / "empty.txt")] = "names nothing"
+    _write_sa1b(tars, "sa_9")  # extracted files beside tars: which did the user mean?
+    refused[str(tars)] = "holds both 3 tar file"
+    for spec, expected in refused.items():
+        with pytest.raises(ValueError, match=expected):
+            SA1B(spec)
+
+
+def test_tar_index_is_stored_beside_the_tar_and_rebuilt_when_the_tar_changes(
+    sa1b_tar, tmp_path, monkeypatch
+):
+    first = SA1B(sa1b_tar)
+    stored = sa1b_tar + ".index.json"
+    assert os.path.exists(stored)
+
+    def no_indexing(path):
+        raise AssertionError(f"{path} indexed again")
+
+    monkeypatch.setattr(data, "index_tar", no_indexing)
+    again = SA1B(sa1b_tar)  # read from the stored index
+    assert _members(again) == _members(first)
+    assert np.array_equal(again.pairs.parts[0].spans, first.pairs.parts[0].spans)
+    monkeypatch.undo()
+    _tar(sa1b_tar, _pair_files(tmp_path / "files", ["sa_8"]))  # another tar under the same name
+    assert _members(SA1B(sa1b_tar)) == [("sa_000000.tar", "sa_8.jpg")]
+    # a folder that cannot be written: the tar is indexed in memory, once per run, and says so
+    os.remove(stored)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(data.tempfile, "NamedTemporaryFile", read_only)
+    with pytest.warns(UserWarning, match="could not store the index of 1 tar"):
+        ds = SA1B(sa1b_tar, img_size=160)
+    assert ds[(0, 0)]["ok"] and not os.path.exists(stored)
+
+
+def test_ranks_start_indexing_at_their_share_of_the_tars(tmp_path, monkeypatch):
+    """On a first run, rank r of W starts indexing r/W of the way through the tars (the ranks of a
+    job split the work); the samples keep the spec's order."""
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for k in range(4):
+        _tar(tars / f"sa_00000{k}.tar", _pair_files(tmp_path / "files", [f"sa_{k}"]))
+    indexed = []
+    real = data.load_tar_index
+
+    def recorded(path):
+        indexed.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(data, "load_tar_index", recorded)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ds = SA1B(str(tars))
+    assert indexed == ["sa_000002.tar", "sa_000003.tar", "sa_000000.tar", "sa_000001.tar"]
+    assert [name for _, name in _members(ds)] == ["sa_0.jpg", "sa_1.jpg", "sa_2.jpg", "sa_3.jpg"]
+
+
+def test_train_reads_sa1b_tars(tmp_path):
+    """A short distill run of the tiny preset on D_SAM given as a brace range of SA-1B tars."""
+    clip_dir = layouts.write_clip_images(str(tmp_path / "clip"), 8)
+    tars = layouts.write_sa1b_tars(str(tmp_path / "sa1b"), 4, per_tar=2)
+    out = str(tmp_path / "run")
+    sam_data = os.path.join(tars, "sa_{000000..000001}.tar")
+    args = ["--preset", "tiny", "--stage", "distill", "--out", out, "--max-steps", "2"]
+    train.main([*args, "--clip-data", os.path.join(clip_dir, "images"), "--sam-data", sam_data])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(m["sam_skipped"] == 0 and np.isfinite(m["loss_sam"]) for m in lines)
