@@ -2,10 +2,12 @@
 """The toy preset end to end, from the shipped teachers: a short probing run already segments
 heldout scenes by text far better than the merged model it starts from (whose HeadCLIP is
 untrained), and that starting model's masks are the SAM teacher's (the reference of toy/claims.py's
-claim 1)."""
+claim 1). toy.claims' own machinery: evaluation sets written whole or not at all, the forgetting
+curve trained in chunks for both lambdas and drawn, claim 3's side chosen on the validation set."""
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,7 +67,8 @@ def test_an_interrupted_eval_set_is_written_again_not_scored_half_done(tmp_path,
     write cut off midway leaves no set behind, and the next run writes the whole set."""
     from toy import claims
 
-    monkeypatch.setattr(claims, "EVAL_SIZES", {"semseg": 3, "instances": 2, "classify": 1})
+    sizes = {"semseg": 3, "instances": 2, "classify": 1, "validation": 2}
+    monkeypatch.setattr(claims, "EVAL_SIZES", sizes)
     real = layouts.write_instances
 
     def cut_off(folder, *args):
@@ -80,3 +83,98 @@ def test_an_interrupted_eval_set_is_written_again_not_scored_half_done(tmp_path,
     sets = claims.write_eval_sets(str(tmp_path), seed=0)
     assert len(os.listdir(os.path.join(sets["instances"], "images"))) == 2
     assert len(os.listdir(os.path.join(sets["semseg"], "images"))) == 3
+    assert len(os.listdir(os.path.join(sets["validation"], "images"))) == 2
+
+
+def fake_record(steps=(0, 4, 8)):
+    """A forgetting record as forgetting_curve writes it, with scripted numbers."""
+    curves = {
+        "0": {"steps": list(steps), "mIoU": [60.0, 57.0, 54.0]},
+        "10": {"steps": list(steps), "mIoU": [60.0, 60.5, 60.2]},
+    }
+    recipe = {"init": "x.pt", "flags": ["--stage", "distill", "--lr", "1e-3"], "epochs": 2}
+    return {"sam_teacher": 61.2, "curves": curves, "recipe": recipe}
+
+
+def test_forgetting_chart_has_its_size_both_lines_and_the_teacher_level(tmp_path):
+    from PIL import Image
+
+    from toy import chart, claims
+
+    claims.forgetting_chart(fake_record()).save(tmp_path / "forgetting.png")
+    img = Image.open(tmp_path / "forgetting.png").convert("RGB")
+    assert img.size == chart.SIZE
+    pixels = np.asarray(img)  # (H, W, 3)
+    for colour in [*claims.FORGETTING_COLOURS.values(), claims.TEACHER_COLOUR]:
+        assert (pixels == colour).all(-1).sum() > 100, colour
+
+
+def test_forgetting_curve_trains_in_chunks_and_records_both_lambdas(world, tmp_path, monkeypatch):
+    """The real chunked distill runs on a small training set, 1 epoch (2 steps) per lambda, a point
+    after every step; run again, nothing is trained and the same record comes back."""
+    from toy import claims
+
+    instances = layouts.write_instances(str(tmp_path / "instances"), 2, seed=0, style="heldout")
+    small = ["--clip-data", world["clip"], "--sam-data", world["sa1b"], "--sam-batch", "1"]
+    small += ["--masks-per-image", "2", "--sam-rounds", "1"]
+    args = [world["start"], world["start"], instances, str(tmp_path / "forgetting")]
+    record = claims.forgetting_curve(*args, epochs=1, every=1, scenes=2, train_flags=small)
+    assert set(record["curves"]) == {"0", "10"}
+    for curve in record["curves"].values():
+        steps = curve["steps"]
+        assert steps == [0, 1, 2], steps
+        assert len(curve["mIoU"]) == len(steps)
+    # the init model is the SAM teacher here: the curves start at its level
+    assert record["curves"]["0"]["mIoU"][0] == record["sam_teacher"]
+    assert record["curves"]["0"]["steps"] == record["curves"]["10"]["steps"]
+
+    def no_training(argv):
+        raise AssertionError(f"trained again: {argv}")
+
+    monkeypatch.setattr(claims, "train_run", no_training)
+    again = claims.forgetting_curve(*args, epochs=1, every=1, scenes=2, train_flags=small)
+    assert again["curves"] == record["curves"]
+
+
+def test_semseg_side_is_chosen_on_validation_not_heldout(monkeypatch):
+    """Scripted numbers where validation and heldout disagree: the side follows validation, and
+    the heldout set is scored at that side only."""
+    from types import SimpleNamespace
+
+    from toy import claims
+
+    sets = {"validation": "val", "semseg": "held"}
+    # (data folder, side) -> mIoU: validation prefers 448 (SAM-CLIP) and 64 (teacher)
+    scripted = {
+        ("val", 448): 30.0,
+        ("val", 1024): 20.0,
+        ("held", 448): 10.0,
+        ("held", 1024): 40.0,
+        ("val", 64): 8.0,
+        ("val", 112): 5.0,
+        ("held", 64): 3.0,
+        ("held", 112): 9.0,
+    }
+    scored = []
+
+    def fake_evaluate(argv):
+        folder = argv[argv.index("--data") + 1]
+        side = int(argv[argv.index("--resolution") + 1])
+        scored.append((folder, side))
+        return {"mIoU": scripted[folder, side], "resolution": side // 4}
+
+    def fake_teacher_semseg(teacher, folder, side):
+        scored.append((folder, side))
+        return {"mIoU": scripted[folder, side], "resolution": side}
+
+    monkeypatch.setattr(claims.evaluate, "main", fake_evaluate)
+    monkeypatch.setattr(claims, "teacher_semseg", fake_teacher_semseg)
+    teacher = SimpleNamespace(config=SimpleNamespace(image_size=64))
+    results = claims.semseg_claims("m.pt", 112, teacher, sets)
+    merged = results["samclip_semseg"]
+    assert merged["mIoU"] == 10.0 and merged["resolution"] == 112
+    assert merged["validation_mIoU"] == {"112": 30.0, "256": 20.0}
+    assert results["clip_teacher_semseg"]["mIoU"] == 3.0
+    assert [key for key in scored if key[0] == "held"] == [("held", 64), ("held", 448)]
+    notes = claims.side_notes(results)
+    assert "SAM-CLIP clip mode: 112 px" in notes and "CLIP teacher's dense features: 64 px" in notes

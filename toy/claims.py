@@ -14,23 +14,33 @@ the teachers nor the merged model saw:
   3. Zero-shot semantic segmentation emerges (Table 2): `evaluate.py semseg` (HeadCLIP's per-patch
      logits) against the CLIP teacher's dense baseline: its patch tokens through ln_post and proj
      (the tower's own output map, never trained to align with text), cosine against the same class
-     embeddings (`teacher_semseg`). Each at two sides, the better reported: SAM-CLIP at the 448 px
-     protocol scaled to the toy encoder (112 px, a 7 x 7 grid) and at its native 256 px (16 x 16);
-     the teacher at its native 64 px (8 x 8) and at 112 px (14 x 14).
+     embeddings (`teacher_semseg`). Each has two candidate sides: SAM-CLIP the 448 px protocol
+     scaled to the toy encoder (112 px, a 7 x 7 grid) and its native 256 px (16 x 16); the teacher
+     its native 64 px (8 x 8) and 112 px (14 x 14). The side is chosen on a validation set of
+     train-hand scenes (`semseg_on_validation`), and the heldout set is scored at that side only:
+     choosing on the heldout set would report the better of two draws on the very scenes measured.
   4. The SAM head sharpens it (Table 5): `evaluate.py semseg --refine sam`.
   5. Multi-task distillation prevents forgetting (Sec. 3): the same training with lambda = 0
-     (`--lam 0`: L_CLIP alone moves the shared encoder), its masks measured as in 1.
+     (`--lam 0`: L_CLIP alone moves the shared encoder), its masks measured as in 1. With
+     --forgetting, the same claim as a curve one can watch (`forgetting_curve`): the distill stage
+     alone, from the main job's model, long enough that the backbone moves, for lambda = 0 and
+     lambda = 10, the masks measured as in 1 after every chunk of steps.
 
 Run: python -m toy.claims --out runs/claims --run runs/toy
 It trains the lambda = 0 run and evaluates; without --run it trains OUT/toy too; a run already in
---out is reused. Writes OUT/claims.json, OUT/claims.md (the table) and OUT/heldout.png (image |
-clip mode | sam mode).
+--out is reused. Writes OUT/claims.json, OUT/claims.md (the table and the chosen sides) and
+OUT/heldout.png (image | clip mode | sam mode).
+
+Run: python -m toy.claims --out runs/claims --run runs/toy --forgetting
+Trains the two distill runs in chunks (OUT/forgetting/lam0, lam10; an interrupted one resumes) and
+writes OUT/forgetting.json and OUT/forgetting.png (the curve).
 """
 
 import argparse
 import json
 import os
 import shutil
+import signal
 import time
 
 import torch
@@ -40,36 +50,64 @@ from PIL import Image, ImageDraw
 import clip
 import data
 import evaluate
+import losses
 import metrics
 import toy
 import train
+import weights
 import zero_shot
 from model import SAMCLIP
-from toy import layouts, prepare, scenes
+from toy import chart, layouts, prepare, scenes
 from toy.drawing import CLASSES
 
-# heldout scenes (classify: crops per class)
-EVAL_SIZES = {"semseg": 100, "instances": 100, "classify": 25}
+# scenes per evaluation set (classify: crops per class)
+EVAL_SIZES = {"semseg": 100, "instances": 100, "classify": 25, "validation": 100}
+# The validation set's seed. The training data is drawn with toy.prepare's seed 0 and other writers
+# (sa1b, clip), so these train-hand scenes are new to the model either way.
+VALIDATION_SEED = 1
+
+# The forgetting curve's runs: without L_SAM, and with the paper's 1:10 (Sec. 4.1).
+FORGETTING_LAMS = (0.0, losses.LAM)
+# The distill stage's settings for the curve, both lambdas alike. The toy preset's distill
+# (lr 4e-4, a few hundred steps) barely moves the backbone; at 1e-3, the backbone at HeadCLIP's lr,
+# over tens of epochs it moves far enough for the lambda = 0 masks to degrade.
+FORGETTING_FLAGS = ("--stage", "distill", "--lr", "1e-3", "--backbone-lr-ratio", "1.0")
+FORGETTING_COLOURS = {0.0: (215, 48, 39), losses.LAM: (49, 104, 176)}  # red, blue
+TEACHER_COLOUR = (110, 110, 110)  # the SAM teacher's level, dashed grey
 
 
 def write_eval_sets(root, seed):
-    """The heldout evaluation sets, in the layouts evaluate.py reads; kept when already written.
-    Each is written under a temporary name and renamed when complete, so an interrupted write is
-    redone, never scored half-done."""
+    """The evaluation sets, in the layouts evaluate.py reads; kept when already written: the heldout
+    sets (heldout hand, `seed`) and the validation set (semseg scenes of the train hand,
+    VALIDATION_SEED) on which choices are made. Each is written under a temporary name and renamed
+    when complete, so an interrupted write is redone, never scored half-done."""
     parts = {
-        "semseg": layouts.write_semseg,
-        "instances": layouts.write_instances,
-        "classify": layouts.write_class_folders,
+        "semseg": (layouts.write_semseg, seed, "heldout"),
+        "instances": (layouts.write_instances, seed, "heldout"),
+        "classify": (layouts.write_class_folders, seed, "heldout"),
+        "validation": (layouts.write_semseg, VALIDATION_SEED, "train"),
     }
     folders = {}
-    for part, write in parts.items():
+    for part, (write, part_seed, hand) in parts.items():
         folders[part] = os.path.join(root, part)
         if not os.path.isdir(folders[part]):
             partial = folders[part] + ".partial"
             shutil.rmtree(partial, ignore_errors=True)
-            write(partial, EVAL_SIZES[part], seed, "heldout")
+            write(partial, EVAL_SIZES[part], part_seed, hand)
             os.replace(partial, folders[part])
     return folders
+
+
+def train_run(argv):
+    """train.main(argv), then the interrupt handlers as they were: train.py turns SIGINT and
+    SIGTERM into "save at the next step", which outside its loop would make the evaluations that
+    follow deaf to Ctrl-C."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.main(argv)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def trained(out, *flags):
@@ -78,7 +116,7 @@ def trained(out, *flags):
     not say the run is complete) -> the path of its samclip.pt."""
     start = time.time()
     prepare.prepare("toy")  # the preset's data (kept when already written)
-    train.main(["--preset", "toy", "--out", out, "--resume", *flags])
+    train_run(["--preset", "toy", "--out", out, "--resume", *flags])
     print(f"toy.claims: {out} trained (or found finished) in {time.time() - start:.0f} s")
     return os.path.join(out, "samclip.pt")
 
@@ -119,6 +157,38 @@ def teacher_semseg(teacher, folder, side):
     return {"mIoU": 100 * metrics.miou(conf)[0], "resolution": side}
 
 
+def semseg_on_validation(score, sides):
+    """Claim 3's side, chosen on the validation set: `score(side, split)` -> a semseg result with
+    "mIoU" and "resolution" (px), split "validation" or "heldout". Every side is scored on the
+    validation set, and the heldout set only at the side that scored best there. -> that heldout
+    result, with every side's validation mIoU by resolution."""
+    on_validation = [score(side, "validation") for side in sides]
+    best = max(range(len(sides)), key=lambda i: on_validation[i]["mIoU"])
+    result = dict(score(sides[best], "heldout"))
+    result["validation_mIoU"] = {str(v["resolution"]): round(v["mIoU"], 2) for v in on_validation}
+    return result
+
+
+def semseg_claims(samclip, merged_side, teacher, sets):
+    """Claim 3's two numbers: SAM-CLIP's clip mode (evaluate.py semseg at the protocol's 448 px or
+    at 1024 px, i.e. the toy encoder's 112 or 256 px) and the CLIP teacher's dense baseline (at its
+    native side or at SAM-CLIP's `merged_side`), each at the side the validation set chose."""
+    folders = {"validation": sets["validation"], "heldout": sets["semseg"]}
+
+    def merged(side, split):
+        argv = ["semseg", "--checkpoint", samclip, "--data", folders[split]]
+        return evaluate.main([*argv, "--resolution", str(side)])
+
+    def clip_teacher(side, split):
+        return teacher_semseg(teacher, folders[split], side)
+
+    teacher_sides = (teacher.config.image_size, merged_side)
+    return {
+        "clip_teacher_semseg": semseg_on_validation(clip_teacher, teacher_sides),
+        "samclip_semseg": semseg_on_validation(merged, (448, 1024)),
+    }
+
+
 def heldout_figure(model, path, n=4, seed=0):
     """n heldout scenes (not in the evaluation sets), a row each: image | clip mode | sam mode,
     every class name a prompt (zero_shot.segment_by_text, as segment_demo.py runs it)."""
@@ -144,6 +214,119 @@ def heldout_figure(model, path, n=4, seed=0):
     for k, r in enumerate(rows):
         canvas.paste(r, (0, sum(q.height for q in rows[:k])))
     canvas.save(path)
+
+
+def run_progress(run):
+    """(step, done) of the distill stage in the train.py folder `run`; (0, False) before it."""
+    path = os.path.join(run, "ckpt_distill.pt")
+    if not os.path.isfile(path):
+        return 0, False
+    ckpt = weights.safe_load(path, "training checkpoint", mmap=True)
+    return ckpt["step"], ckpt["done"]
+
+
+def saved_step(path):
+    """The step a merged checkpoint (samclip.pt) was saved at; None when there is none."""
+    if not os.path.isfile(path):
+        return None
+    return weights.safe_load(path, "SAM-CLIP checkpoint", mmap=True)["step"]
+
+
+def read_json(path, default):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def forgetting_curve(init, start, instances, out, epochs, every, scenes, train_flags=()):
+    """Claim 5 as a curve: train.py's distill stage from the merged model `init` (FORGETTING_FLAGS,
+    `epochs` over D_CLIP), once per lambda of FORGETTING_LAMS with every other setting the same,
+    run in chunks of `every` steps (--max-steps k --resume: the same run as one uninterrupted, its
+    samclip.pt written at each chunk's end). After each chunk, the box-prompted mask mIoU of
+    claim 1 (evaluate.py instseg, ground-truth boxes) on the first `scenes` heldout instance
+    scenes; the SAM teacher (`start`, the merged model before any training) on the same scenes
+    gives the level to keep. Points already measured in `out` are kept, an interrupted run resumes.
+    `train_flags` are added to every train.py call (the tests' small data and batches).
+    -> the curve's record (forgetting.json)."""
+
+    def box_miou(checkpoint):
+        argv = ["instseg", "--checkpoint", checkpoint, "--data", instances]
+        result = evaluate.main([*argv, "--limit", str(scenes)])
+        return round(result["mIoU_prompted"], 2)
+
+    teacher_level = box_miou(start)
+    init_level = box_miou(init)
+    curves = {}
+    for lam in FORGETTING_LAMS:
+        run = os.path.join(out, f"lam{lam:g}")
+        os.makedirs(run, exist_ok=True)
+        points_path = os.path.join(run, "points.json")
+        points = read_json(points_path, {})  # step (str) -> mIoU, past the start
+        argv = ["--preset", "toy", *FORGETTING_FLAGS, *train_flags, "--init", init, "--out", run]
+        argv += ["--lam", f"{lam:g}", "--epochs", str(epochs), "--resume"]
+        while True:
+            step, done = run_progress(run)
+            merged = os.path.join(run, "samclip.pt")
+            # samclip.pt is the model at a chunk's end; after an interrupt it is an older one
+            at_step = saved_step(merged) == step
+            if step > 0 and str(step) not in points and at_step:
+                points[str(step)] = box_miou(merged)
+                write_json(points_path, points)
+            if done:
+                break
+            target = (step // every + 1) * every
+            train_run([*argv, "--max-steps", str(target)])
+            if run_progress(run)[0] == step:
+                raise SystemExit(f"toy.claims: {run} did not advance past step {step}")
+        steps = sorted(int(k) for k in points)
+        curves[f"{lam:g}"] = {
+            "steps": [0, *steps],
+            "mIoU": [init_level, *[points[str(k)] for k in steps]],
+        }
+    lost = {lam: round(teacher_level - curve["mIoU"][-1], 2) for lam, curve in curves.items()}
+    without = f"{FORGETTING_LAMS[0]:g}"
+    with_sam = f"{FORGETTING_LAMS[1]:g}"
+    return {
+        "measure": "box-prompted mask mIoU (evaluate.py instseg, ground-truth boxes), heldout "
+        f"instance scenes 0..{scenes - 1}",
+        "recipe": {"init": init, "flags": list(FORGETTING_FLAGS), "epochs": epochs, "every": every},
+        "sam_teacher": teacher_level,
+        "curves": curves,
+        "lost_from_teacher": lost,
+        "target": "lambda = 0 loses >= 5 points from the SAM teacher, lambda = 10 stays within 2",
+        "reproduced": lost[without] >= 5 and lost[with_sam] <= 2,
+    }
+
+
+def forgetting_chart(record):
+    """The curve of forgetting_curve's record: mIoU against distill steps, a line per lambda, the
+    SAM teacher's level dashed. -> a PIL image."""
+    series = []
+    for lam in FORGETTING_LAMS:
+        curve = record["curves"][f"{lam:g}"]
+        series.append(
+            {
+                "label": f"lambda = {lam:g}",
+                "x": curve["steps"],
+                "y": curve["mIoU"],
+                "colour": FORGETTING_COLOURS[lam],
+            }
+        )
+    teacher = {"label": "SAM teacher", "y": record["sam_teacher"], "colour": TEACHER_COLOUR}
+    return chart.line_chart(
+        series,
+        levels=[teacher],
+        title="SAM's masks under CLIP distillation, with and without L_SAM",
+        x_label=f"distill steps ({' '.join(record['recipe']['flags'][2:])}, "
+        f"{record['recipe']['epochs']} epochs, from the main job's model)",
+        y_label="box-prompted mask mIoU, heldout",
+    )
 
 
 def verdict(ok):
@@ -196,34 +379,27 @@ def table(r):
     return "\n".join(rows)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Measure the paper's claims in the toy world (README table)."
-    )
-    p.add_argument(
-        "--out", default="runs/claims", help="folder for the data, the runs and the results"
-    )
-    p.add_argument(
-        "--run",
-        help="a finished `train.py --preset toy` folder to use (default: OUT/toy, trained here)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation scenes")
-    args = p.parse_args(argv)
-    start = time.time()
-    sets = write_eval_sets(os.path.join(args.out, "eval"), args.seed)
-    if args.run:
-        samclip = os.path.join(args.run, "samclip.pt")
-    else:
-        samclip = trained(os.path.join(args.out, "toy"))
-    runs = {
-        "samclip": samclip,
-        "lam0": trained(os.path.join(args.out, "toy_lam0"), "--lam", "0"),
-        "start": os.path.join(args.out, "start.pt"),
+def side_notes(r):
+    """Which side claim 3 reports for each model, and why: the validation mIoU of every side."""
+    lines = [
+        f"Sides of claim 3, chosen on the validation set ({EVAL_SIZES['validation']} train-hand "
+        f"scenes, seed {VALIDATION_SEED}); the heldout set is scored at the chosen side only:"
+    ]
+    names = {
+        "samclip_semseg": "SAM-CLIP clip mode",
+        "clip_teacher_semseg": "CLIP teacher's dense features",
     }
-    # the merged model before training: SAM's encoder and head, exactly
-    if not os.path.isfile(runs["start"]):
-        start_model = SAMCLIP.from_teachers(toy.SAM_WEIGHTS, toy.CLIP_WEIGHTS)
-        start_model.save(runs["start"], stage="start", step=0)
+    for key, name in names.items():
+        res = r[key]
+        scored = ", ".join(f"{side} px {v:.1f}" for side, v in res["validation_mIoU"].items())
+        lines.append(f"- {name}: {res['resolution']} px (validation mIoU {scored})")
+    return "\n".join(lines)
+
+
+def claims_table(args, sets, runs):
+    """Claims 1 to 5 as the README's table: the lambda = 0 run, every evaluation, claims.json,
+    claims.md and heldout.png in --out."""
+    runs["lam0"] = trained(os.path.join(args.out, "toy_lam0"), "--lam", "0")
     teacher = clip.load_clip(toy.CLIP_WEIGHTS).eval()
     merged_side = zero_shot.clip_mode_side(SAMCLIP.load(runs["samclip"]))
 
@@ -238,22 +414,92 @@ def main(argv=None):
     results["lam0_masks"] = ev("instseg", runs["lam0"])
     results["clip_teacher_classify"] = teacher_classify(teacher, sets["classify"])
     results["samclip_classify"] = ev("classify", runs["samclip"])
-    # semantic segmentation at two sides each, the better reported (claim 3 above)
-    teacher_sides = (teacher.config.image_size, merged_side)
-    teacher_semsegs = [teacher_semseg(teacher, sets["semseg"], side) for side in teacher_sides]
-    results["clip_teacher_semseg"] = max(teacher_semsegs, key=lambda res: res["mIoU"])
-    merged_semsegs = [ev("semseg", runs["samclip"], "--resolution", str(s)) for s in (448, 1024)]
-    results["samclip_semseg"] = max(merged_semsegs, key=lambda res: res["mIoU"])
+    results.update(semseg_claims(runs["samclip"], merged_side, teacher, sets))
     results["samclip_refine"] = ev("semseg", runs["samclip"], "--refine", "sam")
-    md = table(results)
-    with open(os.path.join(args.out, "claims.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    md = table(results) + "\n\n" + side_notes(results)
+    write_json(os.path.join(args.out, "claims.json"), results)
     with open(os.path.join(args.out, "claims.md"), "w") as f:
         f.write(md + "\n")
     merged_model = SAMCLIP.load(runs["samclip"])
     heldout_figure(merged_model, os.path.join(args.out, "heldout.png"), seed=args.seed)
     print(md)
-    written = f"{args.out}/claims.json, claims.md, heldout.png"
+    return f"{args.out}/claims.json, claims.md, heldout.png"
+
+
+def claims_forgetting(args, sets, runs):
+    """Claim 5 as a curve: forgetting.json and forgetting.png in --out."""
+    prepare.prepare("toy")  # the preset's data (kept when already written)
+    record = forgetting_curve(
+        runs["samclip"],
+        runs["start"],
+        sets["instances"],
+        os.path.join(args.out, "forgetting"),
+        args.forgetting_epochs,
+        args.forgetting_every,
+        args.forgetting_scenes,
+    )
+    write_json(os.path.join(args.out, "forgetting.json"), record)
+    forgetting_chart(record).save(os.path.join(args.out, "forgetting.png"))
+    for lam, curve in record["curves"].items():
+        points = ", ".join(f"{k} {v:.1f}" for k, v in zip(curve["steps"], curve["mIoU"]))
+        print(f"toy.claims: lambda = {lam}: mIoU by step {points}")
+    print(f"toy.claims: SAM teacher {record['sam_teacher']:.1f}; reproduced {record['reproduced']}")
+    return f"{args.out}/forgetting.json, forgetting.png"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Measure the paper's claims in the toy world (README table)."
+    )
+    p.add_argument(
+        "--out", default="runs/claims", help="folder for the data, the runs and the results"
+    )
+    p.add_argument(
+        "--run",
+        help="a finished `train.py --preset toy` folder to use (default: OUT/toy, trained here)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the heldout evaluation scenes")
+    p.add_argument(
+        "--forgetting",
+        action="store_true",
+        help="instead of the table, claim 5 as a curve: box-prompted mask mIoU against distill "
+        "steps for lambda = 0 and 10 (OUT/forgetting.json, OUT/forgetting.png)",
+    )
+    p.add_argument(
+        "--forgetting-epochs",
+        type=int,
+        default=40,
+        help="--forgetting: epochs over D_CLIP of each distill run (default 40: 754 steps)",
+    )
+    p.add_argument(
+        "--forgetting-every",
+        type=int,
+        default=50,
+        help="--forgetting: distill steps between two measured points (default 50)",
+    )
+    p.add_argument(
+        "--forgetting-scenes",
+        type=int,
+        default=EVAL_SIZES["instances"],
+        help="--forgetting: heldout instance scenes measured at every point (default all, "
+        f"{EVAL_SIZES['instances']})",
+    )
+    args = p.parse_args(argv)
+    start = time.time()
+    sets = write_eval_sets(os.path.join(args.out, "eval"), args.seed)
+    if args.run:
+        samclip = os.path.join(args.run, "samclip.pt")
+    else:
+        samclip = trained(os.path.join(args.out, "toy"))
+    runs = {"samclip": samclip, "start": os.path.join(args.out, "start.pt")}
+    # the merged model before training: SAM's encoder and head, exactly
+    if not os.path.isfile(runs["start"]):
+        start_model = SAMCLIP.from_teachers(toy.SAM_WEIGHTS, toy.CLIP_WEIGHTS)
+        start_model.save(runs["start"], stage="start", step=0)
+    if args.forgetting:
+        written = claims_forgetting(args, sets, runs)
+    else:
+        written = claims_table(args, sets, runs)
     print(f"toy.claims: {time.time() - start:.0f} s; wrote {written}")
 
 
