@@ -646,9 +646,11 @@ def sa1b_pairs(spec):
     one for indexes that could not be stored. Raises ValueError when the spec holds no pair."""
     parts = sa1b_parts(spec)
     tars = list(dict.fromkeys(part for part in parts if isinstance(part, str)))
-    # On a first run every rank indexes every tar (the index is not sent between ranks); rank r
-    # of W (RANK, WORLD_SIZE from torchrun) starts r/W of the way through the list, so that
-    # the ranks of a job, whose indexes land in the same files, mostly find the rest stored.
+    # Neither once per job nor once per node: every rank indexes each tar it finds no stored
+    # index for, and stores it (atomically, so any number of ranks may), because the tars may lie
+    # on a disk shared by all nodes or on each node's own. Rank r of W (RANK, WORLD_SIZE from
+    # torchrun) starts r/W of the way through the list: on a first run the ranks that share a
+    # disk split the work and mostly find the rest of the indexes stored.
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     start = rank * len(tars) // world

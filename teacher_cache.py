@@ -45,7 +45,7 @@ def build(folder, dataset, tower, meta, rank=0, world=1, device="cpu", workers=0
     computes every world-th chunk still missing (compute_parts), rank 0 joins them (join).
     meta: the settings the table is for (a dict of JSON values). -> TeacherCache."""
     meta_path = os.path.join(folder, "meta.json")
-    if rank == 0 and not os.path.exists(meta_path):
+    if rank == 0 and not os.path.exists(meta_path):  # once per job (RANK 0)
         os.makedirs(folder, exist_ok=True)
         with open(meta_path + ".tmp", "w") as f:
             json.dump({**meta, "layout": LAYOUT}, f)
@@ -57,7 +57,7 @@ def build(folder, dataset, tower, meta, rank=0, world=1, device="cpu", workers=0
         compute_parts(folder, dataset, tower, rank, world, device, workers)
         if dist.is_initialized():
             dist.barrier()  # every chunk written before rank 0 reads them
-        if rank == 0:
+        if rank == 0:  # once per job (RANK 0): the folder must be one every node sees
             join(folder, dataset.paths)
         if dist.is_initialized():
             dist.barrier()  # the table complete before any rank opens it

@@ -94,7 +94,7 @@ class TrainConfig:
     clip_checkpoint: str = ""         # OpenCLIP ViT-L/14 file (teacher, text tower)
     init: str = ""                    # merged checkpoint to start from (a samclip.pt)
     clip_data: str = ""               # D_CLIP: image folder (recursive) or a text file of paths
-    sam_data: str = ""                # D_SAM: SA-1B layout (sa_N.jpg + sa_N.json)
+    sam_data: str = ""                # D_SAM: SA-1B extracted or its tars (data.sa1b_parts)
     out: str = "runs/samclip"         # everything the run writes
     # the stage's row of STAGES
     losses: dict = field(default_factory=dict)    # loss term -> weight
@@ -341,7 +341,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
                                         rank, world, device, cfg.workers)
 
     def save(done=False):
-        if rank == 0:
+        if rank == 0:   # once per job (RANK 0), into --out: every node reads it on --resume
             weights.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "config": asdict(cfg), "stage": cfg.stage, "step": step,
                                  "done": done}, ckpt_path)
@@ -421,7 +421,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
             if "sam" in streams:
                 record["sam_skipped"] = all_ranks(sam_skipped, world, device, "sum")
             bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in values.items()})
-            if rank == 0:
+            if rank == 0:   # once per job (RANK 0)
                 with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(record) + "\n")
         # checkpoint; on SIGTERM/SIGINT (any rank) all ranks save and leave together
@@ -439,7 +439,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         log0(rank, f"stage {cfg.stage}: skipped {sam_skipped} unreadable D_SAM sample(s) on rank "
                    f"{rank} (each named in a warning above)")
     save(done=step >= total)
-    if rank == 0:
+    if rank == 0:   # once per job (RANK 0)
         model.save(os.path.join(cfg.out, "samclip.pt"), stage=cfg.stage, step=step)
     if world > 1:
         dist.barrier()                  # as in save(): all ranks leave once samclip.pt is written
@@ -451,6 +451,7 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
 # ----------------------------------------------------------------------------- bookkeeping
 
 def log0(rank, msg):
+    """Print once per job: on RANK 0, whichever node holds it."""
     if rank == 0:
         print(f"[train] {msg}", flush=True)
 
@@ -468,7 +469,7 @@ def all_ranks(value, world, device, op="mean"):
 def trim_metrics(cfg, step, rank):
     """On resume, drop metrics lines of this stage logged after the checkpoint (redone)."""
     path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank != 0 or not os.path.exists(path):
+    if rank != 0 or not os.path.exists(path):   # RANK 0's file (once per job)
         return
     with open(path) as f:
         lines = [json.loads(line) for line in f if line.strip()]
@@ -504,11 +505,18 @@ def existing_run(out, configs):
 
 
 def setup_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` runs as rank 0 of 1."""
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` runs as rank 0 of 1.
+    RANK numbers the processes of the whole job, LOCAL_RANK those of one node (README, "Many
+    nodes"). The GPU is LOCAL_RANK's. What happens once per job is RANK 0's: checkpoints,
+    metrics.jsonl and samclip.pt into --out, which every rank reads back (existing_run, --resume)
+    and so must be a folder every node sees. Nothing happens once per node (LOCAL_RANK 0):
+    train.py writes nothing to node-local disk."""
     if "RANK" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return {"rank": 0, "world": 1, "device": device}
     cuda = torch.cuda.is_available()
+    # env://: torchrun's agents, after their rendezvous (--rdzv-endpoint on many nodes), set
+    # MASTER_ADDR and MASTER_PORT (RANK 0's node), RANK and WORLD_SIZE
     dist.init_process_group("nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))   # this process's GPU on its node
     if cuda:
@@ -543,7 +551,13 @@ def parse_args(argv=None):
     p.add_argument("--init", help="merged checkpoint (samclip.pt) to start the first stage from")
     p.add_argument("--clip-data",
                    help="D_CLIP: folder of images (recursive) or a text file of image paths")
-    p.add_argument("--sam-data", help="D_SAM: folder in the SA-1B layout (sa_N.jpg + sa_N.json)")
+    p.add_argument("--sam-data",
+                   help="D_SAM: SA-1B extracted (a folder of sa_N.jpg + sa_N.json) or as it "
+                        "ships: a folder of its tars, a .tar, a brace range "
+                        "('/data/sa1b/sa_{000000..000049}.tar'), a text file listing tars, or "
+                        "several joined with ::. Each tar is indexed once (sa_N.tar.index.json "
+                        "beside it, where writable) and read by seeking; a truncated or corrupt "
+                        "tar is read up to the damage, the rest skipped, named in one line")
     p.add_argument("--epochs", type=int, help="epochs over D_CLIP (default: the stage's, above)")
     p.add_argument("--max-steps", type=int,
                    help="stop a stage after this many optimizer steps (smoke runs)")
@@ -629,7 +643,7 @@ def main(argv=None):
             model = SAMCLIP.from_modules(teachers, PRESETS[args.preset].get("vocabulary", ()))
         configs = {stage: resolve_config(args, stage, model.cfg.encoder, teachers["clip"].config)
                    for stage in stages}
-        state = existing_run(args.out, configs)
+        state = existing_run(args.out, configs)   # on every rank: --out must be shared
         if state == "finished" and not args.resume:
             log0(env["rank"], f"--out {args.out} already holds this run, finished with these "
                               f"settings: {os.path.join(args.out, 'samclip.pt')}")
