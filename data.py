@@ -216,8 +216,9 @@ class CLIPImages(torch.utils.data.Dataset):
     Items are `(index, resolution, epoch)` tuples, as VariableResolutionSampler yields them (a plain
     index means (index, teacher_size, 0)). The crop comes from a generator seeded with
     (seed, epoch, index): the same sample gives the same crop in any worker and after a resume.
-    -> {"student" (3, r, r), "teacher" (3, T, T), "index", "ok", "path"}; ok=False and zeros for an
-    unreadable image. Skipped samples are not counted here: the loop counts (~batch["ok"]).sum()."""
+    -> {"student" (3, r, r), "teacher" (3, T, T), "index", "ok", "path", "key"} (the key, the
+    teacher cache's index, is the path); ok=False and zeros for an unreadable image. Skipped
+    samples are not counted here: the loop counts (~batch["ok"]).sum()."""
 
     def __init__(
         self,
@@ -276,34 +277,47 @@ class CLIPImages(torch.utils.data.Dataset):
                 "index": index,
                 "ok": False,
                 "path": path,
+                "key": path,
             }
         crop_epoch = 0 if self.fixed_crops else epoch
         g = torch.Generator().manual_seed(derive_seed(self.seed, crop_epoch, index))
-        box = random_resized_crop_box(img.height, img.width, g, self.scale)
-        if resolution == self.native_size:  # SAM's inference geometry
-            student, _ = sam_preprocess(img.crop(box), resolution)  # (3, r, r), zero-padded
-        else:
-            square = img.resize((resolution, resolution), Image.BICUBIC, box=box)  # crop + resize
-            student = normalize_sam(to_tensor(square))
-        teacher = img.resize((T, T), Image.BICUBIC, box=box)  # crop + resize in one
+        student, teacher = clip_views(img, resolution, g, T, self.native_size, self.scale)
         return {
             "student": student,
-            "teacher": normalize_clip(to_tensor(teacher)),
+            "teacher": teacher,
             "index": index,
             "ok": True,
             "path": path,
+            "key": path,
         }
 
 
+def clip_views(img, resolution, g, teacher_size, native_size=None, scale=(0.5, 1.0)):
+    """The two views of one D_CLIP crop (CLIPImages says why), the crop box drawn from generator g:
+    the student's at `resolution` (SAM's padded frame at native_size, else a square) with SAM's
+    normalisation, the teacher's square at teacher_size with CLIP's. Shared by CLIPImages and
+    shards.ShardImages. -> (student (3, r, r), teacher (3, T, T))"""
+    box = random_resized_crop_box(img.height, img.width, g, scale)
+    if resolution == native_size:  # SAM's inference geometry
+        student, _ = sam_preprocess(img.crop(box), resolution)  # (3, r, r), zero-padded
+    else:
+        square = img.resize((resolution, resolution), Image.BICUBIC, box=box)  # crop + resize
+        student = normalize_sam(to_tensor(square))
+    teacher = img.resize((teacher_size, teacher_size), Image.BICUBIC, box=box)  # crop + resize
+    return student, normalize_clip(to_tensor(teacher))
+
+
 def collate(samples):
-    """CLIPImages samples (one resolution per batch) -> {"student" (B, 3, r, r), "teacher"
-    (B, 3, T, T), "index" (B,) int64, "ok" (B,) bool, "bad_paths" [paths of the ok=False ones]}."""
+    """CLIPImages (or shards.ShardImages) samples, one resolution per batch -> {"student"
+    (B, 3, r, r), "teacher" (B, 3, T, T), "index" (B,) int64, "ok" (B,) bool, "bad_paths" [paths
+    of the ok=False ones], "key" [B sample keys]}."""
     return {
         "student": torch.stack([s["student"] for s in samples]),
         "teacher": torch.stack([s["teacher"] for s in samples]),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "ok": torch.tensor([s["ok"] for s in samples], dtype=torch.bool),
         "bad_paths": [s["path"] for s in samples if not s["ok"]],
+        "key": [s["key"] for s in samples],
     }
 
 

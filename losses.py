@@ -113,7 +113,7 @@ def teacher_targets(teachers, batches, terms, sam_rounds=1, cache=None):
     each loss term named in `terms` (a stage's weights).
     teachers: {"sam_encoder", "sam_head", "clip"} (model.load_teachers); batches: {"clip": from
     data.collate, "sam": from data.collate_sam} (only those the terms read); cache: a
-    cache.TeacherCache for EncCLIP(x), or None.
+    teacher_cache.TeacherCache for EncCLIP(x), or None.
     -> {"loss_clip": EncCLIP(x) of the teacher's crops (B, D) float32,
         "loss_sam": the prompt groups of prompts.teacher_rounds (z for every prompt g)}."""
     targets = {}
@@ -121,9 +121,8 @@ def teacher_targets(teachers, batches, terms, sam_rounds=1, cache=None):
         clip_batch = batches["clip"]
         tower = teachers["clip"].visual
         if cache is not None:
-            index = clip_batch["index"].cpu()
             ok = clip_batch["ok"].cpu()
-            target = cache(index, ok, clip_batch["teacher"], tower)
+            target = cache(clip_batch["key"], ok, clip_batch["teacher"], tower)  # rows by key
         else:
             target = tower(clip_batch["teacher"])                        # (B, D)
         targets["loss_clip"] = target.float()

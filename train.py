@@ -45,6 +45,7 @@ import clip
 import data
 import losses
 import sampling
+import shards
 import teacher_cache
 import vit_det
 import weights
@@ -93,7 +94,8 @@ class TrainConfig:
     sam_checkpoint: str = ""          # SAM file (teacher and initialisation), sam_vit_b_01ec64.pth
     clip_checkpoint: str = ""         # OpenCLIP ViT-L/14 file (teacher, text tower)
     init: str = ""                    # merged checkpoint to start from (a samclip.pt)
-    clip_data: str = ""               # D_CLIP: image folder (recursive) or a text file of paths
+    clip_data: str = ""               # D_CLIP: image folder, text file of paths, or tar shards
+    clip_samples: int = 0             # D_CLIP shards: samples per epoch (0: their size files')
     sam_data: str = ""                # D_SAM: SA-1B extracted or its tars (data.sa1b_parts)
     out: str = "runs/samclip"         # everything the run writes
     # the stage's row of STAGES
@@ -271,14 +273,29 @@ def data_loaders(cfg, model, world, rank, device):
                              f"world size x --accum-steps = {per_rank}")
     loader_args = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                        pin_memory=device.type == "cuda")
-    clip_ds = data.CLIPImages(cfg.clip_data, teacher_size=cfg.teacher_size, seed=cfg.seed,
-                              fixed_crops=bool(cfg.cache_teacher),   # a cached target: same crop
-                              native_size=model.cfg.encoder.img_size)   # 1024: SAM's padded frame
-    clip_ds.check_readable(min_images=cfg.clip_batch)   # else no step, or only placeholders
-    clip_sampler = sampling.VariableResolutionSampler(len(clip_ds), cfg.clip_batch // per_rank,
-                                                      cfg.resolutions, None, world, rank, cfg.seed)
-    clip_loader = torch.utils.data.DataLoader(clip_ds, batch_sampler=clip_sampler,
-                                              collate_fn=data.collate, **loader_args)
+    if shards.is_shard_spec(cfg.clip_data):   # a stream of tar shards, its own batch plan
+        clip_ds = shards.ShardImages(cfg.clip_data, cfg.clip_batch // per_rank, cfg.resolutions,
+                                     cfg.clip_samples or None, cfg.teacher_size, cfg.seed,
+                                     fixed_crops=bool(cfg.cache_teacher),
+                                     native_size=model.cfg.encoder.img_size, num_replicas=world,
+                                     rank=rank, workers=cfg.workers)
+        clip_ds.check_size(min_images=cfg.clip_batch)
+        clip_sampler = clip_ds
+        # workers start anew each epoch: the epoch and the readers' positions travel with them
+        clip_loader = torch.utils.data.DataLoader(clip_ds, batch_size=None,
+                                                  num_workers=cfg.workers,
+                                                  pin_memory=loader_args["pin_memory"])
+    else:
+        clip_ds = data.CLIPImages(cfg.clip_data, teacher_size=cfg.teacher_size, seed=cfg.seed,
+                                  fixed_crops=bool(cfg.cache_teacher),   # a cached target
+                                  native_size=model.cfg.encoder.img_size)   # 1024: SAM's frame
+        clip_ds.check_readable(min_images=cfg.clip_batch)   # else no step, or only placeholders
+        clip_sampler = sampling.VariableResolutionSampler(len(clip_ds),
+                                                          cfg.clip_batch // per_rank,
+                                                          cfg.resolutions, None, world, rank,
+                                                          cfg.seed)
+        clip_loader = torch.utils.data.DataLoader(clip_ds, batch_sampler=clip_sampler,
+                                                  collate_fn=data.collate, **loader_args)
     loaders = {"clip": (clip_loader, clip_sampler)}
     if "loss_sam" in cfg.losses:
         sam_ds = data.SA1B(cfg.sam_data, model.cfg.encoder.img_size, cfg.masks_per_image,
@@ -324,6 +341,12 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         log0(rank, f"stage {cfg.stage}: resumed from {ckpt_path} at step {step}")
+    shard_positions = None      # D_CLIP shards: where each reader stands, saved for --resume
+    if isinstance(clip_sampler, shards.ShardImages):
+        resumed = state.get("clip_shards") if state is not None else None
+        if resumed is not None:
+            clip_sampler.resume(resumed)
+        shard_positions = shards.ReaderPositions(clip_sampler.readers, resumed)
     trim_metrics(cfg, step, rank)
     student = losses.MultiTaskLoss(model, cfg.losses)
     # DDP needs no find_unused_parameters: every trainable parameter is used in every step (the
@@ -334,17 +357,21 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
     cache = None
     if cfg.cache_teacher:   # EncCLIP(x) of every D_CLIP image, computed once before the first step
         clip_ds = loaders["clip"][0].dataset
-        meta = {"clip_data": os.path.abspath(cfg.clip_data), "n": len(clip_ds), "seed": cfg.seed,
+        sharded = isinstance(clip_ds, shards.ShardImages)
+        meta = {"clip_data": cfg.clip_data if sharded else os.path.abspath(cfg.clip_data),
+                "n": clip_ds.num_samples if sharded else len(clip_ds), "seed": cfg.seed,
                 "teacher": cfg.clip_checkpoint or cfg.preset, "teacher_size": cfg.teacher_size}
         with model_autocast(device, dtype):     # as the loop would have run the teacher
             cache = teacher_cache.build(cfg.cache_teacher, clip_ds, teachers["clip"].visual, meta,
                                         rank, world, device, cfg.workers)
 
     def save(done=False):
+        checkpoint = {"config": asdict(cfg), "stage": cfg.stage, "step": step, "done": done}
+        if shard_positions is not None:     # every rank: each knows only its own readers
+            checkpoint["clip_shards"] = shard_positions.state(epoch, world, device)
         if rank == 0:   # once per job (RANK 0), into --out: every node reads it on --resume
             weights.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "config": asdict(cfg), "stage": cfg.stage, "step": step,
-                                 "done": done}, ckpt_path)
+                                 **checkpoint}, ckpt_path)
         if world > 1:   # no rank may leave while rank 0 writes: torchrun tears the group down
             dist.barrier()
 
@@ -383,6 +410,8 @@ def run_stage(cfg: TrainConfig, model: SAMCLIP, teachers, env, stop):
                     tally = sampling.EpochTally()
                 if source == "clip":
                     tally.count(batch)
+                    if shard_positions is not None:
+                        shard_positions.update(batch_epoch, batch)
                 if source == "sam":
                     sam_skipped += int((~batch["ok"]).sum())
                 images[source] += len(batch["ok"])
@@ -550,7 +579,13 @@ def parse_args(argv=None):
                    help="official OpenCLIP ViT-L/14 file (.bin or .safetensors)")
     p.add_argument("--init", help="merged checkpoint (samclip.pt) to start the first stage from")
     p.add_argument("--clip-data",
-                   help="D_CLIP: folder of images (recursive) or a text file of image paths")
+                   help="D_CLIP: folder of images (recursive), a text file of image paths, or "
+                        "WebDataset tar shards as img2dataset writes them: brace ranges "
+                        "('/data/cc12m/{00000..01242}.tar'), several joined with ::, pipe:CMD "
+                        "(read from CMD's output); see shards.py")
+    p.add_argument("--clip-samples", type=int,
+                   help="D_CLIP shards: samples per epoch (default: from OpenCLIP's sizes.json or "
+                        "img2dataset's *_stats.json beside the shards; pipe: shards need it)")
     p.add_argument("--sam-data",
                    help="D_SAM: SA-1B extracted (a folder of sa_N.jpg + sa_N.json) or as it "
                         "ships: a folder of its tars, a .tar, a brace range "
@@ -593,7 +628,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int,
                    help=f"optimizer steps between checkpoints (default {d.save_every})")
     p.add_argument("--workers", type=int,
-                   help=f"DataLoader workers per rank (default {d.workers})")
+                   help=f"DataLoader workers per rank (default {d.workers}); D_CLIP shards are "
+                        "read by world size x max(1, workers) readers, each owning whole shards: "
+                        "fewer shards than readers is refused, not split by sample")
     p.add_argument("--dtype", choices=("fp32", "bf16"),
                    help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--cache-teacher",

@@ -59,13 +59,13 @@ def test_rows_are_the_teachers_answers_to_each_images_fixed_crop(tmp_path, image
     for i in (0, 1, 2, 4, 5, 6):
         np.testing.assert_allclose(table[i], by_hand(i), atol=2e-3)
     assert np.isnan(table[3]).all()  # unreadable: no row
-    with open(tmp_path / "c" / "images.txt") as f:
-        assert f.read().splitlines() == images.paths  # the index: line i is image i
+    with open(tmp_path / "c" / "keys.txt") as f:
+        assert f.read().splitlines() == images.paths  # line i: the key (path) of image i
     assert not os.path.exists(tmp_path / "c" / "parts")
     # a batch of epoch 5 (fixed crops: epoch 0's) gets the rows; the placeholder of image 3 gets
     # the teacher's answer to the placeholder, as without a cache; the table is not computed again
     batch = data.collate([images[(i, 16, 5)] for i in (5, 3, 0)])
-    out = cache(batch["index"], batch["ok"], batch["teacher"], tower)
+    out = cache(batch["key"], batch["ok"], batch["teacher"], tower)  # rows found by key
     assert torch.equal(out[0], torch.from_numpy(table[5].astype(np.float32)))
     assert torch.equal(out[2], torch.from_numpy(table[0].astype(np.float32)))
     assert torch.equal(out[1], FakeTower()(batch["teacher"][1:2])[0])
@@ -84,7 +84,8 @@ def test_a_build_stopped_and_finished_on_two_ranks_equals_an_uninterrupted_one(
     folder = str(tmp_path / "stopped")
     with pytest.raises(RuntimeError, match="crash"):  # dies in its third chunk
         teacher_cache.build(folder, images, FakeTower(fail_after=3), META)
-    assert sorted(os.listdir(os.path.join(folder, "parts"))) == ["00000000.npy", "00000001.npy"]
+    done = [name for name in os.listdir(os.path.join(folder, "parts")) if name.endswith(".npy")]
+    assert sorted(done) == ["00000000.npy", "00000001.npy"]
     with pytest.raises(ValueError, match="no finished table"):
         teacher_cache.TeacherCache(folder, META)
     # run again as 2 ranks (each rank's part of build; a real run's barrier orders them so):
@@ -93,7 +94,7 @@ def test_a_build_stopped_and_finished_on_two_ranks_equals_an_uninterrupted_one(
     for rank in (1, 0):
         teacher_cache.compute_parts(folder, images, towers[rank], rank, world=2)
     assert [tower.images for tower in towers] == [2, 1]
-    teacher_cache.join(folder, images.paths)
+    teacher_cache.join(folder, teacher_cache.chunk_count(images))
     assert np.array_equal(np.load(os.path.join(folder, "embeddings.npy")), whole, equal_nan=True)
     tower = FakeTower()
     teacher_cache.build(folder, images, tower, META)  # finished: only read
@@ -105,7 +106,7 @@ def test_join_refuses_a_folder_where_a_ranks_chunks_are_missing(tmp_path, images
     folder = str(tmp_path / "c")
     teacher_cache.compute_parts(folder, images, FakeTower(), rank=0, world=2)  # rank 1's unseen
     with pytest.raises(ValueError, match="1 of 3 chunks missing.*every rank can see"):
-        teacher_cache.join(folder, images.paths)
+        teacher_cache.join(folder, teacher_cache.chunk_count(images))
     assert not os.path.exists(os.path.join(folder, "embeddings.npy"))
 
 

@@ -7,7 +7,7 @@ instseg) and class folders (evaluate.py classify). `write_all` writes a training
 hand and an evaluation set in the heldout hand. Every scene is seeded by (seed, writer, style,
 index), so any file can be redrawn.
 
-Run: python -m toy.layouts --out DIR [--seed 0] [--sa1b-per-tar N]
+Run: python -m toy.layouts --out DIR [--seed 0] [--sa1b-per-tar N] [--clip-per-shard N]
 """
 
 import argparse
@@ -153,6 +153,30 @@ def write_clip_images(folder, n, seed=0, style="train"):
         for text in dict.fromkeys([scene.caption, second]):  # unique, in order
             anns.append({"id": len(anns), "image_id": i, "caption": text})
     write_json(os.path.join(folder, "captions.json"), {"images": images, "annotations": anns})
+    return folder
+
+
+def write_webdataset(folder, n, seed=0, hand="train", per_shard=100):
+    """D_CLIP as img2dataset writes it, as shards.ShardImages reads it: folder/00000.tar,
+    00001.tar, ..., scene i of the clip writer (the image write_clip_images stores for the same
+    seed and hand) in shard i // per_shard as <key>.jpg, <key>.txt (its caption) and <key>.json
+    ({"key", "caption", "width", "height"}), the key 9 digits as img2dataset's (shard number,
+    place in it); beside each shard img2dataset's <shard>_stats.json ({"count", "successes"}),
+    from which the reader counts an epoch. -> folder"""
+    os.makedirs(folder, exist_ok=True)
+    for k in range(-(-n // per_shard)):
+        indices = range(k * per_shard, min(n, (k + 1) * per_shard))
+        with tarfile.open(os.path.join(folder, f"{k:05d}.tar"), "w") as tar:
+            for place, i in enumerate(indices):
+                scene = draw_scene(scene_rng(seed, "clip", hand, i), hand)
+                key = f"{k:05d}{place:04d}"
+                W, H = scene.image.size
+                info = {"key": key, "caption": scene.caption, "width": W, "height": H}
+                add_member(tar, f"{key}.jpg", jpeg_bytes(scene))
+                add_member(tar, f"{key}.txt", scene.caption.encode("utf-8"))
+                add_member(tar, f"{key}.json", json.dumps(info).encode("utf-8"))
+        stats = {"count": len(indices), "successes": len(indices)}
+        write_json(os.path.join(folder, f"{k:05d}_stats.json"), stats)
     return folder
 
 
@@ -310,10 +334,23 @@ def main(argv=None):
         "(SA-1B's hold ~11k), instead of extracted sa_N.jpg + sa_N.json files (default 0: "
         "extracted)",
     )
+    p.add_argument(
+        "--clip-per-shard",
+        type=int,
+        default=0,
+        help="also write the training D_CLIP as WebDataset shards of this many samples each "
+        "(train/clip_shards/00000.tar ..., as img2dataset writes them; train.py --clip-data "
+        "'DIR/{00000..00003}.tar' reads them) (default 0: folder only)",
+    )
     args = p.parse_args(argv)
     start = time.time()
     sizes = {part: getattr(args, part) for part in DEFAULT_SIZES}
     folders = write_all(args.out, args.seed, sizes, args.sa1b_per_tar)
+    if args.clip_per_shard:
+        shards_folder = os.path.join(args.out, "train", "clip_shards")
+        folders["clip_shards"] = write_webdataset(
+            shards_folder, args.clip, args.seed, "train", args.clip_per_shard
+        )
     for part, folder in folders.items():
         print(f"{part:<10} {folder}")
     print(f"toy.layouts: wrote {args.out} in {time.time() - start:.1f} s")
