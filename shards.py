@@ -239,9 +239,9 @@ def read_shard(url, skip=0):
             status = process.wait()
             if status not in (0, -signal.SIGPIPE):
                 errors.seek(0)
-                said = [line for line in errors.read().decode(errors="replace").splitlines() if line]
+                said = errors.read().decode(errors="replace").split()  # the command's message
                 problem = f"command exited with status {status} after {count} samples"
-                problem += f" ({said[-1].strip()})" if said else ""
+                problem += f" ({' '.join(said)[-200:]})" if said else ""
         if problem is not None:
             print(f"[shards] {url}: {problem}; the rest of this shard is skipped", flush=True)
     finally:
@@ -377,8 +377,9 @@ class ShardImages(sampling.VariableResolutionSampler, torch.utils.data.IterableD
             for step in range(start_step + worker, len(steps), workers):
                 resolution, _ = steps[step]
                 picked = [next(samples) for _ in range(self.batch_size(resolution))]
-                views = [self.decode(url, read - 1, key, fields, resolution, epoch)
-                         for _, read, url, key, fields in picked]
+                views = []
+                for _, read, url, key, fields in picked:
+                    views.append(self.decode(url, read - 1, key, fields, resolution, epoch))
                 batch = data.collate(views)
                 shard, read = picked[-1][:2]
                 batch["shard_position"] = torch.tensor([reader, shard, read])

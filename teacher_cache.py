@@ -49,8 +49,9 @@ LAYOUT = "table by key"  # part of meta.json, so that a folder of another layout
 
 def build(folder, dataset, tower, meta, rank=0, world=1, device="cpu", workers=0):
     """Make sure `folder` holds the finished table of `dataset` (data.CLIPImages or
-    shards.ShardImages, with fixed_crops) under the CLIP image tower `tower`, then open it. Call on every rank; each
-    computes every world-th chunk still missing (compute_parts), rank 0 joins them (join).
+    shards.ShardImages, with fixed_crops) under the CLIP image tower `tower`, then open it. Call
+    on every rank; each computes every world-th chunk still missing (compute_parts), rank 0 joins
+    them (join).
     meta: the settings the table is for (a dict of JSON values). -> TeacherCache."""
     meta_path = os.path.join(folder, "meta.json")
     if rank == 0 and not os.path.exists(meta_path):  # once per job (RANK 0)

@@ -97,8 +97,10 @@ def test_pipe_cat_reads_what_the_file_holds(shard_dir):
 def test_readers_own_disjoint_shards_in_a_per_epoch_order(shard_dir):
     """2 ranks x 2 workers = 4 readers of 8 shards: every batch comes from its reader's own 2
     shards, the readers' shards split the set, and each epoch's order is (seed, epoch)'s."""
-    ranks = [shards.ShardImages(spec_of(shard_dir), 2, num_replicas=2, rank=r, workers=2, **SMALL)
-             for r in (0, 1)]
+    ranks = [
+        shards.ShardImages(spec_of(shard_dir), 2, num_replicas=2, rank=r, workers=2, **SMALL)
+        for r in (0, 1)
+    ]
     assert ranks[0].epoch_shards(0) == ranks[1].epoch_shards(0)  # the same plan on every rank
     assert ranks[0].epoch_shards(0) != ranks[0].epoch_shards(1)  # a new order each epoch
     again = shards.ShardImages(spec_of(shard_dir), 2, num_replicas=2, workers=2, **SMALL)
@@ -193,7 +195,9 @@ def test_damaged_tars_are_one_line_each_and_the_other_shards_are_read(shard_dir,
     assert len(list(loader(ds, 0))) == len(ds.plan(0))
 
 
-def test_a_sample_without_an_image_is_one_line_and_a_counted_placeholder(shard_dir, tmp_path, capsys):
+def test_a_sample_without_an_image_is_one_line_and_a_counted_placeholder(
+    shard_dir, tmp_path, capsys
+):
     with tarfile.open(f"{shard_dir}/00000.tar") as tar:
         image = tar.extractfile("000000000.jpg").read()
     path = str(tmp_path / "x.tar")
