@@ -398,10 +398,10 @@ INDEX_VERSION = 1  # part of an index's key: an index written in another layout 
 
 
 def expand_braces(spec):
-    """Bash's brace expansion, as OpenCLIP and WebDataset write lists of tars:
-    "sa_{000..002}.tar" -> sa_000.tar, sa_001.tar, sa_002.tar (zero-padded to the first bound's
-    width), "{a,b}.tar" -> a.tar, b.tar; several braces expand left to right. A reversed range
-    expands to nothing. Raises ValueError for a brace that is neither form."""
+    """Bash's brace expansion, as OpenCLIP and WebDataset write lists of tars, left to right:
+    "sa_{000..002}.tar" -> sa_000.tar sa_001.tar sa_002.tar (zero-padded when a bound is),
+    "{2..0}" -> 2 1 0, "{a,b}.tar" -> a.tar b.tar; several braces multiply. A brace holding
+    neither a range nor a list stays as it is. (shards.py reads D_CLIP's specs the same way.)"""
     match = re.search(r"\{([^{}]*)\}", spec)
     if match is None:
         return [spec]
@@ -409,14 +409,14 @@ def expand_braces(spec):
     bounds = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if bounds:
         first, last = bounds.groups()
-        options = [str(k).zfill(len(first)) for k in range(int(first), int(last) + 1)]
+        padded = any(len(n) > 1 and n.startswith("0") for n in (first, last))
+        width = max(len(first), len(last)) if padded else 0
+        step = 1 if int(last) >= int(first) else -1
+        options = [str(k).zfill(width) for k in range(int(first), int(last) + step, step)]
     elif "," in body:
         options = body.split(",")
     else:
-        raise ValueError(
-            f"SA-1B spec {spec!r}: {{{body}}} is neither a range like {{000..049}} nor a list "
-            "like {a,b}"
-        )
+        options = [match.group(0)]
     tails = expand_braces(spec[match.end() :])
     return [spec[: match.start()] + option + tail for option in options for tail in tails]
 
@@ -428,7 +428,7 @@ def find_sa1b(root):
     tars = []
     pairs = []
     for d, _, files in os.walk(root):
-        names = set(files)  # a set: a folder of one extracted tar holds ~22k files
+        names = set(files)  # `in` a list is quadratic: one extracted tar is ~22k files
         for f in files:
             if f.endswith(".tar"):
                 tars.append(os.path.join(d, f))
@@ -460,7 +460,7 @@ def sa1b_parts(spec):
     for piece in spec.split(SPEC_SEPARATOR):
         paths = expand_braces(piece)
         missing = [path for path in paths if not os.path.exists(path)]
-        if not paths or missing == paths:
+        if missing == paths:
             raise ValueError(f"SA-1B spec {piece!r} matches nothing: no such file or folder")
         if missing:
             raise ValueError(
