@@ -13,8 +13,9 @@ image tower run separately (the paper's argument for merging), and the encoder a
 train-speed: one distill step (both frozen teachers via losses.teacher_targets, the student's CLIP
 and SAM branches over SAM's interactive rounds, backward, AdamW) per D_CLIP resolution, at constant
 pixels per batch as the variable-resolution sampler keeps them; then what one DataLoader worker
-decodes and augments per second on synthetic images of the real sets' sizes, and so how many
-workers a rank needs to keep the step fed.
+decodes and augments per second on synthetic images of the real sets' sizes (D_CLIP from a folder
+and from a WebDataset tar shard of the same images), and so how many workers a rank needs to keep
+the step fed.
 
 Weights and inputs are random: speed does not depend on them, and no download is needed. Each row
 reports the median of --repeats timed runs after one warm-up, the parameter count and the peak
@@ -35,12 +36,14 @@ with gradient checkpointing off, so recomputation does not count as useful work.
 
 import argparse
 import functools
+import io
 import json
 import multiprocessing
 import os
 import resource
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -55,6 +58,7 @@ import data
 import heads
 import losses
 import model as samclip_model
+import shards
 import train
 import vit_det
 
@@ -516,11 +520,26 @@ def write_synthetic_data(
     return clip_folder, sam_folder
 
 
+def write_synthetic_shard(clip_folder, path):
+    """The D_CLIP images of write_synthetic_data as one WebDataset shard at `path`, as img2dataset
+    writes them: <key>.jpg (the same bytes) + <key>.txt per image, key = the file's stem."""
+    with tarfile.open(path, "w") as tar:
+        for name in sorted(os.listdir(clip_folder)):
+            key = name[: -len(".jpg")]
+            tar.add(os.path.join(clip_folder, name), arcname=f"{key}.jpg")
+            caption = tarfile.TarInfo(f"{key}.txt")
+            caption.size = len(key)
+            tar.addfile(caption, io.BytesIO(key.encode()))
+    return path
+
+
 def data_speed(preset, n=24, clip_sides=CLIP_SIDES, sam_hw=SA1B_HW, masks=SA1B_MASKS):
     """What one DataLoader worker delivers: D_CLIP samples (decode, random crop, student and
-    teacher views) and D_SAM samples (decode, SAM's resize + pad, a mask decoded for each of 32
-    prompts) per second, in this process, on n D_CLIP and n // 3 D_SAM images that
-    write_synthetic_data writes to a temporary folder. -> {"clip": img/s, "sam": img/s}"""
+    teacher views) from a folder and from a tar shard of the same images (shards.ShardImages:
+    tar reading and batching included), and D_SAM samples (decode, SAM's resize + pad, a mask
+    decoded for each of 32 prompts) per second, in this process, on n D_CLIP and n // 3 D_SAM
+    images that write_synthetic_data writes to a temporary folder.
+    -> {"clip": img/s, "clip_shards": img/s, "sam": img/s}"""
     enc_name, _, clip_name = NAMES[preset]
     S = vit_det.PRESETS[enc_name].img_size
     T = clip.PRESETS[clip_name].image_size
@@ -540,6 +559,11 @@ def data_speed(preset, n=24, clip_sides=CLIP_SIDES, sam_hw=SA1B_HW, masks=SA1B_M
             for item in items:
                 dataset[item]
             rates[name] = len(items) / (time.perf_counter() - start)
+        shard = write_synthetic_shard(clip_folder, os.path.join(root, "00000.tar"))
+        stream = shards.ShardImages(shard, 4, (resolution,), num_samples=n, teacher_size=T)
+        start = time.perf_counter()
+        read = sum(len(batch["key"]) for batch in stream.batches(0))  # n // 4 batches of 4
+        rates["clip_shards"] = read / (time.perf_counter() - start)
     return rates
 
 
@@ -573,7 +597,8 @@ def cmd_train_speed(args):
         rows[0]["sam_img_per_s"] / per_worker["sam"],
     )
     print(
-        f"  data, one DataLoader worker (decode + augment): {per_worker['clip']:.1f} D_CLIP img/s, "
+        f"  data, one DataLoader worker (decode + augment): {per_worker['clip']:.1f} D_CLIP img/s "
+        f"from a folder, {per_worker['clip_shards']:.1f} from a tar shard, "
         f"{per_worker['sam']:.1f} D_SAM img/s; the step needs about {need:.2f} workers per rank "
         "(--workers)"
     )

@@ -233,7 +233,8 @@ def test_train_speed_tiny_keeps_pixels_per_batch(capsys, monkeypatch):
     48 px step takes 8 D_CLIP images (16 img/s) and 1 D_SAM image (2 img/s): 16 / 4 = 4 workers
     keep it fed, more than the 2 / 1 that D_SAM needs."""
     ticking_clock(monkeypatch, 0.5)
-    monkeypatch.setattr(bench, "data_speed", lambda preset: {"clip": 4.0, "sam": 1.0})
+    rates = {"clip": 4.0, "clip_shards": 5.0, "sam": 1.0}
+    monkeypatch.setattr(bench, "data_speed", lambda preset: rates)
     args = "train-speed --preset tiny --repeats 1 --clip-batch 8 --masks 4 --in-process"
     res = bench.main(args.split() + ["--peak-tflops", "2.0"])
     text = capsys.readouterr().out
@@ -247,7 +248,8 @@ def test_train_speed_tiny_keeps_pixels_per_batch(capsys, monkeypatch):
     for printed, row in zip(printed_rows(text), rows):
         assert_printed(printed, row)
     assert "16.00 D_CLIP img/s, 2.00 D_SAM img/s" in text
-    assert "4.0 D_CLIP img/s, 1.0 D_SAM img/s; the step needs about 4.00 workers" in text
+    assert "4.0 D_CLIP img/s from a folder, 5.0 from a tar shard, 1.0 D_SAM img/s; the step" in text
+    assert "the step needs about 4.00 workers" in text
 
 
 def test_synthetic_data_reads_as_the_real_sets(tmp_path):
@@ -274,7 +276,7 @@ def test_synthetic_data_reads_as_the_real_sets(tmp_path):
         extent = [cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0]]
         assert ann["bbox"] == extent and ann["area"] == mask.sum()
     rates = bench.data_speed("tiny", n=6, clip_sides=(60, 90), sam_hw=(150, 225), masks=40)
-    assert sorted(rates) == ["clip", "sam"] and all(r > 0 for r in rates.values())
+    assert sorted(rates) == ["clip", "clip_shards", "sam"] and all(r > 0 for r in rates.values())
 
 
 def test_a_row_in_a_fresh_process():
