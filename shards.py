@@ -45,7 +45,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import tarfile
@@ -66,34 +65,6 @@ READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 # ----------------------------------------------------------------------------- specs
 
 
-BRACE = re.compile(r"\{([^{}]*)\}")
-RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
-
-
-def expand_braces(text):
-    """Every name a brace pattern stands for, left to right: `{0..2}` -> 0 1 2, `{008..010}`
-    -> 008 009 010 (zero-padded when a bound is), `{a,b}` -> a b; several groups multiply. Braces
-    holding neither a range nor a list stay as they are."""
-    match = BRACE.search(text)
-    if match is None:
-        return [text]
-    head = text[: match.start()]
-    tails = expand_braces(text[match.end() :])
-    inside = match.group(1)
-    bounds = RANGE.match(inside)
-    if bounds:
-        first, last = bounds.groups()
-        padded = any(len(n) > 1 and n.startswith("0") for n in (first, last))
-        width = max(len(first), len(last)) if padded else 0
-        step = 1 if int(last) >= int(first) else -1
-        choices = [str(i).zfill(width) for i in range(int(first), int(last) + step, step)]
-    elif "," in inside:
-        choices = inside.split(",")
-    else:
-        choices = [match.group(0)]
-    return [head + choice + tail for choice in choices for tail in tails]
-
-
 def is_shard_spec(source):
     """True when --clip-data names tar shards (a part is a pipe: command or ends in .tar, .tar.gz,
     .tgz) rather than a folder or a list file of images."""
@@ -108,7 +79,7 @@ def expand_spec(spec):
     pipe: commands are run only when read."""
     urls = []
     for part, pattern in enumerate(spec.split("::")):
-        names = expand_braces(pattern)
+        names = data.expand_braces(pattern)  # bash's, as data.py reads SA-1B tar specs
         if pattern.startswith("pipe:"):
             urls += [(name, part) for name in names]
             continue

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import sampling
 import shards
 import teacher_cache
@@ -47,7 +48,7 @@ def shard_lines(text):
 
 
 def test_brace_ranges_lists_and_joined_specs(shard_dir, tmp_path):
-    expand = shards.expand_braces
+    expand = data.expand_braces  # the SA-1B tar specs' too
     assert expand("a/{000..003}.tar") == ["a/000.tar", "a/001.tar", "a/002.tar", "a/003.tar"]
     assert expand("{8..11}") == ["8", "9", "10", "11"]  # no leading zero: no padding
     assert expand("{08..11}") == ["08", "09", "10", "11"]
