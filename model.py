@@ -76,7 +76,8 @@ def head_clip_config(enc: vit_det.ViTDetConfig, clip_cfg: clip.CLIPConfig, mlp_h
 
 
 def make_config(encoder="vit_b", head_sam="sam", teacher="openclip_vit_l_14"):
-    enc, cl = vit_det.PRESETS[encoder], clip.PRESETS[teacher]
+    enc = vit_det.PRESETS[encoder]
+    cl = clip.PRESETS[teacher]
     return SAMCLIPConfig(enc, heads.SAM_HEAD_PRESETS[head_sam], head_clip_config(enc, cl), cl)
 
 
