@@ -107,6 +107,23 @@ def test_forgetting_chart_has_its_size_both_lines_and_the_teacher_level(tmp_path
     pixels = np.asarray(img)  # (H, W, 3)
     for colour in [*claims.FORGETTING_COLOURS.values(), claims.TEACHER_COLOUR]:
         assert (pixels == colour).all(-1).sum() > 100, colour
+    # the teacher's level (above both curves) is drawn inside the plot, below the top margin
+    plot = pixels[:, : chart.SIZE[0] - chart.MARGINS["right"]]
+    rows = np.nonzero((plot == claims.TEACHER_COLOUR).all(-1))[0]
+    assert rows.min() > chart.MARGINS["top"], rows.min()
+
+
+def test_chart_ticks_cover_every_value():
+    """The axes reach past the data at both ends: a reference level above every curve (the SAM
+    teacher's) is inside the plot, not drawn over the title."""
+    from toy import chart
+
+    cases = [(47.98, 61.17), (0, 146), (58.5, 58.5), (-3.2, 0.4), (0.001, 0.0042)]
+    for low, high in cases:
+        ticks = chart.nice_ticks(low, high)
+        assert ticks[0] <= low and ticks[-1] >= high and len(ticks) >= 2, (low, high, ticks)
+        assert len(ticks) <= 12, (low, high, ticks)
+    assert chart.nice_ticks(47.98, 61.17) == [45, 50, 55, 60, 65]
 
 
 def test_forgetting_curve_trains_in_chunks_and_records_both_lambdas(world, tmp_path, monkeypatch):

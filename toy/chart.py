@@ -19,18 +19,16 @@ DASH = (8, 6)  # px drawn, px skipped along a dashed line
 
 def nice_ticks(low, high, count=6):
     """Round tick values covering [low, high]: a step of 1, 2 or 5 times a power of ten, chosen so
-    that about `count` ticks fit -> the list of ticks (first <= low, last >= high)."""
-    span = max(high - low, 1e-9)
-    raw = span / count
+    that about `count` ticks fit -> the list of ticks (first <= low, last >= high, at least two)."""
+    if high - low < 1e-9:  # a single value: a unit span around it
+        low = low - 1
+        high = high + 1
+    raw = (high - low) / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.floor(low / step) * step
-    ticks = []
-    value = first
-    while value < high + step / 2:
-        ticks.append(round(value, 10))
-        value += step
-    return ticks
+    first = math.floor(low / step)
+    last = math.ceil(high / step)
+    return [round(k * step, 10) for k in range(first, last + 1)]
 
 
 def tick_text(value):
