@@ -147,7 +147,10 @@ def teacher_rounds(head, embeddings, batch, rounds):
     draws = batch["error_draws"].flatten(0, 1)                            # (B*K, SAM_POINT_ROUNDS)
     valid = batch["valid"].flatten()                                      # (B*K,)
     # the sampled points come first in a slot, SA1B's padding (-1) after them
-    first_points = torch.where(has_box, 0, (labels >= 0).sum(1))          # (B*K,) 0 for a box
+    # points of each slot's first prompt, 0 for a box. A padding slot (an image with fewer masks
+    # than K, or a skipped one: no prompt, valid False) keeps one padding point (label -1), so
+    # that its group is still a prompt HeadSAM takes, with one output per slot; its loss is masked
+    first_points = torch.where(has_box, 0, (labels >= 0).sum(1).clamp(min=1))   # (B*K,)
     groups = []
     for box_kind in (True, False):
         for count in range(coords.shape[1] + 1):

@@ -101,14 +101,14 @@ def test_follow_up_point_from_error_region_and_mask_prompt_from_previous_round()
             assert torch.equal(call["points"][1], group["labels"][:, : i + 1])
 
 
-def _tiny_setup(tiny_data, images=4):
+def _tiny_setup(tiny_data, images=4, masks_per_image=4):
     torch.manual_seed(0)
     teachers = train.build_teachers(train.parse_args(["--preset", "tiny"]))
     model = train.SAMCLIP.from_modules(teachers)  # the tiny student starts as the teacher
     sam_enc = teachers["sam_encoder"]
     sam_head = teachers["sam_head"]
     teacher = teachers["clip"]
-    ds = data.SA1B(tiny_data[1], img_size=160, masks_per_image=4)
+    ds = data.SA1B(tiny_data[1], img_size=160, masks_per_image=masks_per_image)
     sb = data.collate_sam([ds[(i, 0)] for i in range(images)])
     cb = data.collate(
         [data.CLIPImages(tiny_data[0], teacher_size=64)[(i, 48, 0)] for i in range(2)]
@@ -212,3 +212,18 @@ def test_loss_sam_vanishes_over_all_rounds_when_student_equals_teacher(tiny_data
     same = step(batches, {"loss_clip": clip_target, "loss_sam": targets[1]})
     moved = step(batches, {"loss_clip": clip_target, "loss_sam": targets[4]})
     assert same["loss_sam"].abs() < 1e-6 and moved["loss_sam"] > 1e-4
+
+
+def test_padding_slots_of_an_image_with_few_masks_take_part_without_a_prompt(tiny_data):
+    """More prompt slots than an image has masks: the padding slots (valid False, no point, no
+    box) still form a prompt HeadSAM takes, one output each, and add nothing to L_SAM (the README
+    main job's distill stage hit this with 8 slots on scenes of fewer masks)."""
+    sam_enc, sam_head, model, sb, cb, clip_target = _tiny_setup(tiny_data, masks_per_image=64)
+    assert not sb["valid"].all()                                  # padding slots exist
+    with torch.no_grad():
+        groups = prompts.teacher_rounds(sam_head, sam_enc(sb["image"]), sb, 3)
+    assert sum(len(g["valid"]) for g in groups) == sb["valid"].numel()   # every slot, once
+    for g in groups:
+        assert g["logits"].shape[:2] == (3, len(g["valid"]))
+    out = distill(model)({"clip": cb, "sam": sb}, {"loss_clip": clip_target, "loss_sam": groups})
+    assert out["loss_sam"].abs() < 1e-6                           # the student is the teacher
