@@ -17,7 +17,7 @@ step. Losses and targets: losses.py; SAM's prompt rounds: prompts.py; data: data
 sample each rank reads in which step: sampling.py; the CLIP teacher's cache: teacher_cache.py.
 
 Run (one device, or torchrun; nccl on GPU, gloo on CPU):
-    python -m toy.prepare && python train.py --preset toy --out runs/toy   # ~3 min on a CPU
+    python -m toy.prepare && python train.py --preset toy --out runs/toy   # ~6 min on a CPU
     torchrun --nproc_per_node 8 train.py --stage distill --sam-checkpoint sam_vit_b_01ec64.pth \\
         --clip-checkpoint open_clip_pytorch_model.bin --clip-data /data/cc12m \\
         --sam-data /data/sa1b --init runs/probe/samclip.pt --out runs/distill
