@@ -518,7 +518,7 @@ def existing_run(out, configs):
     for stage, cfg in configs.items():
         path = os.path.join(out, f"ckpt_{stage}.pt")
         if os.path.exists(path):
-            found[stage] = (path, weights.safe_load(path, "training checkpoint"))
+            found[stage] = (path, weights.safe_load(path, "training checkpoint", mmap=True))
     if not found:
         return "new"
     for stage, (path, ckpt) in found.items():
