@@ -189,7 +189,8 @@ def _group_rounds(head, emb, image, valid, boxes, coords, labels, gt, inside, dr
             coords[:, P0 + r - 1] = xy
             labels[:, P0 + r - 1] = lab
         t = points_per_round[r]
-        prompt = prompt_args(coords[:, :t].clone(), labels[:, :t].clone(), boxes, mask_input)
+        # a view, no copy: later rounds write only the columns past t
+        prompt = prompt_args(coords[:, :t], labels[:, :t], boxes, mask_input)
         m, i = head.all_outputs(emb, **prompt)                            # (n, 4, 4h, 4w), (n, 4)
         logits.append(m)
         ious.append(i)
