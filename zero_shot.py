@@ -333,25 +333,36 @@ def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=No
 # ----------------------------------------------------------------------------- pictures
 
 # One colour per label for every picture the repository draws (the demo's overlay, evaluate.py's
-# --visualize panels, the toy world's figures): matplotlib's tab10 first, then fixed random
-# colours; 255, the "ignore" label of segmentation maps, is white.
+# --visualize panels, the toy world's figures): matplotlib's tab10 with its grey replaced by gold
+# (paint draws the scene itself in grey), then fixed random colours; 255, the "ignore" label of
+# segmentation maps, is white.
 # fmt: off
 _TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+          (140, 86, 75), (227, 119, 194), (255, 200, 0), (188, 189, 34), (23, 190, 207)]
 # fmt: on
 _RANDOM = np.random.default_rng(0).integers(0, 256, (246, 3), np.uint8)
 PALETTE = np.concatenate([np.array(_TAB10, np.uint8), _RANDOM])  # (256, 3)
 PALETTE[255] = 255
 
 
-def paint(img, labels, alpha=0.55):
-    """The one overlay painter: RGB PIL image (W, H) and integer labels (H, W) -> a new RGB image
-    in which every pixel of label k >= 0 is blended with PALETTE[k] (alpha: the colour's weight);
-    label -1 leaves the pixel as it is."""
-    rgb = np.asarray(img, dtype=np.float32).copy()  # (H, W, 3)
+def paint(img, labels, alpha=0.6):
+    """The one overlay painter: RGB PIL image (W, H) and integer labels (H, W) -> a new RGB image.
+    The scene is drawn in grey (its luminance, PIL's "L"), so that no colour of its own can be
+    taken for a label's: a green sky painted as "sky" would otherwise sit beside real green grass.
+    Every pixel of label k >= 0 is blended with PALETTE[k] (alpha: the colour's weight), and the
+    pixels on the border of a label's region take the colour itself, so that two touching regions
+    stay apart; label -1 leaves the grey scene."""
+    grey = np.asarray(img.convert("L"), dtype=np.float32)  # (H, W)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)  # (H, W, 3)
     lab = np.asarray(labels, dtype=np.int64)
     on = lab >= 0
-    rgb[on] = (1 - alpha) * rgb[on] + alpha * PALETTE[lab[on] % 256]  # (n, 3) painted pixels
+    colour = PALETTE[lab % 256].astype(np.float32)  # (H, W, 3)
+    rgb[on] = (1 - alpha) * rgb[on] + alpha * colour[on]  # (n, 3) painted pixels
+    # a border pixel: labelled, with a 4-neighbour of another label (the image edge is no border)
+    padded = np.pad(lab, 1, mode="edge")  # (H + 2, W + 2)
+    neighbours = [padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+    border = on & np.any([n != lab for n in neighbours], axis=0)  # (H, W)
+    rgb[border] = colour[border]
     return Image.fromarray(rgb.round().astype(np.uint8))
 
 

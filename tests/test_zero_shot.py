@@ -333,11 +333,20 @@ def test_segment_by_text_lets_the_unprompted_vocabulary_compete(tiny, monkeypatc
     torch.testing.assert_close(out["probs"], want[:2])
 
 
-def test_paint_blends_each_label_and_leaves_minus_one():
-    img = Image.fromarray(np.full((2, 2, 3), 100, np.uint8))
-    out = np.asarray(zero_shot.paint(img, np.array([[0, -1], [1, 255]]), alpha=0.5)).astype(int)
-    assert out[0, 1].tolist() == [100, 100, 100]  # -1: untouched
-    assert out[0, 0].tolist() == [66, 110, 140]  # (100 + tab10 blue (31, 119, 180)) / 2
-    assert out[1, 0].tolist() == [178, 114, 57]  # tab10 orange (255, 127, 14)
-    assert out[1, 1].tolist() == [178, 178, 178]  # 255: white
+def test_paint_greys_the_scene_blends_each_label_and_outlines_its_region():
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 1] = 200  # a green scene: grey level 0.587 * 200 = 117.4 (PIL's "L" weights)
+    labels = np.full((4, 5), -1)
+    labels[:, :2] = 0  # label 0: columns 0-1; its border with -1 is column 1
+    labels[3, 4] = 255
+    out = np.asarray(zero_shot.paint(Image.fromarray(rgb), labels, alpha=0.5)).astype(int)
+    grey = 117
+    assert out[0, 3].tolist() == [grey] * 3  # -1: the scene, without its green
+    # column 0 is inside: (117 + tab10 blue (31, 119, 180)) / 2; column 1 touches -1: pure blue
+    assert out[1, 0].tolist() == [round((grey + 31) / 2), round((grey + 119) / 2), 148]
+    assert out[1, 1].tolist() == [31, 119, 180]
+    assert out[3, 4].tolist() == [255, 255, 255]  # 255: white, a region of one pixel: its border
     assert np.asarray(zero_shot.colorize(np.array([[2]])))[0, 0].tolist() == [44, 160, 44]
+    # no palette colour is a grey, which the painted scene could show
+    tab = zero_shot.PALETTE[:10].astype(int)
+    assert (tab.max(1) - tab.min(1)).min() > 60
