@@ -195,3 +195,51 @@ def test_semseg_side_is_chosen_on_validation_not_heldout(monkeypatch):
     assert [key for key in scored if key[0] == "held"] == [("held", 64), ("held", 448)]
     notes = claims.side_notes(results)
     assert "SAM-CLIP clip mode: 112 px" in notes and "CLIP teacher's dense features: 64 px" in notes
+
+
+def test_demo_iou_prompts_the_classes_present_and_scores_each_mask(tmp_path, monkeypatch):
+    """A 2 x 4 scene of classes 0 | 3 (ignored edge 255 in one pixel) and a scripted
+    segment_by_text: the prompts are the names present, and each IoU is counted by hand."""
+    from PIL import Image
+
+    from toy import claims
+
+    folder = tmp_path / "semseg"
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    names = ["sky", "sun", "cloud", "grass"]
+    (folder / "classes.txt").write_text("\n".join(names) + "\n")
+    Image.new("RGB", (4, 2)).save(folder / "images" / "a.jpg")
+    gt = np.array([[0, 0, 3, 3], [0, 255, 3, 3]], np.uint8)
+    Image.fromarray(gt, mode="L").save(folder / "labels" / "a.png")
+    asked = []
+
+    def scripted(model, img, prompts, mode="sam", threshold=0.5, generator=None):
+        asked.append((list(prompts), mode))
+        # "sky" (index 0) on 2 of its 3 pixels plus the ignored one; "grass" on all 4 and 1 sky
+        labels = torch.tensor([[0, -1, 1, 1], [1, 0, 1, 1]])
+        return {"labels": labels}
+
+    monkeypatch.setattr(claims.zero_shot, "segment_by_text", scripted)
+    result = claims.demo_iou(None, str(folder))
+    assert asked == [(["sky", "grass"], "sam")]
+    # sky: predicted {(0,0)} (the ignored pixel is not counted), true {(0,0),(0,1),(1,0)}: 1 / 3;
+    # grass: predicted 5 pixels, true 4, all 4 inside: 4 / 5
+    assert result["per_class"] == pytest.approx({"sky": 100 / 3, "grass": 80.0})
+    assert result["IoU"] == pytest.approx((100 / 3 + 80.0) / 2)
+    assert result["pairs"] == 2
+
+
+def test_teacher_row_reports_each_target_and_needs_all_three():
+    from toy import claims
+
+    def report(box, point, acc):
+        return {"sam": {"heldout": {"box_miou": box, "point_miou": point}},
+                "clip": {"heldout": {"zero_shot_acc": acc}}}
+
+    (row,) = claims.teacher_rows(report(0.8123, 0.6, 0.9))
+    assert "box 81.2 / single point 60.0" in row and "accuracy 90.0%" in row
+    assert row.endswith(": met |")
+    (row,) = claims.teacher_rows(report(0.95, 0.59, 0.99))  # one target missed
+    assert row.endswith("**not met** |")
+    assert claims.teacher_rows({}) == []  # no report: no row
