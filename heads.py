@@ -72,7 +72,7 @@ SAM_HEAD_PRESETS = {
                           mask_in_chans=8, decoder_mlp_dim=64, iou_head_hidden_dim=32),
     # the toy SAM teacher's head (toy/teachers.py); 8 attention heads as in SAM (shapes cannot
     # tell a head count)
-    "toy": SAMHeadConfig(embed_dim=128, image_embedding_size=16, input_image_size=256,
+    "toy": SAMHeadConfig(embed_dim=64, image_embedding_size=16, input_image_size=256,
                          mask_in_chans=16, decoder_mlp_dim=256, iou_head_hidden_dim=64),
 }
 

@@ -64,8 +64,8 @@ PRESETS = {
     "tiny": ViTDetConfig(img_size=160, embed_dim=64, depth=4, num_heads=4, out_chans=32,
                          window_size=4, global_attn_indexes=(1, 3)),
     # the toy SAM teacher (toy/teachers.py, toy/weights/toy_sam.pth): 256 px, a 16 x 16 grid,
-    # head dim 32
-    "toy": ViTDetConfig(img_size=256, embed_dim=128, depth=4, num_heads=4, out_chans=128,
+    # head dim 32; the neck (the mask decoder's width) 64 wide
+    "toy": ViTDetConfig(img_size=256, embed_dim=128, depth=4, num_heads=4, out_chans=64,
                         window_size=8, global_attn_indexes=(1, 3)),
 }
 

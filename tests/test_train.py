@@ -514,3 +514,19 @@ def test_compile_trains_the_same_numbers_and_keeps_checkpoint_keys(
     saved = torch.load(tmp_path / "compiled" / "samclip.pt", weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in saved)
     torch._dynamo.reset()
+
+
+def test_crop_scale_flag_reaches_the_d_clip_crops(tiny_data):
+    """--crop-scale overrides the preset's D_CLIP crop area range, and the loader's dataset draws
+    its crops with it."""
+    args = train.parse_args(["--preset", "tiny", "--clip-data", tiny_data[0],
+                             "--crop-scale", "0.2", "0.3"])
+    teachers = train.build_teachers(args)
+    model = train.SAMCLIP.from_modules(teachers)
+    cfg = train.resolve_config(args, "probe", model.cfg.encoder, teachers["clip"].config)
+    assert cfg.crop_scale == (0.2, 0.3)
+    loader, _ = train.data_loaders(cfg, model, 1, 0, torch.device("cpu"))["clip"]
+    assert loader.dataset.scale == (0.2, 0.3)
+    default = train.resolve_config(train.parse_args(["--preset", "tiny"]), "probe",
+                                   model.cfg.encoder, teachers["clip"].config)
+    assert default.crop_scale == train.TrainConfig.crop_scale == (0.5, 1.0)

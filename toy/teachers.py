@@ -1,9 +1,9 @@
 """The two toy teachers: a small SAM and a small CLIP, trained from scratch on toy scenes (issue 9).
 
 SAM-CLIP merges two trained foundation models; in the toy world both are real too, small enough to
-train on a laptop CPU in about an hour and to ship in the repository, in the official file layouts,
-so that vit_det.load_sam_encoder, heads.load_sam_head and clip.load_clip read them like the real
-ones:
+train on a laptop CPU in about two hours and to ship in the repository, in the official file
+layouts, so that vit_det.load_sam_encoder, heads.load_sam_head and clip.load_clip read them like
+the real ones:
 
   1. Toy SAM (SAM Sec. 3 and App. A, "Training algorithm"): the "toy" ViT-Det encoder and HeadSAM,
      trained jointly on the instance masks of train-hand scenes. Every mask gets a first prompt
@@ -17,15 +17,20 @@ ones:
      the steps in the same time, which a flat-colour world needs more than width.
   2. Toy CLIP (CLIP Sec. 2.3): the "toy" towers trained with InfoNCE, a symmetric cross-entropy
      over the cosine similarities of a batch of (crop, caption) pairs times a learned temperature.
-     Crops and captions come from toy.scenes.random_crop_with_caption, half of them centred on one
-     object and 30% inside a stuff region, so words bind to regions; half of the captions are
-     framed as CLIP's zero-shot templates frame a class name (framed_caption). Many crops share a
-     caption ("grass"): identical captions are positives of each other, the target of a row spread
-     evenly over the columns with its caption. Measured against plain InfoNCE this changes nothing
-     here: the text tower gives equal captions equal embeddings, so the softmax already splits its
-     mass evenly between them and the two losses agree in value and gradient
-     (tests/test_toy_teachers.py); the targets state the intent and stay right were two copies
-     ever embedded differently (text augmentation, dropout).
+     30% of the crops are subject crops (subject_crop): one class dominates the crop and the
+     caption names it alone, as a photo's alt-text names its subject. The rest come from
+     toy.scenes.random_crop_with_caption, half centred on one object and a fifth inside a stuff
+     region, their captions naming everything in view, so words bind to regions; half of all
+     captions are framed as CLIP's zero-shot templates frame a class name (framed_caption).
+     Without subject crops the heldout zero-shot accuracy was 66% after 1000 steps; with them it
+     was 80% after 500 and is 88% after 1500 (toy/weights/teachers.json): "sky" and "grass",
+     named in nearly every caption as the context of the objects, had matched every crop alike.
+     Many crops share a caption ("grass"): identical captions are positives of each other, the
+     target of a row spread evenly over the columns with its caption. Measured against plain InfoNCE
+     this changes nothing here: the text tower gives equal captions equal embeddings, so the softmax
+     already splits its mass evenly between them and the two losses agree in value and gradient
+     (tests/test_toy_teachers.py); the targets state the intent and stay right were two copies ever
+     embedded differently (text augmentation, dropout).
   3. Saving: SAM as a plain state dict with `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`
      keys (sam_vit_b_01ec64.pth's layout), CLIP with OpenCLIP's keys (clip.CLIP_REMAP, inverted),
      both in float16 (the readers cast to float32). The quality numbers are measured on the saved
@@ -81,13 +86,14 @@ class TeacherConfig:
     sam_pool: int = 192               # scenes held at once
     sam_fresh: int = 2                # scenes redrawn per step (each is used ~ images/fresh times)
     # toy CLIP (CLIP Sec. 2.3); OpenAI's CLIP: batch 32768, lr 5e-4 (ViT-B), weight decay 0.2
-    clip_steps: int = 1000
+    clip_steps: int = 1500
     clip_batch: int = 128             # (crop, caption) pairs per step
     clip_lr: float = 1e-3
     clip_pool: int = 512
     clip_fresh: int = 4               # scenes redrawn per step (each gives ~ batch/fresh crops)
-    clip_object_crops: float = 0.5    # share of crops centred on one object
-    clip_stuff_crops: float = 0.3     # share inside a stuff region; the rest are random boxes
+    clip_subject_crops: float = 0.3   # share of crops one class dominates, captioned by it alone
+    clip_object_crops: float = 0.35   # share of crops centred on one object
+    clip_stuff_crops: float = 0.15    # share inside a stuff region; the rest are random boxes
     clip_framed: float = 0.5          # share of captions in a zero-shot template's frame
     weight_decay: float = 0.05        # AdamW, linear/conv weights only
     grad_clip: float = 1.0            # max global gradient norm
@@ -404,16 +410,45 @@ def train_sam(cfg: TeacherConfig, encoder_preset="toy", head_preset="toy", log=p
 def clip_crop(scene, rng, side, cfg: TeacherConfig):
     """One (crop, caption) pair in the CLIP tower's input: (3, side, side) uint8 (squashed to a
     square, as data.CLIPImages does; half of them mirrored, which no caption can tell), caption.
-    A share cfg.clip_framed of the captions is framed as a zero-shot template frames a class name
-    (framed_caption)."""
-    crop, text, _ = scenes.random_crop_with_caption(scene, rng, cfg.clip_object_crops,
-                                                    cfg.clip_stuff_crops)
+    A share cfg.clip_subject_crops are subject crops (subject_crop), the others
+    scenes.random_crop_with_caption's. A share cfg.clip_framed of the captions is framed as a
+    zero-shot template frames a class name (framed_caption)."""
+    found = subject_crop(scene, rng) if rng.random() < cfg.clip_subject_crops else None
+    if found is None:
+        object_share = cfg.clip_object_crops / (1 - cfg.clip_subject_crops)
+        stuff_share = cfg.clip_stuff_crops / (1 - cfg.clip_subject_crops)
+        crop, text, _ = scenes.random_crop_with_caption(scene, rng, object_share, stuff_share)
+    else:
+        crop, text, _ = found
     crop = crop.resize((side, side), Image.BICUBIC)
     if rng.random() < 0.5:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
     if rng.random() < cfg.clip_framed:
         text = framed_caption(text, rng)
     return data.to_tensor(crop).to(torch.uint8), text
+
+
+def subject_crop(scene, rng):
+    """A crop that one class of the scene dominates (scenes.dominated_box: an object's box with a
+    small margin, or a square of a stuff region), captioned with that class alone: "a red car",
+    "the sky", "grass". Why: a web photo's alt-text often names only its subject, while the toy
+    captions name everything in view, context included ("a house on the grass under the sky"), so
+    without these "sky" and "grass" would ride along with every caption and never point at their own
+    pixels. -> (crop, caption, box), or None when no class of the scene dominates a crop."""
+    for cls in rng.permutation(sorted({inst.cls for inst in scene.instances})):
+        box = scenes.dominated_box(scene, int(cls), rng)
+        if box is None:
+            continue
+        left, top, right, bottom = box
+        inside = [(inst.mask[top:bottom, left:right].sum(), inst) for inst in scene.instances
+                  if inst.cls == cls]
+        colour = max(inside, key=lambda pair: pair[0])[1].attrs.get("colour", "")
+        phrase = scenes.noun_phrase(int(cls), [colour], rng)
+        if cls in scenes.STUFF:  # "the sky", "the blue sky", "grass", "a road"
+            noun = phrase.split(" ", 1)[1]
+            phrase = noun if cls == scenes.GRASS else scenes.choose(rng, (f"the {noun}", phrase))
+        return scene.image.crop(box), scenes.choose(rng, scenes.PREFIXES) + phrase, box
+    return None
 
 
 def framed_caption(text, rng):
