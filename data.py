@@ -210,8 +210,8 @@ class CLIPImages(torch.utils.data.Dataset):
     inference does (sam_preprocess: longest side resized, zero padding bottom-right), because the
     only 1024 px user of HeadCLIP (Table 5, both heads from one forward) feeds that geometry; below
     it the crop is squashed to a square, as the 448 px zero-shot protocol feeds. The teacher always
-    gets its square view of the same crop. The crop, RandomResizedCrop with scale 0.5-1 and aspect
-    3/4-4/3, is not stated in the paper.
+    gets its square view of the same crop. The crop, RandomResizedCrop with scale 0.5-1 (`scale`,
+    train.py --crop-scale) and aspect 3/4-4/3, is not stated in the paper.
 
     Items are `(index, resolution, epoch)` tuples, as VariableResolutionSampler yields them (a plain
     index means (index, teacher_size, 0)). The crop comes from a generator seeded with

@@ -647,7 +647,11 @@ def parse_args(argv=None):
                         "there before the first step if missing (fixes each image's crop)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile (first step's time logged)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.crop_scale and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        p.error(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: expected "
+                "0 < MIN <= MAX <= 1 (shares of the image's area)")
+    return args
 
 
 def fill_from_preset(args):

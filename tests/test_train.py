@@ -530,3 +530,5 @@ def test_crop_scale_flag_reaches_the_d_clip_crops(tiny_data):
     default = train.resolve_config(train.parse_args(["--preset", "tiny"]), "probe",
                                    model.cfg.encoder, teachers["clip"].config)
     assert default.crop_scale == train.TrainConfig.crop_scale == (0.5, 1.0)
+    with pytest.raises(SystemExit):  # argparse's one-line error, exit status 2
+        train.parse_args(["--preset", "tiny", "--crop-scale", "0.8", "0.2"])
