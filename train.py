@@ -132,7 +132,8 @@ HOW_NOT_WHAT = ("out", "max_steps", "log_every", "save_every", "workers", "compi
 
 # The built-in runs, as plain data: teacher files, data folders (paths relative to the repository;
 # `python -m toy.prepare` writes the data), the merged model's vocabulary, settings for every
-# stage and per stage. `lam` and `backbone_lr_ratio` act as the flags of the same name.
+# stage and per stage. `lam`, `backbone_lr_ratio` and `decoder_lr_ratio` act as the flags of the
+# same name.
 # tiny: random teachers of the tiny sizes, seconds (the tests). toy: the shipped toy teachers,
 # the README's main job (< 5 min on 2 cores); its distill lr is 10x the paper's and the backbone
 # trains at HeadCLIP's lr: at 4e-5 a few hundred steps barely move it. The toy settings were chosen
@@ -171,9 +172,11 @@ def preset_path(path):
     return os.path.join(ROOT, path) if path else path
 
 
-def with_shorthands(cfg, lam=None, backbone_lr_ratio=None):
+def with_shorthands(cfg, lam=None, backbone_lr_ratio=None, decoder_lr_ratio=None):
     """--lam: the weight of L_SAM where a stage uses it; --backbone-lr-ratio: the lr multiplier of
-    every module a stage trains other than HeadCLIP (App. A: 0.1)."""
+    every module a stage trains other than HeadCLIP (App. A: 0.1); --decoder-lr-ratio, applied
+    after it: HeadSAM's mask decoder's alone (0 freezes it, as lam = 0 does), so that the backbone
+    can move fast while the decoder SAM trained stays where it is."""
     loss_weights = dict(cfg.losses)
     trains = dict(cfg.trains)
     if lam is not None and "loss_sam" in loss_weights:
@@ -182,6 +185,14 @@ def with_shorthands(cfg, lam=None, backbone_lr_ratio=None):
         for name in trains:
             if name != "head_clip":
                 trains[name] = backbone_lr_ratio
+    if decoder_lr_ratio is not None and "head_sam.mask_decoder" in trains:
+        trains["head_sam.mask_decoder"] = decoder_lr_ratio
+    if decoder_lr_ratio == 0 or loss_weights.get("loss_sam") == 0:
+        # frozen: at lam = 0 no loss trains the decoder, and AdamW's weight decay alone would
+        # shrink it (a forgetting that is not the backbone's). L_SAM is still computed, at weight 0:
+        # the log shows it grow, and DDP sees the neck used (its zero gradients only decay its two
+        # convolutions, each followed by a LayerNorm2d that undoes a uniform shrink)
+        trains.pop("head_sam.mask_decoder", None)
     return replace(cfg, losses=loss_weights, trains=trains)
 
 
@@ -195,14 +206,15 @@ def resolve_config(args, stage, encoder_cfg, teacher_cfg):
     cfg = TrainConfig(stage=stage, teacher_size=teacher_cfg.image_size, **row)
     preset = PRESETS[args.preset]
     overrides = {**preset.get("settings", {}), **preset.get("stages", {}).get(stage, {})}
-    shorthands = {k: overrides.pop(k) for k in ("lam", "backbone_lr_ratio") if k in overrides}
+    names = ("lam", "backbone_lr_ratio", "decoder_lr_ratio")
+    shorthands = {k: overrides.pop(k) for k in names if k in overrides}
     cfg = with_shorthands(replace(cfg, **overrides), **shorthands)
     given = {}
     for name, value in vars(args).items():
         if value is not None and name in TrainConfig.__dataclass_fields__ and name != "stage":
             given[name] = tuple(value) if isinstance(value, list) else value   # --resolutions
     cfg = replace(cfg, **given)
-    return with_shorthands(cfg, args.lam, args.backbone_lr_ratio)
+    return with_shorthands(cfg, args.lam, args.backbone_lr_ratio, args.decoder_lr_ratio)
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -606,6 +618,9 @@ def parse_args(argv=None):
     p.add_argument("--backbone-lr-ratio", type=float,
                    help="lr multiplier of every trained module but HeadCLIP: the backbone and the "
                         "mask decoder (default: the stage's, App. A: 0.1)")
+    p.add_argument("--decoder-lr-ratio", type=float,
+                   help="lr multiplier of HeadSAM's mask decoder alone, after --backbone-lr-ratio; "
+                        "0 freezes it (default: the backbone's)")
     p.add_argument("--weight-decay", type=float,
                    help=f"AdamW decay of linear/conv weights (default {d.weight_decay})")
     p.add_argument("--warmup-steps", type=int,
@@ -651,6 +666,10 @@ def parse_args(argv=None):
     if args.crop_scale and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         p.error(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: expected "
                 "0 < MIN <= MAX <= 1 (shares of the image's area)")
+    for flag in ("backbone_lr_ratio", "decoder_lr_ratio"):
+        value = getattr(args, flag)
+        if value is not None and not value >= 0:
+            p.error(f"--{flag.replace('_', '-')} {value:g}: expected a multiplier >= 0")
     return args
 
 

@@ -532,3 +532,32 @@ def test_crop_scale_flag_reaches_the_d_clip_crops(tiny_data):
     assert default.crop_scale == train.TrainConfig.crop_scale == (0.5, 1.0)
     with pytest.raises(SystemExit):  # argparse's one-line error, exit status 2
         train.parse_args(["--preset", "tiny", "--crop-scale", "0.8", "0.2"])
+
+
+def test_decoder_lr_ratio_sets_the_mask_decoder_alone_and_zero_freezes_it(tiny_data):
+    """--decoder-lr-ratio overrides --backbone-lr-ratio for HeadSAM's mask decoder only; 0 takes
+    the decoder out of the stage's trained modules (no optimizer group, no gradient), as --lam 0
+    does (no loss would train it: AdamW's decay alone would shrink it)."""
+    base = ["--preset", "tiny", "--clip-data", tiny_data[0], "--lr", "1e-3"]
+    args = train.parse_args(base + ["--backbone-lr-ratio", "1", "--decoder-lr-ratio", "0.1"])
+    teachers = train.build_teachers(args)
+    model = train.SAMCLIP.from_modules(teachers)
+    clip_cfg = teachers["clip"].config
+    cfg = train.resolve_config(args, "distill", model.cfg.encoder, clip_cfg)
+    assert cfg.trains == {"head_clip": 1.0, "encoder": 1.0, "head_sam.mask_decoder": 0.1}
+    lrs = {g["module"]: g["lr"] for g in train.param_groups(model, cfg)}
+    assert lrs == {"head_clip": 1e-3, "encoder": 1e-3, "head_sam.mask_decoder": 1e-4}
+    frozen = train.parse_args(base + ["--decoder-lr-ratio", "0"])
+    cfg = train.resolve_config(frozen, "distill", model.cfg.encoder, clip_cfg)
+    assert cfg.trains == {"head_clip": 1.0, "encoder": 0.1}   # App. A's backbone ratio stays
+    train.set_trainable(model, cfg)
+    assert not any(p.requires_grad for p in model.head_sam.mask_decoder.parameters())
+    assert all(p.requires_grad for p in model.encoder.parameters())
+    without_sam = train.parse_args(base + ["--lam", "0", "--backbone-lr-ratio", "1"])
+    cfg = train.resolve_config(without_sam, "distill", model.cfg.encoder, clip_cfg)
+    assert cfg.losses["loss_sam"] == 0   # lam = 0: nothing trains the decoder, so it is frozen
+    assert cfg.trains == {"head_clip": 1.0, "encoder": 1.0}
+    probe = train.resolve_config(args, "probe", model.cfg.encoder, clip_cfg)
+    assert probe.trains == {"head_clip": 1.0}   # a stage without the decoder is left as it is
+    with pytest.raises(SystemExit):  # argparse's one-line error, exit status 2
+        train.parse_args(["--preset", "tiny", "--decoder-lr-ratio", "-0.5"])
