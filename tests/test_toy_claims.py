@@ -243,3 +243,14 @@ def test_teacher_row_reports_each_target_and_needs_all_three():
     (row,) = claims.teacher_rows(report(0.95, 0.59, 0.99))  # one target missed
     assert row.endswith("**not met** |")
     assert claims.teacher_rows({}) == []  # no report: no row
+
+
+def test_forgetting_row_gives_where_each_curve_ends_and_the_verdict():
+    from toy import claims
+
+    row = claims.forgetting_row({**fake_record(), "reproduced": True})
+    assert "alone, 8 steps (--lr 1e-3)" in row
+    assert "lambda = 0 60.0 -> 54.0, lambda = 10 60.0 -> 60.2 (lowest 60.0)" in row
+    assert "SAM teacher 61.2" in row and row.endswith(": reproduced |")
+    row = claims.forgetting_row({**fake_record(), "reproduced": False})
+    assert row.endswith("**not reproduced** |")
