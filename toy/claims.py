@@ -71,10 +71,11 @@ VALIDATION_SEED = 1
 FORGETTING_LAMS = (0.0, losses.LAM)
 # The distill stage's settings for the curve, both lambdas alike. The toy preset's distill
 # (lr 4e-4, a few hundred steps) barely moves the backbone. Here the backbone trains at HeadCLIP's
-# lr, 3e-3, for 40 epochs, while the mask decoder keeps App. A's tenth of it. Trials of 754 steps,
-# scored on train-hand instance scenes (a validation set): without L_SAM, lr 2e-3 lost 4.0 box
-# mIoU and 3e-3 lost 7.0; with it (lambda = 10) at 3e-3, 0.6. With the decoder at HeadCLIP's lr
-# too, its own L_SAM updates took lambda = 10's masks below lambda = 0's for hundreds of steps.
+# lr, 3e-3, for 40 epochs, while the mask decoder keeps App. A's tenth of it. Trials of 754 steps
+# with the previous toy CLIP (1500 steps), scored on train-hand instance scenes (a validation
+# set): without L_SAM, lr 2e-3 lost 4.0 box mIoU and 3e-3 lost 7.0; with it (lambda = 10) at
+# 3e-3, 0.6. With the decoder at HeadCLIP's lr too, its own L_SAM updates took lambda = 10's
+# masks below lambda = 0's for hundreds of steps.
 FORGETTING_FLAGS = ("--stage", "distill", "--lr", "3e-3", "--backbone-lr-ratio", "1.0",
                     "--decoder-lr-ratio", "0.1")
 FORGETTING_COLOURS = {0.0: (215, 48, 39), losses.LAM: (49, 104, 176)}  # red, blue
