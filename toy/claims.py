@@ -343,6 +343,11 @@ def forgetting_curve(init, start, instances, out, epochs, every, scenes, train_f
     }
 
 
+def recipe_flags(record):
+    """The curve's train.py flags past "--stage distill", as the chart and the table show them."""
+    return " ".join(record["recipe"]["flags"][2:])
+
+
 def forgetting_chart(record):
     """The curve of forgetting_curve's record: mIoU against distill steps, a line per lambda, the
     SAM teacher's level dashed. -> a PIL image."""
@@ -362,7 +367,7 @@ def forgetting_chart(record):
         series,
         levels=[teacher],
         title="SAM's masks under CLIP distillation, with and without L_SAM",
-        x_label=f"distill steps ({' '.join(record['recipe']['flags'][2:])}, "
+        x_label=f"distill steps ({recipe_flags(record)}, "
         f"{record['recipe']['epochs']} epochs, from the main job's model)",
         y_label="box-prompted mask mIoU, heldout",
     )
@@ -437,10 +442,9 @@ def forgetting_row(record):
     """Claim 5 as a curve (forgetting.json, once --forgetting has run): where each lambda's masks
     end, and the lowest point of the lambda = 10 curve, against the SAM teacher's level."""
     without, with_sam = (record["curves"][f"{lam:g}"] for lam in FORGETTING_LAMS)
-    flags = record["recipe"]["flags"][2:]   # past "--stage distill"
     return (
         "| multi-task distillation prevents forgetting, as a curve (Sec. 3) | the distill stage "
-        f"alone, {without['steps'][-1]} steps ({' '.join(flags)}): box-prompted mask mIoU, "
+        f"alone, {without['steps'][-1]} steps ({recipe_flags(record)}): box-prompted mask mIoU, "
         f"lambda = 0 {without['mIoU'][0]:.1f} -> {without['mIoU'][-1]:.1f}, lambda = 10 "
         f"{with_sam['mIoU'][0]:.1f} -> {with_sam['mIoU'][-1]:.1f} (lowest "
         f"{min(with_sam['mIoU']):.1f}); SAM teacher {record['sam_teacher']:.1f} | lambda = 0 "
