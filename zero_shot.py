@@ -126,6 +126,27 @@ def class_embeddings(model, class_names, templates=OPENAI_IMAGENET_TEMPLATES, ba
     return F.normalize(emb.mean(dim=1), dim=-1)  # (K, D)
 
 
+class CachedEmbeddings:
+    """class_embeddings, memoised per name for one model: a class's embedding depends on its name
+    and the templates only, so a scorer that segments many images with the same vocabulary
+    (toy.claims.demo_iou) embeds each name's 80 prompts once instead of once per image."""
+
+    def __init__(self, templates=OPENAI_IMAGENET_TEMPLATES):
+        self.templates = list(templates)
+        self.model = None
+        self.rows = {}  # name -> (D,)
+
+    def __call__(self, model, class_names):
+        if model is not self.model:  # another model: its text tower, other embeddings
+            self.model = model
+            self.rows = {}
+        names = list(class_names)
+        new = [n for n in dict.fromkeys(names) if n not in self.rows]
+        if new:
+            self.rows.update(zip(new, class_embeddings(model, new, self.templates)))
+        return torch.stack([self.rows[n] for n in names])  # (K, D)
+
+
 def _cosine_logits(model, dense, class_emb):
     """dense HeadCLIP features (B, h, w, D) x class embeddings (K, D) -> (B, K, h, w): cosine
     similarity times CLIP's temperature exp(logit_scale) (CLIP Sec. 2.3), as in classification."""
@@ -269,7 +290,9 @@ def refine_with_sam(
 
 
 @torch.no_grad()
-def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=None):
+def segment_by_text(
+    model, img, prompts, mode="sam", threshold=0.5, generator=None, embed=None
+):
     """Segment a PIL RGB image by free-text prompts; what segment_demo.py runs.
 
     mode "clip": the Sec. 4.2 pipeline (square resize to `clip_mode_side`, dense_logits, logits
@@ -285,6 +308,9 @@ def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=No
     that probability is >= 0.5 (in sam mode: inside that class's SAM mask), else -1 (background).
     Background classes get no SAM decode and no output row.
 
+    `embed(model, names) -> (n, D)` makes the class embeddings: class_embeddings by default, or a
+    memoised one (CachedEmbeddings) when the same names come back image after image.
+
     Returns a dict: probs (K, H, W) in 0..1 at the original size, labels (H, W) long in -1..K-1,
     confidence (K,): the mean probability of prompt k over the pixels labelled k (0 if none)."""
     prompts = list(prompts)
@@ -296,7 +322,8 @@ def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=No
     W, H = img.size
     asked = {q.strip().lower() for q in prompts}
     others = [w for w in (BACKGROUND, *model.cfg.vocabulary) if w.lower() not in asked]
-    class_emb = class_embeddings(model, prompts + others)  # (K + background classes, D)
+    embed = embed or class_embeddings
+    class_emb = embed(model, prompts + others)  # (K + background classes, D)
     device = model.logit_scale.device
     if mode == "clip":
         x = data.square_resize(img, clip_mode_side(model))[None].to(device)  # (1, 3, s, s)

@@ -214,7 +214,8 @@ def test_demo_iou_prompts_the_classes_present_and_scores_each_mask(tmp_path, mon
     Image.fromarray(gt, mode="L").save(folder / "labels" / "a.png")
     asked = []
 
-    def scripted(model, img, prompts, mode="sam", threshold=0.5, generator=None):
+    def scripted(model, img, prompts, mode="sam", threshold=0.5, generator=None, embed=None):
+        assert isinstance(embed, claims.zero_shot.CachedEmbeddings)  # one for every scene
         asked.append((list(prompts), mode))
         # "sky" (index 0) on 2 of its 3 pixels plus the ignored one; "grass" on all 4 and 1 sky
         labels = torch.tensor([[0, -1, 1, 1], [1, 0, 1, 1]])

@@ -55,6 +55,24 @@ def test_class_embeddings_batches_do_not_change_the_result(tiny):
     assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_cached_embeddings_embed_each_name_once_and_match(tiny, monkeypatch):
+    templates = zero_shot.OPENAI_IMAGENET_TEMPLATES[:3]
+    embed = zero_shot.CachedEmbeddings(templates)
+    texts = []  # every text the text tower is asked to embed
+    encode_text = tiny.encode_text
+    monkeypatch.setattr(tiny, "encode_text", lambda t: texts.extend(t) or encode_text(t))
+    first = embed(tiny, ["cat", "dog"])
+    assert len(texts) == 2 * 3
+    again = embed(tiny, ["dog", "car", "cat"])  # one new name: its 3 prompts alone
+    assert len(texts) == 3 * 3
+    want = zero_shot.class_embeddings(tiny, ["dog", "car", "cat"], templates)
+    assert torch.allclose(again, want, atol=1e-6)
+    assert torch.equal(again[2], first[0]) and torch.equal(again[0], first[1])
+    other = samclip_model.build_samclip("tiny", seed=1).eval()  # another model: re-embedded
+    want = zero_shot.class_embeddings(other, ["cat"], templates)
+    assert torch.allclose(embed(other, ["cat"]), want, atol=1e-6)
+
+
 EMPTY_NAMES = [
     (["cat", ""], "class name 1 is empty"),
     (["cat", "dog", "   "], "class name 2 is empty"),

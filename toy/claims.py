@@ -204,13 +204,16 @@ def demo_iou(model, folder, mode="sam", seed=0):
     (scene, class present) pair in %, "per_class": class -> mean IoU in %, "pairs": count}."""
     pairs, names = evaluate.read_segmentation(folder, "generic", None)
     per_class = {name: [] for name in names}
+    embed = zero_shot.CachedEmbeddings()  # the same vocabulary on every scene: embedded once
     for img_path, label_path in pairs:
         img = data.load_image(img_path)
         gt = evaluate.read_label(label_path, len(names))  # (H, W), 255 at ignored edges
         present = [k for k in range(len(names)) if (gt == k).any()]
         generator = torch.Generator().manual_seed(seed)
         prompts = [names[k] for k in present]
-        found = zero_shot.segment_by_text(model, img, prompts, mode=mode, generator=generator)
+        found = zero_shot.segment_by_text(
+            model, img, prompts, mode=mode, generator=generator, embed=embed
+        )
         labels = found["labels"]  # (H, W) in -1..len(present)-1
         counted = gt != 255
         for i, k in enumerate(present):
