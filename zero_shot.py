@@ -262,7 +262,9 @@ def refine_with_sam(
     emb, tokens = model.encoder.forward_features(image_1024)  # (1, C', h, w), (1, h, w, C)
     # the encoder's grid, 64 x 64 at 1024 px, not the paper's 32 x 32: see "Choices" above
     coarse = _cosine_logits(model, model.head_clip(tokens)[1], class_emb)  # (1, K, h, w)
-    coarse = coarse[0]  # (1, K, h, w) -> (K, h, w)
+    # float32 from here: under bf16 autocast the einsum's logits are bf16, where 1 - 1e-4 rounds
+    # to 1, so a saturated cell's clipped log-odds below would be inf and the mask prompt NaN
+    coarse = coarse[0].float()  # (1, K, h, w) -> (K, h, w)
     classes = list(range(coarse.shape[0])) if classes is None else [int(k) for k in classes]
     prob = coarse.softmax(dim=0)[classes]  # (K', h, w)
     h, w = coarse.shape[1:]

@@ -5,6 +5,7 @@ dense logits against an independent einsum, the point-prompt draw on hand-made p
 (importance sampling on the confidence, Sec. 4.4), and the Table 5 pipeline's wiring (points from
 above-threshold cells, log-odds mask prompt)."""
 
+import math
 import types
 
 import numpy as np
@@ -243,6 +244,38 @@ def test_refine_with_sam_wires_points_and_mask_prompt_from_the_coarse_map(tiny, 
     centre = mp[:, 0, 1::4, 1::4] + mp[:, 0, 2::4, 2::4]  # 2 px around each cell centre
     assert torch.equal(centre > 0, prob > 0.5)
     assert mp.abs().max() <= torch.logit(torch.tensor(1 - zero_shot.MASK_PROMPT_EPS)) + 1e-3
+
+
+def test_refine_with_sam_mask_prompt_stays_finite_under_bf16(tiny, monkeypatch):
+    """bf16 autocast (segment_demo.py's auto dtype on AMX / AVX-512 BF16 CPUs) returns HeadCLIP's
+    logits in bf16; a class that wins its cells outright (p = 1 in bf16) must still give the
+    clipped log-odds +-9.2, not inf, and finite masks."""
+    h = tiny.cfg.encoder.grid
+    coarse = torch.zeros(2, h, h)
+    coarse[0, :, : h // 2] = 40.0  # class 0 saturates the left half, class 1 the right
+    coarse[1, :, h // 2 :] = 40.0
+    coarse = coarse.to(torch.bfloat16)
+    monkeypatch.setattr(zero_shot, "_cosine_logits", lambda model, dense, emb: coarse[None])
+    seen = {}
+    real_head = tiny.head_sam.forward
+
+    def spy(emb, points=None, boxes=None, masks=None, multimask_output=True):
+        seen["masks"] = masks
+        return real_head(
+            emb, points=points, boxes=boxes, masks=masks, multimask_output=multimask_output
+        )
+
+    monkeypatch.setattr(tiny.head_sam, "forward", spy)
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad(), samclip_model.autocast("cpu", "bf16"):
+        masks, _ = zero_shot.refine_with_sam(
+            tiny, x, torch.randn(2, 32), input_size=(160, 160), generator=torch.Generator()
+        )
+    floor = math.log(zero_shot.MASK_PROMPT_EPS / (1 - zero_shot.MASK_PROMPT_EPS))  # -9.2
+    mp = seen["masks"].float()
+    assert torch.isfinite(mp).all() and torch.isfinite(masks).all()
+    assert mp.abs().max() <= abs(floor) + 0.1  # bf16 keeps 9.2 to within 0.04
+    assert mp[0, 0, 0, 0] > 9 and mp[1, 0, 0, 0] < -9  # the two saturated ends, not inf
 
 
 def test_refine_with_sam_prompts_only_from_the_image_not_the_padding(tiny, monkeypatch):
