@@ -152,7 +152,12 @@ def _cosine_logits(model, dense, class_emb):
     similarity times CLIP's temperature exp(logit_scale) (CLIP Sec. 2.3), as in classification."""
     dense = F.normalize(dense.float(), dim=-1)
     class_emb = F.normalize(class_emb.to(dense), dim=-1)
-    return model.logit_scale.exp() * torch.einsum("bhwd,kd->bkhw", dense, class_emb)  # (B, K, h, w)
+    # float32 even under bf16 autocast, which would run the einsum in bf16: there a class that wins
+    # a cell outright gets p = 1 exactly (1 - 1e-4 rounds to 1), and refine_with_sam's clipped
+    # log-odds of it would be inf, its mask prompt and masks NaN
+    with torch.autocast(dense.device.type, enabled=False):
+        cosine = torch.einsum("bhwd,kd->bkhw", dense, class_emb)  # (B, K, h, w)
+    return model.logit_scale.exp() * cosine
 
 
 def dense_logits(model, images, class_emb):
@@ -262,9 +267,7 @@ def refine_with_sam(
     emb, tokens = model.encoder.forward_features(image_1024)  # (1, C', h, w), (1, h, w, C)
     # the encoder's grid, 64 x 64 at 1024 px, not the paper's 32 x 32: see "Choices" above
     coarse = _cosine_logits(model, model.head_clip(tokens)[1], class_emb)  # (1, K, h, w)
-    # float32 from here: under bf16 autocast the einsum's logits are bf16, where 1 - 1e-4 rounds
-    # to 1, so a saturated cell's clipped log-odds below would be inf and the mask prompt NaN
-    coarse = coarse[0].float()  # (1, K, h, w) -> (K, h, w)
+    coarse = coarse[0]  # (1, K, h, w) -> (K, h, w)
     classes = list(range(coarse.shape[0])) if classes is None else [int(k) for k in classes]
     prob = coarse.softmax(dim=0)[classes]  # (K', h, w)
     h, w = coarse.shape[1:]
@@ -292,9 +295,7 @@ def refine_with_sam(
 
 
 @torch.no_grad()
-def segment_by_text(
-    model, img, prompts, mode="sam", threshold=0.5, generator=None, embed=None
-):
+def segment_by_text(model, img, prompts, mode="sam", threshold=0.5, generator=None, embed=None):
     """Segment a PIL RGB image by free-text prompts; what segment_demo.py runs.
 
     mode "clip": the Sec. 4.2 pipeline (square resize to `clip_mode_side`, dense_logits, logits

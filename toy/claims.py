@@ -80,7 +80,7 @@ FORGETTING_LAMS = (0.0, losses.LAM)
 # (from the SAM teacher's 69.6); the heldout curve of 40 epochs had lost 4.3 and 0.6.
 FORGETTING_FLAGS = ("--stage", "distill", "--lr", "3e-3", "--backbone-lr-ratio", "1.0",
                     "--decoder-lr-ratio", "0.1")
-FORGETTING_EPOCHS = 50  # over D_CLIP: 963 steps, about 13 minutes a lambda on one core
+FORGETTING_EPOCHS = 50  # over D_CLIP: 963 steps, about 14 minutes a lambda on one core
 FORGETTING_COLOURS = {0.0: (215, 48, 39), losses.LAM: (49, 104, 176)}  # red, blue
 TEACHER_COLOUR = (96, 96, 112)  # the SAM teacher's level, dashed grey (tinted: not a text pixel)
 
