@@ -100,7 +100,7 @@ def test_sam_recipe_learns_and_reaches_every_parameter():
     torch.manual_seed(0)
     encoder, head = vit_det.build_vit_det("tiny"), heads.build_head_sam("tiny")
     model = torch.nn.ModuleDict({"encoder": encoder, "head": head})
-    pool = teachers.ScenePool(3, lambda s: teachers.sam_scene(s, 160), np.random.default_rng(0))
+    pool = teachers.ScenePool(3, lambda s, rng: teachers.sam_scene(s, 160), np.random.default_rng(0))
     generator = torch.Generator().manual_seed(0)
     batch = teachers.sam_prompts(pool.sample(3), 16, generator)
     assert batch["is_box"].any() and not batch["is_box"].all()
