@@ -18,7 +18,7 @@ import weights
 import zero_shot
 import toy
 from conftest import meta_state_dict
-from toy import quality, teachers
+from toy import quality, scenes, teachers
 from toy.drawing import CLASSES
 
 SAM_PATH, CLIP_PATH = toy.SAM_WEIGHTS, toy.CLIP_WEIGHTS
@@ -121,6 +121,47 @@ def test_sam_recipe_learns_and_reaches_every_parameter():
     multimask = re.compile(r"output_hypernetworks_mlps\.[123]\.")
     assert {n for n, _ in model.named_parameters() if not multimask.search(n)} <= reached
     assert any(multimask.search(n) for n in reached)
+
+
+def test_erode_removes_the_border_of_a_mask_by_hand():
+    mask = np.zeros((5, 6), bool)
+    mask[1:4, 1:5] = True                   # a 3 x 4 block: only its inner 1 x 2 row survives
+    mask[0:2, 5] = True                     # touches the image's edge: all border, all removed
+    inner = np.zeros_like(mask)
+    inner[2, 2:4] = True
+    assert np.array_equal(teachers.erode(mask), inner)
+
+
+def test_restyle_moves_colours_region_by_region_and_keeps_the_labels():
+    scene = scenes.draw_scene(5, "train")
+    hsv = lambda image: np.asarray(image.convert("HSV")).astype(float)       # (H, W, 3)
+    off = replace(TINY, sam_recolour=0.0, sam_outline=0.0, sam_posterize=0.0)
+    same = teachers.restyle(scene, np.random.default_rng(0), off)
+    assert np.array_equal(np.asarray(same.image), np.asarray(scene.image))
+    # every region recoloured: one move per region, within RECOLOUR of each channel
+    recoloured = teachers.restyle(scene, np.random.default_rng(0), replace(off, sam_recolour=1.0))
+    assert recoloured.instances is scene.instances and recoloured.caption == scene.caption
+    before, after = hsv(scene.image), hsv(recoloured.image)
+    limit = np.array(teachers.RECOLOUR) * 255
+    for inst in scene.instances:
+        a, b = before[inst.mask], after[inst.mask]                            # (pixels, 3)
+        hue = (b[:, 0] - a[:, 0] + 128) % 256 - 128                           # wrapped difference
+        sv = b[:, 1:] - a[:, 1:]
+        bright = (a[:, 1] > 60) & (a[:, 2] > 60)  # hue is noise where saturation or value is low
+        if bright.any():
+            assert np.abs(np.median(hue[bright])) <= limit[0] + 2
+        assert (np.abs(np.median(sv, 0)) <= limit[1:] + 2).all()
+    assert np.abs(after - before).mean() > 3                                  # it did move them
+    # every object rimmed: its border ring at 45% brightness, the stuff untouched
+    rimmed = teachers.restyle(scene, np.random.default_rng(0), replace(off, sam_outline=1.0))
+    rimmed = hsv(rimmed.image)
+    objects = [inst for inst in scene.instances if not inst.attrs.get("stuff")]
+    assert objects
+    for inst in objects:
+        ring = inst.mask & ~teachers.erode(inst.mask)
+        np.testing.assert_allclose(rimmed[ring, 2], 0.45 * before[ring, 2], atol=3)
+    stuff = np.any([inst.mask for inst in scene.instances if inst.attrs.get("stuff")], 0)
+    np.testing.assert_allclose(rimmed[stuff, 2], before[stuff, 2], atol=4)   # HSV round trip
 
 
 def test_train_sam_and_train_clip_run_and_move_every_parameter():
