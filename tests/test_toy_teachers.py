@@ -91,6 +91,8 @@ def test_shipped_toy_clip_names_clear_crops(toy_clip):
 TINY = replace(teachers.TeacherConfig(), sam_steps=2, sam_images=2, sam_prompts=4, sam_rounds=2,
                sam_pool=2, sam_fresh=1, clip_steps=2, clip_batch=8, clip_pool=2, clip_fresh=1,
                weight_decay=0.0, warmup=1)
+# the same with every augmentation of the toy SAM's scenes on (off in the shipped recipe)
+AUGMENTED = replace(TINY, sam_paste=0.5, sam_recolour=0.5, sam_outline=0.3, sam_posterize=0.25)
 
 
 def test_sam_recipe_learns_and_reaches_every_parameter():
@@ -164,6 +166,27 @@ def test_restyle_moves_colours_region_by_region_and_keeps_the_labels():
     np.testing.assert_allclose(rimmed[stuff, 2], before[stuff, 2], atol=4)   # HSV round trip
 
 
+def test_paste_shapes_adds_masks_that_cut_the_ones_under_them():
+    scene = scenes.draw_scene(5, "train")
+    assert teachers.paste_shapes(scene, np.random.default_rng(0), TINY) is scene   # sam_paste 0
+    pasted = teachers.paste_shapes(scene, np.random.default_rng(0), replace(TINY, sam_paste=1.0))
+    new = [inst for inst in pasted.instances if inst.attrs.get("kind") == "pasted"]
+    assert 1 <= len(new) <= teachers.PASTE_SHAPES
+    masks = np.stack([inst.mask for inst in pasted.instances]).astype(int)        # (K, H, W)
+    assert masks.sum(0).max() == 1 and all(inst.mask.any() for inst in pasted.instances)
+    # every drawn pixel is still covered, by its own region or by the shape pasted over it
+    assert np.array_equal(masks.sum(0) == 1, np.any([i.mask for i in scene.instances], 0))
+    # the image changed under the shapes, and beyond their masks only at blended edges (a sharp
+    # corner's tip, under half a pixel wide, blends without being in the mask)
+    before, after = np.asarray(scene.image).astype(int), np.asarray(pasted.image).astype(int)
+    under = np.any([inst.mask for inst in new], 0)
+    assert np.abs(after - before)[under].mean() > 0
+    near = under.copy()
+    for _ in range(2):
+        near = ~teachers.erode(~near)          # two pixels of blended edge around each shape
+    assert (after[~near] != before[~near]).any(1).mean() < 0.005
+
+
 def test_train_sam_and_train_clip_run_and_move_every_parameter():
     # the whole loops, two steps on tiny presets and no weight decay: a tensor moves only by a
     # gradient
@@ -184,7 +207,7 @@ def test_train_sam_and_train_clip_run_and_move_every_parameter():
 def test_interrupted_training_resumes_exactly_and_a_finished_phase_is_skipped(tmp_path):
     # one run straight through; one stopped after step 1 (checkpointed, as an interruption leaves
     # it) and rerun: the same weights, the same tokens seen; a third run finds the phase finished
-    config = replace(TINY, sam_steps=3, clip_steps=3)
+    config = replace(AUGMENTED, sam_steps=3, clip_steps=3)
     quiet = lambda _: None
     straight = teachers.train_sam(config, "tiny", "tiny", log=quiet)
     stopped = teachers.train_sam(config, "tiny", "tiny", log=quiet, work=tmp_path, stop_after=1)
