@@ -92,7 +92,8 @@ TINY = replace(teachers.TeacherConfig(), sam_steps=2, sam_images=2, sam_prompts=
                sam_pool=2, sam_fresh=1, clip_steps=2, clip_batch=8, clip_pool=2, clip_fresh=1,
                weight_decay=0.0, warmup=1)
 # the same with every augmentation of the toy SAM's scenes on (off in the shipped recipe)
-AUGMENTED = replace(TINY, sam_paste=0.5, sam_recolour=0.5, sam_outline=0.3, sam_posterize=0.25)
+AUGMENTED = replace(TINY, sam_paste=0.5, sam_recolour=0.5, sam_outline=0.3,
+                    sam_posterize=0.25)
 
 
 def test_sam_recipe_learns_and_reaches_every_parameter():
@@ -102,7 +103,8 @@ def test_sam_recipe_learns_and_reaches_every_parameter():
     torch.manual_seed(0)
     encoder, head = vit_det.build_vit_det("tiny"), heads.build_head_sam("tiny")
     model = torch.nn.ModuleDict({"encoder": encoder, "head": head})
-    pool = teachers.ScenePool(3, lambda s, rng: teachers.sam_scene(s, 160), np.random.default_rng(0))
+    prepare = lambda scene, rng: teachers.sam_scene(scene, 160)
+    pool = teachers.ScenePool(3, prepare, np.random.default_rng(0))
     generator = torch.Generator().manual_seed(0)
     batch = teachers.sam_prompts(pool.sample(3), 16, generator)
     assert batch["is_box"].any() and not batch["is_box"].all()
@@ -180,7 +182,9 @@ def test_paste_shapes_adds_masks_that_cut_the_ones_under_them():
     # corner's tip, under half a pixel wide, blends without being in the mask)
     before, after = np.asarray(scene.image).astype(int), np.asarray(pasted.image).astype(int)
     under = np.any([inst.mask for inst in new], 0)
-    assert np.abs(after - before)[under].mean() > 0
+    # a random colour over a scene's: the mean change in 0..255 is large (43 here), not a few
+    # levels of rounding
+    assert np.abs(after - before)[under].mean() > 10
     near = under.copy()
     for _ in range(2):
         near = ~teachers.erode(~near)          # two pixels of blended edge around each shape

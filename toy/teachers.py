@@ -484,8 +484,10 @@ def train_sam(cfg: TeacherConfig, encoder_preset="toy", head_preset="toy", log=p
     model = torch.nn.ModuleDict({"image_encoder": encoder, "head": head})
     opt = adamw(model, cfg.sam_lr, cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    prepare = lambda scene, rng: sam_scene(restyle(paste_shapes(scene, rng, cfg), rng, cfg),
-                                           side)
+
+    def prepare(scene, rng):   # a pooled scene: augmented (off by default), in SAM's frame
+        return sam_scene(restyle(paste_shapes(scene, rng, cfg), rng, cfg), side)
+
     phase = Phase(work, "SAM", cfg, log, stop_after)
     state = phase.load()
     step, seconds = 0, 0.0
