@@ -336,6 +336,8 @@ def restyle(scene, rng, cfg: TeacherConfig):
         a smooth sky or shading into flat bands that must still read as one region.
     rng: the scene's own generator (ScenePool), so a resumed run restyles the same scene alike.
     -> a Scene with the restyled image (same labels, caption and instances)."""
+    if not (cfg.sam_recolour or cfg.sam_outline or cfg.sam_posterize):
+        return scene   # off (the shipped recipe): no colour conversion for every pooled scene
     hsv = np.array(scene.image.convert("HSV"), dtype=np.float32)                # (H, W, 3) 0..255
     moved = False   # the HSV round trip alone moves a channel by up to ~4 / 255: skip it if idle
     for inst in scene.instances:
