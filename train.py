@@ -143,6 +143,9 @@ HOW_NOT_WHAT = ("out", "max_steps", "log_every", "save_every", "workers", "compi
 # loss), two SAM rounds instead of three (no loss, a sixth less time). With today's toy CLIP
 # (2500 steps): crops down to a twentieth of a scene lost 5 clip-mode mIoU against a tenth; the
 # probe at 60 epochs gained 4 over 40 (clip mode and --refine sam), at 80 it gained 2.
+# Later trials (distill at lr 1e-3 or 16 epochs, adapt 2 to 10 epochs, 1600 D_CLIP scenes instead
+# of 400) beat none of this by more than the 3 clip-mode points that another seed of the adapt
+# stage alone moves it (docs/history.md).
 PRESETS = {
     "vit_b": dict(),
     "toy": dict(
