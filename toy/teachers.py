@@ -15,9 +15,10 @@ the real ones:
      the one with the lowest loss is trained. The mask decoder runs once per prompt and round and
      costs ~85% of a step, so the toy preset's decoder is 64 wide (half the encoder's width): twice
      the steps in the same time, which a flat-colour world needs more than width. Two scene
-     augmentations are built and tested but off in the shipped recipe (TeacherConfig): restyle
-     (colours, rims, posterising) and paste_shapes (random shapes as extra masks); see their
-     docstrings for what they measured.
+     augmentations, on in the shipped recipe (TeacherConfig): paste_shapes (random shapes pasted
+     on as extra masks) and restyle (colours, rims, posterising); together, with 3000 steps
+     instead of 1500, they took heldout box mIoU from 58.7 to 65.9 (TeacherConfig lists the
+     trials).
   2. Toy CLIP (CLIP Sec. 2.3): the "toy" towers trained with InfoNCE, a symmetric cross-entropy
      over the cosine similarities of a batch of (crop, caption) pairs times a learned temperature.
      30% of the crops are subject crops (subject_crop): one class dominates the crop and the
