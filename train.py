@@ -135,7 +135,7 @@ HOW_NOT_WHAT = ("out", "max_steps", "log_every", "save_every", "workers", "compi
 # stage and per stage. `lam`, `backbone_lr_ratio` and `decoder_lr_ratio` act as the flags of the
 # same name.
 # tiny: random teachers of the tiny sizes, seconds (the tests). toy: the shipped toy teachers,
-# the README's main job (< 5 min on 2 cores); its distill lr is 10x the paper's and the backbone
+# the README's main job (< 5 min on 2 cores); its distill lr is 25x the paper's and the backbone
 # trains at HeadCLIP's lr: at 4e-5 a few hundred steps barely move it. The toy settings were chosen
 # on a validation set of train-hand scenes (never the heldout set the README reports): crops down
 # to a tenth of a scene (clip mode +5 mIoU: a crop one object fills gives the teacher's embedding
