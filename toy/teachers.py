@@ -339,7 +339,7 @@ def restyle(scene, rng, cfg: TeacherConfig):
     rng: the scene's own generator (ScenePool), so a resumed run restyles the same scene alike.
     -> a Scene with the restyled image (same labels, caption and instances)."""
     if not (cfg.sam_recolour or cfg.sam_outline or cfg.sam_posterize):
-        return scene   # off (the shipped recipe): no colour conversion for every pooled scene
+        return scene   # all off: no colour conversion for every pooled scene
     hsv = np.array(scene.image.convert("HSV"), dtype=np.float32)                # (H, W, 3) 0..255
     moved = False   # the HSV round trip alone moves a channel by up to ~4 / 255: skip it if idle
     for inst in scene.instances:
@@ -489,7 +489,7 @@ def train_sam(cfg: TeacherConfig, encoder_preset="toy", head_preset="toy", log=p
     opt = adamw(model, cfg.sam_lr, cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    def prepare(scene, rng):   # a pooled scene: augmented (off by default), in SAM's frame
+    def prepare(scene, rng):   # a pooled scene: augmented (cfg.sam_*), in SAM's frame
         return sam_scene(restyle(paste_shapes(scene, rng, cfg), rng, cfg), side)
 
     phase = Phase(work, "SAM", cfg, log, stop_after)
