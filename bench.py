@@ -346,7 +346,7 @@ def cmd_speed(args):
     }
     print(
         f"  encoder, ours ({args.dtype}) vs official attention (fp32), alternating in one "
-        f"process: {duel['official_s']:.3f} s vs {duel['ours_s']:.3f} s, "
+        f"process: {duel['ours_s']:.3f} s vs {duel['official_s']:.3f} s, "
         f"x{summary['encoder_speedup_over_official']:.2f} faster; peak "
         f"x{summary['encoder_peak_over_official']:.2f} (rows above); fp32 outputs differ by at "
         f"most {duel['max_abs_difference_fp32']:.1e} (output magnitude up to "

@@ -559,25 +559,37 @@ def existing_run(out, configs):
     return "finished" if done else "unfinished"
 
 
-def setup_distributed():
+def setup_distributed(device="auto"):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` runs as rank 0 of 1.
     RANK numbers the processes of the whole job, LOCAL_RANK those of one node (README, "Many
     nodes"). The GPU is LOCAL_RANK's. What happens once per job is RANK 0's: checkpoints,
     metrics.jsonl and samclip.pt into --out, which every rank reads back (existing_run, --resume)
     and so must be a folder every node sees. Nothing happens once per node (LOCAL_RANK 0):
-    train.py writes nothing to node-local disk."""
+    train.py writes nothing to node-local disk.
+    device (--device): "cuda" (NCCL between ranks, one GPU per process), "cpu" (gloo), or "auto":
+    cuda where torch sees a GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train.py: --device cuda, but torch sees no CUDA GPU here "
+                         f"(torch {torch.__version__}); pass --device cpu")
     if "RANK" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return {"rank": 0, "world": 1, "device": device}
-    cuda = torch.cuda.is_available()
+        return {"rank": 0, "world": 1, "device": torch.device(device)}
+    local = int(os.environ.get("LOCAL_RANK", 0))   # this process's GPU on its node
+    if device == "cuda" and local >= torch.cuda.device_count():
+        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") only after both started
+        n = torch.cuda.device_count()
+        raise SystemExit(f"train.py: LOCAL_RANK {local}, but this node has {n} GPU(s): NCCL "
+                         f"needs one GPU per process, so launch at most {n} per node "
+                         f"(torchrun --nproc_per_node {n}), or pass --device cpu (gloo)")
     # env://: torchrun's agents, after their rendezvous (--rdzv-endpoint on many nodes), set
     # MASTER_ADDR and MASTER_PORT (RANK 0's node), RANK and WORLD_SIZE
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))   # this process's GPU on its node
-    if cuda:
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
         torch.cuda.set_device(local)
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    return {"rank": dist.get_rank(), "world": dist.get_world_size(), "device": device}
+        return {"rank": dist.get_rank(), "world": dist.get_world_size(),
+                "device": torch.device("cuda", local)}
+    return {"rank": dist.get_rank(), "world": dist.get_world_size(), "device": torch.device("cpu")}
 
 
 # ----------------------------------------------------------------------------- main
@@ -663,6 +675,9 @@ def parse_args(argv=None):
                    help=f"DataLoader workers per rank (default {d.workers}); D_CLIP shards are "
                         "read by world size x max(1, workers) readers, each owning whole shards: "
                         "fewer shards than readers is refused, not split by sample")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="cuda: each rank on its node's GPU LOCAL_RANK, NCCL between ranks; cpu: "
+                        "gloo; auto (default): cuda where torch sees a GPU")
     p.add_argument("--dtype", choices=("fp32", "bf16"),
                    help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--cache-teacher",
@@ -707,7 +722,7 @@ def main(argv=None):
     if missing:
         raise SystemExit(f"train.py: {' and '.join(missing)} required (see README, 'Training'), "
                          "or use --preset toy")
-    env = setup_distributed()
+    env = setup_distributed(args.device)
     torch.manual_seed(args.seed or 0)
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -760,7 +760,8 @@ def test_train_reads_sa1b_tars(tmp_path):
     tars = layouts.write_sa1b_tars(str(tmp_path / "sa1b"), 4, per_tar=2)
     out = str(tmp_path / "run")
     sam_data = os.path.join(tars, "sa_{000000..000001}.tar")
-    args = ["--preset", "tiny", "--stage", "distill", "--out", out, "--max-steps", "2"]
+    args = ["--preset", "tiny", "--device", "cpu", "--stage", "distill", "--out", out]
+    args += ["--max-steps", "2"]
     train.main([*args, "--clip-data", os.path.join(clip_dir, "images"), "--sam-data", sam_data])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]

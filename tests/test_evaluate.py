@@ -225,12 +225,12 @@ class BoxOracle(torch.nn.Module):
         self.side = side
 
     def forward(self, emb, boxes, multimask_output=False):
-        ys = torch.arange(self.side)[:, None]  # (S, 1)
-        xs = torch.arange(self.side)[None, :]  # (1, S)
+        ys = torch.arange(self.side, device=boxes.device)[:, None]  # (S, 1)
+        xs = torch.arange(self.side, device=boxes.device)[None, :]  # (1, S)
         x0, y0, x1, y1 = boxes[:, :, None, None].unbind(1)  # (N, 4, 1, 1) -> 4 x (N, 1, 1)
         inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)  # (N, S, S)
         logits = torch.where(inside, 10.0, -10.0)[:, None]  # (N, 1, S, S)
-        return logits, torch.ones(len(boxes), 1)  # (N, 1, S, S), (N, 1)
+        return logits, torch.ones(len(boxes), 1, device=boxes.device)  # (N, 1, S, S), (N, 1)
 
 
 def rect(x, y, w, h, side=160):

@@ -40,7 +40,7 @@ def test_two_nodes_match_one_process(tmp_path):
     sam_dir = layouts.write_sa1b(str(tmp_path / "sa1b"), 6)
     # 48 and 96 px: the batch at 96 px is exactly a quarter (2 of 8), so it splits the same on 1
     # or 2 ranks (test_train.py's test_two_processes_match_one says more)
-    common = ["--preset", "tiny", "--stage", "distill", "--max-steps", "2"]
+    common = ["--preset", "tiny", "--device", "cpu", "--stage", "distill", "--max-steps", "2"]
     common += ["--clip-data", os.path.join(clip_dir, "images"), "--sam-data", sam_dir]
     common += ["--resolutions", "48", "96"]
     one = str(tmp_path / "one")

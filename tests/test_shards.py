@@ -277,7 +277,8 @@ def test_teacher_cache_is_keyed_by_sample_key(shard_dir, tmp_path):
 
 
 def test_train_probe_on_shards_end_to_end_and_resumed(shard_dir, tmp_path):
-    common = ["--preset", "tiny", "--stage", "probe", "--clip-data", spec_of(shard_dir)]
+    common = ["--preset", "tiny", "--device", "cpu", "--stage", "probe"]
+    common += ["--clip-data", spec_of(shard_dir)]
     common += ["--sam-data", shard_dir, "--save-every", "1"]  # probe reads no D_SAM
     a = str(tmp_path / "a")
     b = str(tmp_path / "b")

@@ -36,7 +36,7 @@ def world(tmp_path_factory):
 
 def test_short_toy_run_improves_heldout_miou(world):
     run = os.path.join(world["root"], "run")
-    args = ["--preset", "toy", "--stage", "probe", "--out", run]
+    args = ["--preset", "toy", "--device", "cpu", "--stage", "probe", "--out", run]
     args += ["--clip-data", world["clip"], "--sam-data", world["sa1b"]]
     args += ["--max-steps", "120", "--epochs", "60"]
     train.main(args)

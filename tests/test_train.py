@@ -26,8 +26,10 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def run(args):
-    """train.py in this process (imports and torch's one-time set-up are paid once per session)."""
-    train.main(["--preset", "tiny", *args])
+    """train.py in this process (imports and torch's one-time set-up are paid once per session), on
+    the CPU even where a GPU is visible: these tests pin CPU numerics (exact resume, 1 rank == 2
+    ranks on gloo); tests/test_cuda.py runs the GPU path."""
+    train.main(["--preset", "tiny", "--device", "cpu", *args])
 
 
 def metrics(out):
@@ -175,7 +177,7 @@ def test_the_core_does_not_import_the_toy_world():
 def test_sigterm_saves_and_resume_finishes(tmp_path, tiny_data):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "tiny", "--stage", "probe",
-           "--out", out, "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+           "--device", "cpu", "--out", out, "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
            "--save-every", "1000", "--epochs", "50"]  # far more steps than the test waits for
     p = subprocess.Popen(
         cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -201,13 +203,14 @@ def test_two_processes_match_one(tmp_path, tiny_data):
     # 48 and 96 px: the batch at 96 px is exactly a quarter (2 of 8), so it splits the same on 1
     # or 2 ranks; with the tiny preset's own 80 px, round(8 * 0.36) = 3 on one rank but
     # 2 x round(4 * 0.36) = 2
-    common = ["--preset", "tiny", "--stage", "distill", "--clip-data", tiny_data[0],
-              "--sam-data", tiny_data[1], "--max-steps", "2", "--resolutions", "48", "96"]
+    common = ["--stage", "distill", "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+              "--max-steps", "2", "--resolutions", "48", "96"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run([*common[2:], "--out", one])
+    run([*common, "--out", one])
     r2 = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29531", os.path.join(ROOT, "train.py"), *common, "--out", two],
+         "--master_port", "29531", os.path.join(ROOT, "train.py"), "--preset", "tiny",
+         "--device", "cpu", *common, "--out", two],
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -440,9 +443,9 @@ def test_sigterm_on_two_ranks_waits_for_rank0_save(tmp_path, tiny_data):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "run")
-    args = [sys.executable, str(script), "--preset", "tiny", "--stage", "probe", "--out", out,
-            "--clip-data", tiny_data[0], "--sam-data", tiny_data[1], "--save-every", "1000",
-            "--epochs", "50"]
+    args = [sys.executable, str(script), "--preset", "tiny", "--device", "cpu", "--stage", "probe",
+            "--out", out, "--clip-data", tiny_data[0], "--sam-data", tiny_data[1],
+            "--save-every", "1000", "--epochs", "50"]
     procs = [
         subprocess.Popen(
             args,
@@ -561,3 +564,19 @@ def test_decoder_lr_ratio_sets_the_mask_decoder_alone_and_zero_freezes_it(tiny_d
     assert probe.trains == {"head_clip": 1.0}   # a stage without the decoder is left as it is
     with pytest.raises(SystemExit):  # argparse's one-line error, exit status 2
         train.parse_args(["--preset", "tiny", "--decoder-lr-ratio", "-0.5"])
+
+
+def test_device_flag_refuses_what_cannot_run_in_one_line(monkeypatch):
+    """--device cuda without a GPU, and more ranks on a node than it has GPUs (NCCL would stop
+    both ranks with "Duplicate GPU detected" only after they started): one line each, naming the
+    flag to pass instead."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda, but torch sees no CUDA GPU"):
+        train.setup_distributed("cuda")
+    assert train.setup_distributed("auto")["device"] == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=r"LOCAL_RANK 1, but this node has 1 GPU.*--device cpu"):
+        train.setup_distributed("auto")
