@@ -118,10 +118,10 @@ def test_demo_on_cuda_paints_what_the_cpu_paints(tmp_path, capsys, true_fp32):
 
 
 def test_torchrun_on_nccl_trains_as_one_process(tmp_path):
-    """train.py under torchrun on this GPU: the process group is NCCL (train.distributed picks it
-    on CUDA), DDP wraps the student, the logged losses are all-reduced over NCCL. With one rank
-    the numbers must equal a plain `python train.py` run on the same GPU (bf16 autocast on both,
-    so up to kernel-order noise)."""
+    """train.py under torchrun on this GPU: the process group is NCCL (train.setup_distributed
+    picks it on CUDA), DDP wraps the student, the logged losses are all-reduced over NCCL. With one
+    rank the numbers must equal a plain `python train.py` run on the same GPU (bf16 autocast on
+    both, so up to kernel-order noise)."""
     from toy import layouts
 
     clip_dir = layouts.write_clip_images(str(tmp_path / "clip"), 24)
