@@ -19,7 +19,7 @@ import zero_shot
 import toy
 from conftest import meta_state_dict
 from toy import quality, scenes, teachers
-from toy.drawing import CLASSES
+from toy.drawing import CLASSES, connected_regions
 
 SAM_PATH, CLIP_PATH = toy.SAM_WEIGHTS, toy.CLIP_WEIGHTS
 
@@ -90,7 +90,7 @@ def test_shipped_toy_clip_names_clear_crops(toy_clip):
 
 # the shipped recipe (its scene augmentations on), at tiny sizes
 TINY = replace(teachers.TeacherConfig(), sam_steps=2, sam_images=2, sam_prompts=4, sam_rounds=2,
-               sam_pool=2, sam_fresh=1, clip_steps=2, clip_batch=8, clip_pool=2, clip_fresh=1,
+               sam_pool=2, sam_fresh=1, sam_tune_steps=2, clip_steps=2, clip_batch=8, clip_pool=2, clip_fresh=1,
                weight_decay=0.0, warmup=1)
 
 
@@ -190,6 +190,38 @@ def test_paste_shapes_adds_masks_that_cut_the_ones_under_them():
     assert (after[~near] != before[~near]).any(1).mean() < 0.005
 
 
+def test_paste_bands_draws_a_band_behind_the_objects_that_cuts_the_stuff():
+    scene = scenes.draw_scene(5, "train")
+    assert teachers.paste_bands(scene, np.random.default_rng(0), 0.0) is scene
+    banded = teachers.paste_bands(scene, np.random.default_rng(0), 1.0)
+    bands = [inst for inst in banded.instances if inst.attrs.get("kind") == "band"]
+    assert bands and all(inst.attrs["stuff"] for inst in bands)
+    masks = np.stack([inst.mask for inst in banded.instances]).astype(int)        # (K, H, W)
+    assert masks.sum(0).max() == 1                                                # disjoint
+    # one mask per connected region, as the world's stuff masks are
+    for inst in banded.instances:
+        if inst.attrs.get("stuff"):
+            assert len(connected_regions(inst.mask)) == 1
+    # behind the objects: every object keeps its mask and its pixels
+    objects = [inst for inst in scene.instances if not inst.attrs.get("stuff")]
+    assert objects
+    kept = [inst.mask for inst in banded.instances if not inst.attrs.get("stuff")]
+    assert len(kept) == len(objects)
+    assert all(np.array_equal(a.mask, b) for a, b in zip(objects, kept))
+    front = np.any([inst.mask for inst in objects], 0)                            # (H, W)
+    before, after = np.asarray(scene.image).astype(int), np.asarray(banded.image).astype(int)
+    assert np.array_equal(after[front], before[front])
+    # the band took its pixels from the stuff: covered before, it covers them now
+    band = np.any([inst.mask for inst in bands], 0)
+    stuff = np.any([inst.mask for inst in scene.instances if inst.attrs.get("stuff")], 0)
+    assert not (band & ~stuff).any()
+    assert not np.any([inst.mask & band for inst in banded.instances
+                       if inst.attrs.get("kind") != "band"])
+    # a shade of what it covers (BAND_SHADE moves each channel by 15% or more of it): the mean
+    # change is far above the grain's few levels
+    assert np.abs(after - before)[band].mean() > 10
+
+
 def test_train_sam_and_train_clip_run_and_move_every_parameter():
     # the whole loops, two steps on tiny presets and no weight decay: a tensor moves only by a
     # gradient
@@ -210,16 +242,21 @@ def test_train_sam_and_train_clip_run_and_move_every_parameter():
 def test_interrupted_training_resumes_exactly_and_a_finished_phase_is_skipped(tmp_path):
     # one run straight through; one stopped after step 1 (checkpointed, as an interruption leaves
     # it) and rerun: the same weights, the same tokens seen; a third run finds the phase finished
-    config = replace(TINY, sam_steps=3, clip_steps=3)   # the shipped augmentations on
+    config = replace(TINY, sam_steps=3, sam_tune_steps=3, clip_steps=3)   # augmentations on
     quiet = lambda _: None
     straight = teachers.train_sam(config, "tiny", "tiny", log=quiet)
-    stopped = teachers.train_sam(config, "tiny", "tiny", log=quiet, work=tmp_path, stop_after=1)
-    assert stopped is None
-    assert torch.load(tmp_path / "ckpt_SAM.pt", weights_only=True)["step"] == 1
+    # stopped in stage 1 at its step 1, then at its step 2; then in stage 2 at its step 2
+    read = lambda name: torch.load(tmp_path / f"ckpt_{name}.pt", weights_only=True)
+    for stop_after, name in ((1, "SAM"), (2, "SAM"), (2, "SAM_tune")):
+        stopped = teachers.train_sam(config, "tiny", "tiny", log=quiet, work=tmp_path,
+                                     stop_after=stop_after)
+        assert stopped is None
+        assert read(name)["step"] == stop_after and not read(name)["done"]
     resumed = teachers.train_sam(config, "tiny", "tiny", log=quiet, work=tmp_path)
     messages = []
     again = teachers.train_sam(config, "tiny", "tiny", log=messages.append, work=tmp_path)
-    assert messages == [f"toy SAM: already finished ({tmp_path / 'ckpt_SAM.pt'})"]
+    assert messages == [f"toy SAM: already finished ({tmp_path / 'ckpt_SAM.pt'})",
+                        f"toy SAM_tune: already finished ({tmp_path / 'ckpt_SAM_tune.pt'})"]
     for a, b, c in zip(straight[:2], resumed[:2], again[:2]):
         for name, p in a.state_dict().items():
             assert torch.equal(p, b.state_dict()[name]), name
