@@ -70,7 +70,7 @@ VALIDATION_SEED = 1
 # The forgetting curve's runs: without L_SAM, and with the paper's 1:10 (Sec. 4.1).
 FORGETTING_LAMS = (0.0, losses.LAM)
 # The distill stage's settings for the curve, both lambdas alike. The toy preset's distill
-# (lr 1e-3, 146 steps) barely moves the backbone. Here the backbone trains at HeadCLIP's
+# (lr 1e-3, 297 steps) barely moves the backbone. Here the backbone trains at HeadCLIP's
 # lr, 3e-3, for FORGETTING_EPOCHS, while the mask decoder keeps App. A's tenth of it. Trials of 754
 # steps (40 epochs) with the first toy CLIP (1500 steps), scored on train-hand instance scenes (a
 # validation set): without L_SAM, lr 2e-3 lost 4.0 box mIoU and 3e-3 lost 7.0; with it
