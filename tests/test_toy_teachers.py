@@ -90,8 +90,8 @@ def test_shipped_toy_clip_names_clear_crops(toy_clip):
 
 # the shipped recipe (its scene augmentations on), at tiny sizes
 TINY = replace(teachers.TeacherConfig(), sam_steps=2, sam_images=2, sam_prompts=4, sam_rounds=2,
-               sam_pool=2, sam_fresh=1, sam_tune_steps=2, clip_steps=2, clip_batch=8, clip_pool=2, clip_fresh=1,
-               weight_decay=0.0, warmup=1)
+               sam_pool=2, sam_fresh=1, sam_tune_steps=2, clip_steps=2, clip_batch=8, clip_pool=2,
+               clip_fresh=1, weight_decay=0.0, warmup=1)
 
 
 def test_sam_recipe_learns_and_reaches_every_parameter():
