@@ -758,10 +758,11 @@ SAM_POINT_ROUNDS = 8
 LOW_RES_STRIDE = 4
 
 
-def low_res_cells(original_hw, resized_hw, side):
+def low_res_cells(original_hw, resized_hw, side, stride=LOW_RES_STRIDE):
     """(rows, cols) of the original image under the centres of SAM's low-res cells that lie
-    inside the resized image (h', w') of a (side, side) frame: the ground truth on SAM's grid."""
-    centres = (np.arange(side // LOW_RES_STRIDE) + 0.5) * LOW_RES_STRIDE  # resized frame
+    inside the resized image (h', w') of a (side, side) frame: the ground truth on SAM's grid
+    (stride 1: on the frame's own pixels)."""
+    centres = (np.arange(side // stride) + 0.5) * stride                  # resized frame
     rows = np.floor(centres[centres < resized_hw[0]] * original_hw[0] / resized_hw[0])
     cols = np.floor(centres[centres < resized_hw[1]] * original_hw[1] / resized_hw[1])
     return rows.astype(np.int64), cols.astype(np.int64)
