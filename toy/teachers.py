@@ -21,9 +21,10 @@ the real ones:
      (TeacherConfig lists the trials). A second stage trains the same model on with a fresh
      optimizer and one more augmentation, paste_bands (a wavy band drawn behind the objects,
      a layer of stuff the train hand never draws), for the masks stage 1 left worst. A third
-     scores the masks where they are used: the low-res logits upsampled to the frame as SAM's
-     postprocessing does, against the masks on the frame's pixels, and without focal's alpha
-     (its 0.25 on the mask's pixels against 0.75 on the rest had left the masks too small).
+     trains the heads alone and scores the masks where they are used: the low-res logits
+     upsampled to the frame as SAM's postprocessing does, against the masks on the frame's
+     pixels, without focal's alpha (its 0.25 on the mask's pixels against 0.75 on the rest had
+     left the masks too small).
   2. Toy CLIP (CLIP Sec. 2.3): the "toy" towers trained with InfoNCE, a symmetric cross-entropy
      over the cosine similarities of a batch of (crop, caption) pairs times a learned temperature.
      30% of the crops are subject crops (subject_crop): one class dominates the crop and the
@@ -580,9 +581,10 @@ def train_sam(cfg: TeacherConfig, encoder_preset="toy", head_preset="toy", log=p
     """Train the toy SAM from scratch in three stages, each resuming from `work` (see Phase, also
     for stop_after): stage 1, cfg.sam_steps with paste_shapes and restyle; stage 2, the same model
     cfg.sam_tune_steps more, with a fresh optimizer and schedule and paste_bands added; stage 3,
-    cfg.sam_frame_steps more on stage 2's scenes, the losses on the frame's pixels without focal's
-    alpha (sam_round_losses). -> (encoder, head) in eval mode and the training seconds over all
-    runs and stages, or None if stopped short of the last step."""
+    cfg.sam_frame_steps more on stage 2's scenes, the heads alone (the encoder frozen), the losses
+    on the frame's pixels without focal's alpha (sam_round_losses). -> (encoder, head) in eval mode
+    and the training seconds over all runs and stages, or None if stopped short of the last
+    step."""
     torch.manual_seed(cfg.seed)
     encoder, head = vit_det.build_vit_det(encoder_preset), heads.build_head_sam(head_preset)
     with torch.no_grad():
