@@ -235,11 +235,12 @@ def test_teacher_row_reports_each_target_and_needs_all_three():
     from toy import claims
 
     def report(box, point, acc):
-        return {"sam": {"heldout": {"box_miou": box, "point_miou": point}},
-                "clip": {"heldout": {"zero_shot_acc": acc}}}
+        sam = {"box_miou": box, "point_miou": point, "point_random_miou": point - 0.1}
+        return {"sam": {"heldout": sam}, "clip": {"heldout": {"zero_shot_acc": acc}}}
 
     (row,) = claims.teacher_rows(report(0.8123, 0.6, 0.9))
-    assert "box 81.2 / single point 60.0" in row and "accuracy 90.0%" in row
+    assert "box 81.2 / single point 60.0 (SAM's centre point; 50.0 for a point" in row
+    assert "accuracy 90.0%" in row
     assert row.endswith(": met |")
     (row,) = claims.teacher_rows(report(0.95, 0.59, 0.99))  # one target missed
     assert row.endswith("**not met** |")

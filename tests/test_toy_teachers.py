@@ -75,6 +75,32 @@ def test_shipped_toy_sam_segments_heldout_boxes(toy_sam):
     assert shipped["point_miou"] > random["point_miou"] + 0.2, (shipped, random)
 
 
+def test_interior_distance_and_centre_point_by_hand():
+    mask = np.zeros((10, 14), dtype=bool)
+    mask[2:7, 3:8] = True  # a 5 x 5 square: rows 2-6, columns 3-7
+    d = quality.interior_distance(mask)
+    assert d[4, 5] == 3 and d[2, 3] == 1 and d[3, 4] == 2 and d[0, 0] == 0
+    assert quality.centre_point(mask) == (5, 4)  # (x, y): the square's centre
+    band = np.zeros((6, 5), dtype=bool)
+    band[0:3] = True  # rows 0-2, full width: the image's border counts as outside
+    assert quality.interior_distance(band)[:3, 2].tolist() == [1, 2, 1]
+
+
+def test_interior_distance_matches_brute_force_on_random_blobs():
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        H, W = 23, 31
+        yy, xx = np.mgrid[:H, :W]
+        mask = np.zeros((H, W), dtype=bool)
+        for cy, cx, r in zip(rng.integers(0, H, 3), rng.integers(0, W, 3), rng.integers(2, 9, 3)):
+            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r  # discs, some cut by the border
+        outside = np.argwhere(~np.pad(mask, 1)) - 1  # (N, 2) outside pixels, the ring included
+        expected = np.zeros((H, W))
+        for y, x in np.argwhere(mask):
+            expected[y, x] = np.sqrt(((outside - [y, x]) ** 2).sum(1).min())
+        np.testing.assert_allclose(quality.interior_distance(mask), expected, atol=1e-9)
+
+
 def test_shipped_toy_clip_names_clear_crops(toy_clip):
     crops, labels = quality.dominated_crops(2, seed=123)                     # 16 crops, 2 per class
     with torch.no_grad():
