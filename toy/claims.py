@@ -472,9 +472,9 @@ def teacher_rows(report):
     met = box >= 80 and point >= 60 and acc >= 90
     return [
         "| (the teachers) toy SAM and toy CLIP master their world | toy SAM mask mIoU, box "
-        f"{box:.1f} / single point {point:.1f} (SAM's centre point; {uniform:.1f} for a point drawn "
-        f"uniformly); toy CLIP zero-shot accuracy {acc:.1f}% (8 classes) | >= 80 / >= 60 / >= 90%: "
-        f"{verdict(met, 'met', '**not met**')} |"
+        f"{box:.1f} / single point {point:.1f} (SAM's centre point; {uniform:.1f} for a point "
+        f"drawn uniformly); toy CLIP zero-shot accuracy {acc:.1f}% (8 classes) | >= 80 / >= 60 / "
+        f">= 90%: {verdict(met, 'met', '**not met**')} |"
     ]
 
 

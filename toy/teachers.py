@@ -99,7 +99,8 @@ class TeacherConfig:
     sam_lr: float = 2e-3              # AdamW peak learning rate (SAM's: 8e-4 at 256 images)
     sam_pool: int = 192               # scenes held at once
     sam_fresh: int = 2                # scenes redrawn per step (each is used ~ images/fresh times)
-    # augmentations (0 = the scenes as drawn). Heldout box / point mIoU (toy.quality, 467 masks):
+    # augmentations (0 = the scenes as drawn). Heldout box / point mIoU (toy.quality, 467 masks; a
+    # point drawn uniformly from the mask, SAM's centre point gives the shipped one 63.3):
     # none, 1500 steps 58.7 / 42.4; restyle alone (0.5 / 0.3 / 0.25 below), 1500 steps
     # 59.2 / 42.1, 2000 steps 60.7 / 43.3; restyle + paste_shapes, 3000 steps 65.9 / 48.4, 6000
     # steps (117 min on one core) 68.4 / 51.8; then stage 2 below (22 min on two cores) 71.8 /
@@ -123,7 +124,8 @@ class TeacherConfig:
     # from the shipped fp16 weights, the encoder trained too). As the recipe, from stage 2's fp32
     # checkpoint: the encoder trained 74.3 / 53.9, frozen 74.3 / 54.0. The student inherits the
     # encoder: with the trained one its validation scores fell (clip mode 58.2 -> 49.9, --refine
-    # sam 67.3 -> 59.7, demo 69.8 -> 65.7), so stage 3 leaves it as stage 2 left it
+    # sam 67.3 -> 59.7, demo 69.8 -> 65.7), so stage 3 leaves it as stage 2 left it. 1500 steps
+    # at lr 3e-4: 75.1 / 54.9 in 34 min on one core (not taken: docs/history.md)
     sam_frame_steps: int = 500
     sam_frame_lr: float = 3e-4
     # toy CLIP (CLIP Sec. 2.3); OpenAI's CLIP: batch 32768, lr 5e-4 (ViT-B), weight decay 0.2
