@@ -100,7 +100,7 @@ class TeacherConfig:
     sam_pool: int = 192               # scenes held at once
     sam_fresh: int = 2                # scenes redrawn per step (each is used ~ images/fresh times)
     # augmentations (0 = the scenes as drawn). Heldout box / point mIoU (toy.quality, 467 masks; a
-    # point drawn uniformly from the mask, SAM's centre point gives the shipped one 63.3):
+    # point drawn uniformly from the mask, SAM's centre point gives the shipped one 63.2):
     # none, 1500 steps 58.7 / 42.4; restyle alone (0.5 / 0.3 / 0.25 below), 1500 steps
     # 59.2 / 42.1, 2000 steps 60.7 / 43.3; restyle + paste_shapes, 3000 steps 65.9 / 48.4, 6000
     # steps (117 min on one core) 68.4 / 51.8; then stage 2 below (22 min on two cores) 71.8 /
