@@ -63,8 +63,10 @@ def interior_distance(mask):
         g[y] = np.minimum(g[y], g[y + 1] + 1)
     x = np.arange(crop.shape[1])
     dx2 = (x[:, None] - x[None, :]) ** 2  # (w + 2, w + 2): (x - x')^2
-    d2 = (dx2[None] + g[:, None, :] ** 2).min(-1)  # (h + 2, w + 2): min over x'
-    out[top:ys.max() + 1, left:xs.max() + 1] = np.sqrt(d2[1:-1, 1:-1])
+    g2 = g ** 2
+    # one row at a time: (w + 2, w + 2) -> min over x' (w + 2,), not a (h + 2, w + 2, w + 2) block
+    d2 = np.stack([(dx2 + row[None, :]).min(-1) for row in g2[1:-1]])  # (h, w)
+    out[top:ys.max() + 1, left:xs.max() + 1] = np.sqrt(d2[:, 1:-1])
     return out
 
 
