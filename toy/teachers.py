@@ -25,9 +25,9 @@ the real ones:
      upsampled to the frame as SAM's postprocessing does, against the masks on the frame's
      pixels, without focal's alpha (its 0.25 on the mask's pixels against 0.75 on the rest had
      left the masks too small). Heldout box mIoU 74.3 (issue 17's target: 80; 84.3 on the train
-     hand): trained 1000 steps on heldout-hand scenes themselves, the model reaches 78.2 there, so
-     the rest is past this encoder's 16 x 16 token grid, not a matter of augmentation
-     (docs/history.md).
+     hand): trained 1000 steps on heldout-hand scenes themselves, it reaches only 78.2 there, so
+     what is left lies with this encoder's 16 x 16 token grid more than with the training scenes'
+     augmentation (docs/history.md).
   2. Toy CLIP (CLIP Sec. 2.3): the "toy" towers trained with InfoNCE, a symmetric cross-entropy
      over the cosine similarities of a batch of (crop, caption) pairs times a learned temperature.
      30% of the crops are subject crops (subject_crop): one class dominates the crop and the
